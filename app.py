@@ -1,0 +1,33 @@
+"""rlhf_online: chat, vote between two answers, and watch a LoRA-PPO policy learn from the votes.
+
+    python app.py [--model embedded|HF_ID|FOLDER] [--port 7860] [--data-dir ./data] [--no-train]
+
+Every flag is also an environment variable (see --help). This file only composes the package's parts.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
+
+from rlhf_online.config import load_config  # noqa: E402
+from rlhf_online.services import build_services  # noqa: E402
+from rlhf_online.ui import build_app  # noqa: E402
+
+
+def main(argv: list[str] | None = None) -> None:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
+    cfg = load_config(argv)
+    services = build_services(cfg)
+    demo = build_app(services)
+    try:
+        demo.queue(default_concurrency_limit=4, max_size=64).launch(server_name=cfg.host, server_port=cfg.port,
+                                                                     show_error=True)
+    finally:
+        services.close()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,233 @@
+"""Generation benchmark: load time, time to first token, tokens/s and peak memory per base-weight format.
+
+For each of fp32, bf16 and nf4 (a serving copy, as the chat server loads it) this measures, in one run:
+
+* cold load: the embedded GGUF converted into a fresh, empty cache folder, then loaded in that format;
+* cached load: the converted folder loaded again (every start after the first);
+* time to first token and tokens/s of a single answer;
+* wall time and aggregate tokens/s of a pair (2 rows, one batched `generate`) from two LoRA versions,
+  as the chat serves them, and of a pair from the bare base (no LoRA);
+* peak RSS.
+
+RSS peaks are process-wide, so every format (and its cold load) runs in its own subprocess. Answers are
+forced to `--max-new-tokens` tokens (`min_new_tokens`) so every format decodes the same number of tokens; the
+actual count is reported. Generation goes through the app's own `Generator.stream` and model loaders.
+
+    python bench/generation.py --out result.json --model embedded --max-new-tokens 64 --repeats 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+DTYPES = ("fp32", "bf16", "nf4")
+PROMPT = [{"role": "user", "content": "Write a short story about a robot who learns to paint."}]
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
+
+
+# ----------------------------------------------------------------------------------------------- workers
+
+
+def worker_cold(args) -> dict:
+    """Convert the model into an empty cache folder and load it: the very first start of the app."""
+    from rlhf_online import models
+    from rlhf_online.config import ModelConfig
+
+    with tempfile.TemporaryDirectory(prefix="bench-cache-") as cache:
+        cfg = ModelConfig(model=args.model, quantization=args.worker_dtype, cache_dir=cache)
+        started = time.perf_counter()
+        source = models.resolve_model_source(cfg)
+        converted = time.perf_counter()
+        models.load_tokenizer(source)
+        loaded = models.load_base_model(source, args.worker_dtype)
+        done = time.perf_counter()
+    return {"convert_s": converted - started, "cold_load_s": done - started, "cold_peak_rss_mb": peak_rss_mb(),
+            "quantization_used": loaded.quantization}
+
+
+class _ForcedLength:
+    """Mixin for the project's Generator: answers run to exactly `max_new_tokens` (no early end-of-turn)."""
+
+    min_new_tokens = 0
+
+    def _generate_kwargs(self, adapter_versions, max_new_tokens):
+        kwargs = super()._generate_kwargs(adapter_versions, max_new_tokens)
+        kwargs["min_new_tokens"] = self.min_new_tokens
+        return kwargs
+
+
+def _timed_stream(generator, prompt_ids, versions, max_new_tokens) -> dict:
+    started = time.perf_counter()
+    first = None
+    steps = 0
+    update = None
+    for update in generator.stream(prompt_ids, versions, max_new_tokens):
+        if first is None:
+            first = time.perf_counter()
+        if not all(update.finished):
+            steps += 1
+    end = time.perf_counter()
+    rows = len(prompt_ids)
+    return {"ttft_s": first - started, "wall_s": end - started, "tokens_per_row": steps, "rows": rows,
+            "tok_s": steps * rows / (end - started),
+            "decode_tok_s": (steps - 1) * rows / (end - first) if steps > 1 and end > first else 0.0,
+            "sample": update.texts[0][:80]}
+
+
+def _median_runs(fn, repeats: int) -> dict:
+    fn()  # warm-up: first-call allocations, bitsandbytes' repacking of 4-bit weights
+    runs = [fn() for _ in range(repeats)]
+    out = {k: statistics.median(r[k] for r in runs) for k in runs[0] if isinstance(runs[0][k], (int, float))}
+    out["sample"] = runs[-1]["sample"]
+    return out
+
+
+def worker_serve(args) -> dict:
+    """Load the cached folder as the chat server does and time generations."""
+    import torch
+
+    from rlhf_online import models
+    from rlhf_online.config import ModelConfig, SamplingConfig
+    from rlhf_online.generation import BASE_VERSION, Generator
+
+    class BenchGenerator(_ForcedLength, Generator):
+        pass
+
+    cfg = ModelConfig(model=args.model, quantization=args.worker_dtype)
+    source = models.resolve_model_source(cfg)  # already converted by the parent
+    started = time.perf_counter()
+    tokenizer = models.load_tokenizer(source)
+    loaded = models.load_base_model(source, args.worker_dtype)
+    load_s = time.perf_counter() - started
+    rss_after_load = peak_rss_mb()
+
+    n = args.max_new_tokens
+    sampling = SamplingConfig()  # the chat's own temperature and top_p
+    generator = BenchGenerator(loaded.model, tokenizer, sampling)
+    generator.min_new_tokens = n
+    prompt = generator.build_prompt(PROMPT).input_ids
+    torch.manual_seed(0)
+
+    result = {"quantization_used": loaded.quantization, "cached_load_s": load_s, "prompt_tokens": len(prompt),
+              "torch_threads": torch.get_num_threads(), "rss_after_load_mb": rss_after_load}
+    result["pair_base"] = _median_runs(
+        lambda: _timed_stream(generator, [prompt, prompt], [BASE_VERSION, BASE_VERSION], n), args.repeats)
+
+    # Two LoRA versions, as LiveAdapters serves them (a PeftModel; pairs pick one adapter per row).
+    peft_model = models.attach_lora(loaded.model, cfg, adapter_name="v0001")
+    peft_model.add_adapter("v0002", models.lora_config(cfg))
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.002)
+    peft_model.eval()
+    generator.model = peft_model
+    result["single"] = _median_runs(lambda: _timed_stream(generator, [prompt], ["v0002"], n), args.repeats)
+    result["pair"] = _median_runs(
+        lambda: _timed_stream(generator, [prompt, prompt], ["v0002", "v0001"], n), args.repeats)
+    result["peak_rss_mb"] = peak_rss_mb()
+    return result
+
+
+# ------------------------------------------------------------------------------------------------ parent
+
+
+def run_worker(args, mode: str, dtype: str) -> dict:
+    with tempfile.NamedTemporaryFile(suffix=".json") as out:
+        cmd = [sys.executable, __file__, "--worker", mode, "--worker-dtype", dtype, "--worker-out", out.name,
+               "--model", args.model, "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats)]
+        load_before = os.getloadavg()[0]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            sys.stderr.write(proc.stderr[-4000:])
+            raise SystemExit(f"{mode} worker for {dtype} failed with exit code {proc.returncode}")
+        result = json.loads(Path(out.name).read_text())
+    result[f"{mode}_loadavg_1m_before"] = load_before
+    return result
+
+
+def print_table(results: dict, n: int) -> None:
+    header = (f"{'format':<6} {'cold load':>9} {'cached':>7} {'TTFT':>6} {'1 ans':>7} {'pair agg':>8} "
+              f"{'pair wall':>9} {'base pair':>9} {'tokens':>6} {'peak RSS':>9} {'cold RSS':>9}")
+    print(header)
+    print(f"{'':<6} {'s':>9} {'s':>7} {'s':>6} {'tok/s':>7} {'tok/s':>8} {'s':>9} {'tok/s':>9} "
+          f"{'/row':>6} {'MB':>9} {'MB':>9}")
+    for dtype, r in results.items():
+        cold = f"{r['cold_load_s']:.1f}" if "cold_load_s" in r else "-"
+        cold_rss = f"{r['cold_peak_rss_mb']:.0f}" if "cold_peak_rss_mb" in r else "-"
+        print(f"{dtype:<6} {cold:>9} {r['cached_load_s']:>7.2f} {r['single']['ttft_s']:>6.2f} "
+              f"{r['single']['tok_s']:>7.1f} {r['pair']['tok_s']:>8.1f} {r['pair']['wall_s']:>9.2f} "
+              f"{r['pair_base']['tok_s']:>9.1f} {r['pair']['tokens_per_row']:>6.0f} {r['peak_rss_mb']:>9.0f} "
+              f"{cold_rss:>9}")
+    print(f"(medians of the repeats; answers forced to {n} tokens; pair = 2 rows from 2 LoRA versions in one "
+          f"batched generate; base pair = same without LoRA)")
+
+
+def main(argv=None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--out", default="result.json", help="where to write the JSON results")
+    parser.add_argument("--model", default="embedded", help="'embedded', a hub id or a local model folder")
+    parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length, in tokens")
+    parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (after a warm-up)")
+    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated formats to measure")
+    parser.add_argument("--skip-cold", action="store_true", help="skip the cold (convert from GGUF) load")
+    parser.add_argument("--worker", choices=["cold", "serve"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker-dtype", help=argparse.SUPPRESS)
+    parser.add_argument("--worker-out", help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.worker:
+        result = (worker_cold if args.worker == "cold" else worker_serve)(args)
+        Path(args.worker_out).write_text(json.dumps(result))
+        return
+
+    from rlhf_online import models
+    from rlhf_online.config import ModelConfig
+
+    models.resolve_model_source(ModelConfig(model=args.model))  # the cached folder the serve workers load
+    started = time.time()
+    results = {}
+    for dtype in args.dtypes.split(","):
+        result = {} if args.skip_cold or args.model != models.EMBEDDED else run_worker(args, "cold", dtype)
+        result.update(run_worker(args, "serve", dtype))
+        results[dtype] = result
+        print(f"{dtype}: done ({time.time() - started:.0f} s)", file=sys.stderr)
+
+    import bitsandbytes
+    import peft
+    import torch
+    import transformers
+
+    report = {
+        "args": {k: v for k, v in vars(args).items() if not k.startswith("worker")},
+        "machine": {"cpus": os.cpu_count(), "platform": platform.platform(), "processor": platform.processor(),
+                    "python": platform.python_version(), "torch": torch.__version__,
+                    "transformers": transformers.__version__, "peft": peft.__version__,
+                    "bitsandbytes": bitsandbytes.__version__, "loadavg_1m_end": os.getloadavg()[0]},
+        "results": results,
+        "total_s": time.time() - started,
+    }
+    Path(args.out).write_text(json.dumps(report, indent=2))
+    print_table(results, args.max_new_tokens)
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()

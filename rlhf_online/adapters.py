@@ -1,0 +1,289 @@
+"""Published policy adapter versions: writing them atomically, finding them, and hot-swapping them in.
+
+A version is a folder `adapters/vNNNN/` holding a plain PEFT adapter (`adapter_config.json`,
+`adapter_model.safetensors`, loadable by `PeftModel.from_pretrained` on the same base), the PPO value head,
+and `meta.json`. It is written under a temporary name and renamed into place, so a reader sees either no
+folder or a complete one; a folder that fails validation anyway (a disk error, a hand edit) is skipped with a
+logged error and the last good version keeps serving.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, PeftModel
+from safetensors.torch import load_file, save_file
+
+from rlhf_online.generation import BASE_VERSION, Generator
+
+log = logging.getLogger(__name__)
+
+VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
+ADAPTER_WEIGHTS = "adapter_model.safetensors"
+ADAPTER_CONFIG = "adapter_config.json"
+META_FILE = "meta.json"
+RETIRED_MARKER = "RETIRED"
+LAST_VERSION_FILE = ".last_version"  # highest number ever published
+
+
+class CorruptAdapterError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class VersionInfo:
+    name: str
+    path: Path
+    meta: dict
+
+    @property
+    def number(self) -> int:
+        return version_number(self.name)
+
+
+def version_name(number: int) -> str:
+    return f"v{number:04d}"
+
+
+def version_number(name: str) -> int:
+    """'base' is version 0, so it sorts before every published version."""
+    if name == BASE_VERSION:
+        return 0
+    match = VERSION_PATTERN.match(name)
+    if not match:
+        raise ValueError(f"not a version name: {name!r}")
+    return int(match.group(1))
+
+
+def _fsync_tree(folder: Path) -> None:
+    for path in folder.iterdir():
+        with open(path, "rb") as f:
+            os.fsync(f.fileno())
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+class AdapterRegistry:
+    """The `adapters/` folder as the single source of truth shared by the trainer and the server."""
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+
+    def _candidate_names(self) -> list[str]:
+        return sorted((p.name for p in self.root.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name)),
+                      key=version_number)
+
+    def validate(self, path: Path, expected_name: str | None = None) -> VersionInfo:
+        """Check a version folder is complete and loadable; raise CorruptAdapterError with the reason if not."""
+        expected_name = expected_name or path.name
+        try:
+            meta = json.loads((path / META_FILE).read_text())
+            LoraConfig.from_pretrained(str(path))
+            weights = load_file(str(path / ADAPTER_WEIGHTS))
+        except Exception as exc:
+            raise CorruptAdapterError(f"{path}: {type(exc).__name__}: {exc}") from exc
+        if not weights or meta.get("version") != expected_name:
+            raise CorruptAdapterError(f"{path}: empty weights or metadata for another version")
+        for key, tensor in weights.items():
+            if not torch.isfinite(tensor).all():
+                raise CorruptAdapterError(f"{path}: non-finite values in {key}")
+        return VersionInfo(name=expected_name, path=path, meta=meta)
+
+    def versions(self, include_retired: bool = False) -> list[VersionInfo]:
+        """Valid versions, oldest first; corrupt ones are logged and skipped."""
+        found = []
+        for name in self._candidate_names():
+            path = self.root / name
+            if not include_retired and (path / RETIRED_MARKER).exists():
+                continue
+            try:
+                found.append(self.validate(path))
+            except CorruptAdapterError as exc:
+                log.error("skipping corrupt adapter version: %s", exc)
+        return found
+
+    def latest(self) -> VersionInfo | None:
+        versions = self.versions()
+        return versions[-1] if versions else None
+
+    def next_version_name(self) -> str:
+        """Numbers are never reused, even for corrupt or retired folders, so a name means one set of weights."""
+        names = self._candidate_names()
+        last = version_number(names[-1]) if names else 0
+        try:  # the high-water mark also covers deleted folders
+            last = max(last, version_number((self.root / LAST_VERSION_FILE).read_text().strip()))
+        except (OSError, ValueError):
+            pass
+        return version_name(last + 1)
+
+    def publish(self, write_adapter: Callable[[Path], None], meta: dict) -> VersionInfo:
+        """Write a new version via `write_adapter(folder)` into a temp folder, then rename it into place."""
+        name = self.next_version_name()
+        tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=self.root))
+        try:
+            write_adapter(tmp)
+            full_meta = {**meta, "version": name, "published_at": time.time()}
+            (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2))
+            _fsync_tree(tmp)
+            self.validate(tmp, expected_name=name)  # never publish something the server would reject
+            os.rename(tmp, self.root / name)
+            (self.root / LAST_VERSION_FILE).write_text(name + "\n")
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+        return VersionInfo(name=name, path=self.root / name, meta=full_meta)
+
+    def retire_after(self, version: str) -> list[str]:
+        """Rollback: mark every version newer than `version` retired (kept on disk for inspection)."""
+        keep = version_number(version)
+        retired = []
+        for info in self.versions():
+            if info.number > keep:
+                (info.path / RETIRED_MARKER).write_text(f"retired at {time.time()}\n")
+                retired.append(info.name)
+        return retired
+
+    def delete(self, version: str) -> None:
+        shutil.rmtree(self.root / version)
+
+    def clean_temporary(self) -> None:
+        """Remove temp folders left by a publisher that crashed mid-write."""
+        for path in self.root.glob(".v*.tmp-*"):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def save_peft_adapter(model: PeftModel, adapter_name: str, folder: Path) -> None:
+    """Save one adapter as a plain top-level PEFT folder (PEFT nests non-default names in a subfolder)."""
+    model.save_pretrained(str(folder), selected_adapters=[adapter_name])
+    nested = folder / adapter_name
+    if nested.is_dir():
+        for item in nested.iterdir():
+            os.replace(item, folder / item.name)
+        nested.rmdir()
+
+
+def _lora_state_for(weights: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+    """Map saved keys (`...q_proj.lora_A.weight`) to live parameter names (`...q_proj.lora_A.<name>.weight`)."""
+    return {re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{adapter_name}.weight", key): t for key, t in weights.items()}
+
+
+@dataclass
+class SwapEvent:
+    version: str
+    pause_ms: float
+    dropped: list[str] = field(default_factory=list)
+
+
+class LiveAdapters:
+    """Keeps the newest published versions loaded in the serving model and switches new requests to them.
+
+    Why not `PeftModel.load_adapter`: it calls `state_dict()`, and on CPU that un-repacks bitsandbytes'
+    4-bit weights in a way that leaves the base model producing garbage (measured with bitsandbytes 0.50.2).
+    So the file is read outside the model lock, and under it we only `add_adapter` and copy the LoRA tensors.
+    """
+
+    def __init__(self, generator: Generator, registry: AdapterRegistry, keep: int = 2):
+        self.generator = generator
+        self.registry = registry
+        self.keep = keep
+        self.loaded: list[str] = []  # oldest first
+        self.swaps: list[SwapEvent] = []
+        self._refresh_lock = threading.Lock()
+        self._stop = threading.Event()
+
+    def newest_pair(self) -> tuple[str, str]:
+        """The versions a chat pair compares: newest against its predecessor (or the base)."""
+        loaded = [BASE_VERSION] + self.loaded
+        return loaded[-1], loaded[-2] if len(loaded) > 1 else BASE_VERSION
+
+    def refresh(self) -> SwapEvent | None:
+        """Load the newest valid version if it is not loaded yet; drop versions beyond `keep`."""
+        with self._refresh_lock:
+            latest = self.registry.latest()
+            if latest is None or latest.name in self.loaded:
+                return self._sync_retired()
+            return self._load(latest)
+
+    def _sync_retired(self) -> None:
+        """After a rollback, stop serving retired versions."""
+        valid = {v.name for v in self.registry.versions()}
+        retired = [name for name in self.loaded if name not in valid]
+        if retired:
+            with self.generator.exclusive() as model:
+                for name in retired:
+                    model.delete_adapter(name)
+                self.loaded = [n for n in self.loaded if n not in retired]
+            self._reload_previous(valid)
+        return None
+
+    def _reload_previous(self, valid: set[str]) -> None:
+        """Keep a predecessor loaded after a rollback so pairs still compare two versions."""
+        if len(self.loaded) >= min(self.keep, len(valid)):
+            return
+        for info in reversed(self.registry.versions()):
+            if info.name not in self.loaded:
+                self._load(info, newest=False)
+                return
+
+    def _load(self, info, newest: bool = True) -> SwapEvent:
+        config = LoraConfig.from_pretrained(str(info.path))
+        config.inference_mode = True
+        weights = _lora_state_for(load_file(str(info.path / ADAPTER_WEIGHTS)), info.name)
+        started = time.perf_counter()
+        dropped = []
+        with self.generator.exclusive() as model:  # waits for the in-flight generation to finish
+            if not isinstance(model, PeftModel):
+                model = PeftModel(model, config, adapter_name=info.name)
+                self.generator.model = model
+            else:
+                model.add_adapter(info.name, config)
+            params = dict(model.named_parameters())
+            missing = [k for k in weights if k not in params]
+            if missing:
+                if len(model.peft_config) > 1:
+                    model.delete_adapter(info.name)
+                raise CorruptAdapterError(f"{info.path}: {len(missing)} tensors do not match the base model")
+            with torch.no_grad():
+                for key, tensor in weights.items():
+                    params[key].copy_(tensor)
+            model.eval()
+            self.loaded = self.loaded + [info.name] if newest else [info.name] + self.loaded
+            self.loaded.sort(key=version_number)
+            while len(self.loaded) > self.keep:
+                old = self.loaded.pop(0)
+                model.delete_adapter(old)
+                dropped.append(old)
+        event = SwapEvent(version=info.name, pause_ms=(time.perf_counter() - started) * 1000, dropped=dropped)
+        self.swaps.append(event)
+        log.info("now serving %s (swap held the model %.0f ms; dropped %s)", info.name, event.pause_ms, dropped)
+        return event
+
+    def watch(self, interval_s: float = 2.0) -> threading.Thread:
+        """Poll the registry in a daemon thread; a failing refresh is logged and retried, never fatal."""
+        def loop():
+            while not self._stop.wait(interval_s):
+                try:
+                    self.refresh()
+                except Exception:
+                    log.exception("adapter refresh failed; still serving %s", self.loaded or [BASE_VERSION])
+        thread = threading.Thread(target=loop, name="adapter-watch", daemon=True)
+        thread.start()
+        return thread
+
+    def stop(self) -> None:
+        self._stop.set()

@@ -1,0 +1,187 @@
+"""The chat-and-vote service behind the UI, the API and the benchmarks: plain Python, no Gradio.
+
+A turn: the person's message goes into the conversation, two answers are sampled in one batched call (newest
+adapter version against its predecessor, sides shuffled so position does not reveal which is which), the pair
+is stored, and the vote decides which answer the conversation continues with.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import random
+import threading
+import uuid
+from collections import OrderedDict
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+
+from rlhf_online.config import SamplingConfig
+from rlhf_online.generation import BASE_VERSION, Generator
+from rlhf_online.store import PreferenceStore, UnknownPairError
+
+CHOICES = ("a", "b", "tie", "both_bad")
+
+
+class EmptyMessageError(ValueError):
+    """Raised for an empty message; the UI shows it as a hint, not an error."""
+
+
+@dataclass
+class Conversation:
+    id: str
+    history: list[dict] = field(default_factory=list)  # turns already settled by a vote
+    pending_message: str | None = None  # the user message whose pair awaits a vote
+    pending_pair_id: int | None = None
+    turn: int = 0
+
+
+@dataclass(frozen=True)
+class PairUpdate:
+    conversation_id: str
+    pair_id: int | None  # set on the final update, once the pair is stored
+    answer_a: str
+    answer_b: str
+    done: bool
+    notice: str | None = None
+
+
+@dataclass(frozen=True)
+class VoteOutcome:
+    vote_id: int
+    pair_id: int
+    choice: str
+    version_a: str
+    version_b: str
+    duplicate: bool
+    continued: bool  # whether the conversation moved on with the preferred answer
+
+
+class Arena:
+    """Conversations live in memory (bounded); everything that matters for learning is in the store."""
+
+    def __init__(self, store: PreferenceStore, generator: Generator, sampling: SamplingConfig,
+                 pair_versions=lambda: (BASE_VERSION, BASE_VERSION), chat_busy=None, seed: int | None = None,
+                 max_conversations: int = 10_000):
+        self.store = store
+        self.generator = generator
+        self.sampling = sampling
+        self.pair_versions = pair_versions  # () -> (newest, previous): LiveAdapters.newest_pair
+        self.chat_busy = chat_busy
+        self.rng = random.Random(seed)
+        self.max_conversations = max_conversations
+        self._conversations: OrderedDict[str, Conversation] = OrderedDict()
+        self._lock = threading.Lock()
+
+    # ---- conversations --------------------------------------------------------------------------------------
+    def new_conversation(self) -> Conversation:
+        conversation = Conversation(id=uuid.uuid4().hex[:12])
+        with self._lock:
+            self._conversations[conversation.id] = conversation
+            while len(self._conversations) > self.max_conversations:
+                self._conversations.popitem(last=False)  # forget the least recently used
+        return conversation
+
+    def conversation(self, conversation_id: str | None) -> Conversation:
+        """The conversation with this id, or a new one for an empty or unknown (expired) id."""
+        with self._lock:
+            found = self._conversations.get(conversation_id or "")
+            if found is not None:
+                self._conversations.move_to_end(found.id)
+                return found
+        return self.new_conversation()
+
+    # ---- chat -----------------------------------------------------------------------------------------------
+    @contextlib.contextmanager
+    def _chat_busy(self):
+        """Tell the trainer process a person is waiting, so it pauses between its steps."""
+        if self.chat_busy is None:
+            yield
+            return
+        with self.chat_busy.get_lock():
+            self.chat_busy.value += 1
+        try:
+            yield
+        finally:
+            with self.chat_busy.get_lock():
+                self.chat_busy.value -= 1
+
+    def _clean_message(self, message: str) -> tuple[str, str | None]:
+        text = (message or "").replace("\x00", "").strip()
+        if not text:
+            raise EmptyMessageError("Type a message first: empty messages are ignored.")
+        if len(text) > self.sampling.max_message_chars:
+            return text[:self.sampling.max_message_chars], \
+                f"Your message was cut to its first {self.sampling.max_message_chars} characters."
+        return text, None
+
+    def chat(self, conversation_id: str | None, message: str, session_id: str = "") -> Iterator[PairUpdate]:
+        """Add a user message and stream a pair of answers to it."""
+        text, notice = self._clean_message(message)
+        conversation = self.conversation(conversation_id)
+        conversation.pending_message = text
+        yield from self._sample_pair(conversation, session_id, notice)
+
+    def regenerate(self, conversation_id: str, session_id: str = "") -> Iterator[PairUpdate]:
+        """A fresh pair for the pending message (the old pair stays stored, unvoted)."""
+        conversation = self.conversation(conversation_id)
+        if conversation.pending_message is None:
+            raise EmptyMessageError("Nothing to regenerate yet: send a message first.")
+        yield from self._sample_pair(conversation, session_id, None)
+
+    def _sample_pair(self, conversation: Conversation, session_id: str, notice: str | None) -> Iterator[PairUpdate]:
+        newest, previous = self.pair_versions()
+        newest_left = self.rng.random() < 0.5
+        version_a, version_b = (newest, previous) if newest_left else (previous, newest)
+        placement = "same" if newest == previous else ("newest_left" if newest_left else "newest_right")
+        prompt = self.generator.build_prompt(conversation.history + [{"role": "user",
+                                                                      "content": conversation.pending_message}])
+        if prompt.truncated:
+            notice = " ".join(filter(None, [notice, "The conversation was too long for the model: the oldest "
+                                                    "turns were left out of what it sees."]))
+        update = None
+        with self._chat_busy():
+            for update in self.generator.stream_pair(prompt, (version_a, version_b)):
+                yield PairUpdate(conversation.id, None, update.texts[0], update.texts[1], False, notice)
+        answer_a, answer_b = update.texts
+        pair_id = self.store.record_pair(
+            conversation_id=conversation.id, turn=conversation.turn, messages=prompt.messages, answer_a=answer_a,
+            answer_b=answer_b, version_a=version_a, version_b=version_b, sampling=self._sampling_record(),
+            session_id=session_id, placement=placement)
+        conversation.pending_pair_id = pair_id
+        yield PairUpdate(conversation.id, pair_id, answer_a, answer_b, True, notice)
+
+    def _sampling_record(self) -> dict:
+        return {"temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
+                "max_new_tokens": self.sampling.max_new_tokens}
+
+    def chat_to_end(self, conversation_id: str | None, message: str, session_id: str = "") -> PairUpdate:
+        """Non-streaming form for the API and benchmarks."""
+        update = None
+        for update in self.chat(conversation_id, message, session_id):
+            pass
+        return update
+
+    # ---- vote -----------------------------------------------------------------------------------------------
+    def vote(self, pair_id: int, choice: str, better_answer: str | None = None, session_id: str = "") -> VoteOutcome:
+        """Store the vote (committed before this returns), then continue the conversation with the winner."""
+        if choice not in CHOICES:
+            raise ValueError(f"choice must be one of {', '.join(CHOICES)}")
+        better_answer = (better_answer or "").replace("\x00", "").strip() or None
+        pair = self.store.get_pair(int(pair_id))
+        if pair is None:
+            raise UnknownPairError(f"no pair with id {pair_id}")
+        receipt = self.store.record_vote(pair_id=pair.id, choice=choice, better_answer=better_answer,
+                                         session_id=session_id)
+        continued = False
+        with self._lock:
+            conversation = self._conversations.get(pair.conversation_id)
+        if conversation is not None and conversation.pending_pair_id == pair.id and not receipt.duplicate:
+            preferred = better_answer or (pair.answer_b if choice == "b" else pair.answer_a)
+            conversation.history = pair.messages + [{"role": "assistant", "content": preferred}]
+            conversation.pending_message = None
+            conversation.pending_pair_id = None
+            conversation.turn += 1
+            continued = True
+        return VoteOutcome(vote_id=receipt.vote_id, pair_id=pair.id, choice=receipt.choice,
+                           version_a=receipt.version_a, version_b=receipt.version_b,
+                           duplicate=receipt.duplicate, continued=continued)

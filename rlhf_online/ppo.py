@@ -1,0 +1,308 @@
+"""A small online PPO for the policy's LoRA adapter, as named steps: rollout, score, advantages, update.
+
+TRL >= 1.13 has no PPO, and its last PPOTrainer trained over a whole dataset with a full-size value model; we
+need one short iteration at a time on a 4-bit base. The math lives in `rl_math` (torch only); this module
+moves tensors between the model and those functions. TRL's `selective_log_softmax` and
+`entropy_from_logits` do the per-token work.
+
+The reference model is the same 4-bit base with adapters disabled, so there is no second model in memory.
+Demonstrations people wrote add a supervised (SFT) term on the policy adapter: they say directly what a good
+answer is, which the reward model can only learn slowly from pairs, and the term keeps the policy anchored
+to human text while the reward model is still weak.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import torch
+from peft import PeftModel
+from trl.trainer.utils import entropy_from_logits, selective_log_softmax
+
+from rlhf_online.config import PPOConfig, SamplingConfig
+from rlhf_online.models import POLICY_ADAPTER, lora_parameters
+from rlhf_online.rl_math import (clipped_policy_loss, clipped_value_loss, explained_variance, gae_advantages,
+                                 kl_k3, length_penalty, make_kl_controller, masked_mean, masked_whiten,
+                                 per_token_rewards)
+
+COLD_START_PROMPTS = [
+    "What is a good way to learn a new language?",
+    "Explain photosynthesis to a ten year old.",
+    "Give me three tips for a job interview.",
+    "How do I make a cup of tea?",
+    "What should I pack for a weekend hike?",
+    "Why is the sky blue?",
+    "Write a short poem about autumn.",
+    "How can I sleep better?",
+    "What is the difference between weather and climate?",
+    "Suggest a name for a friendly robot.",
+    "How do I politely decline an invitation?",
+    "What are the benefits of drinking water?",
+]
+
+
+@dataclass
+class Rollout:
+    """One batch of sampled answers with everything the update needs, all (B, ...) tensors."""
+
+    input_ids: torch.Tensor  # (B, P+R) left-padded prompt followed by the response
+    attention_mask: torch.Tensor  # (B, P+R)
+    response_mask: torch.Tensor  # (B, R) 1 up to and including end-of-turn
+    prompt_length: int  # P
+    messages: list[list[dict]]
+    texts: list[str]
+
+
+@dataclass
+class Scored:
+    """The rollout after scoring: fixed targets for every epoch of the update."""
+
+    old_logprobs: torch.Tensor  # (B, R)
+    ref_logprobs: torch.Tensor  # (B, R)
+    old_values: torch.Tensor  # (B, R)
+    advantages: torch.Tensor  # (B, R)
+    returns: torch.Tensor  # (B, R)
+    scores: torch.Tensor  # (B,) reward model score (after any length penalty)
+    kl: torch.Tensor  # (B,) summed k1 KL to the reference per answer
+
+
+@dataclass(frozen=True)
+class IterationStats:
+    iteration: int
+    mean_score: float
+    kl: float
+    kl_coef: float
+    mean_length: float
+    policy_loss: float
+    value_loss: float
+    sft_loss: float
+    entropy: float
+    approx_kl: float
+    clip_fraction: float
+    explained_variance: float
+    seconds: float
+
+    def as_dict(self) -> dict:
+        return asdict(self)
+
+
+class PolicyWithValue(torch.nn.Module):
+    """The policy adapter's LM head and a scalar value head, both on the shared transformer trunk."""
+
+    def __init__(self, peft_model: PeftModel):
+        super().__init__()
+        self.peft_model = peft_model
+        base = peft_model.get_base_model()
+        self.value_head = torch.nn.Linear(base.config.hidden_size, 1)
+        torch.nn.init.zeros_(self.value_head.weight)
+        torch.nn.init.zeros_(self.value_head.bias)
+
+    def trunk_and_head(self):
+        base = self.peft_model.get_base_model()
+        return base.model, base.lm_head
+
+    def forward(self, input_ids, attention_mask, prompt_length: int, with_values: bool = True):
+        """Logits (B, R, V) and values (B, R) for the response positions only.
+
+        Position t of the response is predicted from the hidden state at t-1; the LM head runs on those
+        R positions alone, which skips the vocabulary matmul over the prompt.
+        """
+        trunk, lm_head = self.trunk_and_head()
+        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # (B, P+R) as generate() computes them
+        hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
+                       position_ids=position_ids).last_hidden_state  # (B, P+R, H)
+        response_hidden = hidden[:, prompt_length - 1:-1, :]  # (B, R, H)
+        logits = lm_head(response_hidden).float()  # (B, R, V)
+        values = self.value_head(response_hidden.float()).squeeze(-1) if with_values else None  # (B, R)
+        return logits, values
+
+    def policy_parameters(self) -> list[torch.nn.Parameter]:
+        return list(lora_parameters(self.peft_model, POLICY_ADAPTER).values()) + list(self.value_head.parameters())
+
+
+class PPOTrainer:
+    """Owns the optimizer and KL controller; `iteration()` runs one rollout-score-advantages-update cycle."""
+
+    def __init__(self, policy: PolicyWithValue, tokenizer, score_fn: Callable[[list[list[dict]], list[str]], list[float]],
+                 cfg: PPOConfig, sampling: SamplingConfig, *, yield_fn: Callable[[], None] = lambda: None,
+                 seed: int = 0):
+        self.policy = policy
+        self.tokenizer = tokenizer
+        self.score_fn = score_fn
+        self.cfg = cfg
+        self.sampling = sampling
+        self.yield_fn = yield_fn  # called between steps so live chat gets the CPU first
+        self.rng = random.Random(seed)
+        self.kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.target_kl or None, cfg.kl_horizon)
+        self.optimizer = torch.optim.AdamW(policy.policy_parameters(), lr=cfg.ppo_lr, weight_decay=0.0)
+        self.iterations = 0
+        self.end_of_turn_ids = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
+                                      - {None, tokenizer.unk_token_id})
+
+    # ---- rollout --------------------------------------------------------------------------------------------
+    def _activate_policy(self) -> None:
+        self.policy.peft_model.set_adapter(POLICY_ADAPTER)
+        for p in self.policy.policy_parameters():  # set_adapter freezes inactive adapters; keep ours trainable
+            p.requires_grad_(True)
+
+    def _prompt_ids(self, messages: list[dict]) -> list[int]:
+        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
+        ids = list(out["input_ids"] if hasattr(out, "keys") else out)
+        return ids[-self.sampling.context_tokens:]
+
+    @torch.no_grad()
+    def rollout(self, prompts: list[list[dict]]) -> Rollout:
+        """Sample one answer per prompt from the current policy adapter."""
+        self._activate_policy()
+        model = self.policy.peft_model
+        model.eval()
+        batch = self.tokenizer.pad({"input_ids": [self._prompt_ids(m) for m in prompts]}, padding=True,
+                                   padding_side="left", return_tensors="pt")
+        sequences = model.generate(
+            **batch, do_sample=True, temperature=self.sampling.temperature, top_p=self.sampling.top_p, top_k=None,
+            max_new_tokens=self.cfg.ppo_max_new_tokens, eos_token_id=self.end_of_turn_ids,
+            pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=[_YieldEachToken(self.yield_fn)])
+        prompt_length = batch["input_ids"].shape[1]  # P
+        response = sequences[:, prompt_length:]  # (B, R)
+        response_mask = _mask_through_first_eos(response, self.end_of_turn_ids)  # (B, R)
+        attention_mask = torch.cat([batch["attention_mask"], response_mask.long()], dim=1)  # (B, P+R)
+        texts = [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip()
+                 for r, m in zip(response, response_mask)]
+        return Rollout(input_ids=sequences, attention_mask=attention_mask, response_mask=response_mask.float(),
+                       prompt_length=prompt_length, messages=prompts, texts=texts)
+
+    # ---- score ----------------------------------------------------------------------------------------------
+    def _logprobs(self, rollout: Rollout, rows=slice(None), with_values=True):
+        logits, values = self.policy(rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_length,
+                                     with_values=with_values)
+        targets = rollout.input_ids[rows, rollout.prompt_length:]  # (b, R)
+        return logits, selective_log_softmax(logits, targets), values  # (b, R, V), (b, R), (b, R)
+
+    @torch.no_grad()
+    def score(self, rollout: Rollout) -> Scored:
+        """Reward-model scores, KL-shaped per-token rewards, and GAE advantages: the targets of the update."""
+        scores = torch.tensor(self.score_fn(rollout.messages, rollout.texts), dtype=torch.float32)  # (B,)
+        lengths = rollout.response_mask.sum(1)  # (B,)
+        if self.cfg.length_penalty:
+            scores = scores + length_penalty(lengths, self.cfg.length_penalty_target, self.cfg.length_penalty)
+        self._activate_policy()
+        _, old_logprobs, old_values = self._logprobs(rollout)
+        self.yield_fn()
+        with self.policy.peft_model.disable_adapter():  # the reference: the same base without any adapter
+            _, ref_logprobs, _ = self._logprobs(rollout, with_values=False)
+        mask = rollout.response_mask
+        rewards, kl = per_token_rewards(scores, old_logprobs, ref_logprobs, mask, self.kl_ctl.kl_coef)  # (B, R)
+        advantages, returns = gae_advantages(rewards, old_values, mask, self.cfg.gamma, self.cfg.lam)  # (B, R)
+        advantages = masked_whiten(advantages, mask)
+        return Scored(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values,
+                      advantages=advantages, returns=returns, scores=scores, kl=kl.sum(1))
+
+    # ---- update ---------------------------------------------------------------------------------------------
+    def sft_loss(self, demonstrations: list[tuple[list[dict], str]]) -> torch.Tensor:
+        """Mean NLL of human-written answers under the policy (the supervised term)."""
+        prompts = [self._prompt_ids(m) for m, _ in demonstrations]
+        answers = [self.tokenizer(a + "<|im_end|>", add_special_tokens=False)["input_ids"][:self.cfg.ppo_max_new_tokens]
+                   for _, a in demonstrations]
+        prompt_batch = self.tokenizer.pad({"input_ids": prompts}, padding=True, padding_side="left",
+                                          return_tensors="pt")
+        answer_batch = self.tokenizer.pad({"input_ids": answers}, padding=True, padding_side="right",
+                                          return_tensors="pt")
+        rollout = Rollout(input_ids=torch.cat([prompt_batch["input_ids"], answer_batch["input_ids"]], 1),
+                          attention_mask=torch.cat([prompt_batch["attention_mask"], answer_batch["attention_mask"]], 1),
+                          response_mask=answer_batch["attention_mask"].float(),
+                          prompt_length=prompt_batch["input_ids"].shape[1], messages=[], texts=[])
+        _, logprobs, _ = self._logprobs(rollout, with_values=False)  # (b, R)
+        return -masked_mean(logprobs, rollout.response_mask)
+
+    def update(self, rollout: Rollout, scored: Scored, demonstrations=()) -> dict[str, float]:
+        """PPO epochs over shuffled minibatches: clipped surrogate + clipped value loss (+ SFT term)."""
+        self._activate_policy()
+        self.policy.peft_model.train()
+        totals: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "sft_loss", "entropy",
+                                                             "approx_kl", "clip_fraction")}
+        batch_size = rollout.input_ids.shape[0]
+        for _ in range(self.cfg.ppo_epochs):
+            order = list(range(batch_size))
+            self.rng.shuffle(order)
+            for start in range(0, batch_size, self.cfg.ppo_minibatch_size):
+                self.yield_fn()
+                mb = torch.tensor(order[start:start + self.cfg.ppo_minibatch_size])  # minibatch row indices
+                mask = rollout.response_mask[mb]  # (b, R)
+                logits, new_logprobs, new_values = self._logprobs(rollout, mb)
+                pg_loss, pg_stats = clipped_policy_loss(new_logprobs, scored.old_logprobs[mb],
+                                                        scored.advantages[mb], mask, self.cfg.clip_eps)
+                v_loss, _ = clipped_value_loss(new_values, scored.old_values[mb], scored.returns[mb], mask,
+                                               self.cfg.value_clip_eps)
+                entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
+                loss = pg_loss + self.cfg.vf_coef * v_loss
+                sft = torch.zeros(())
+                if demonstrations and self.cfg.sft_coef > 0:
+                    sample = self.rng.sample(list(demonstrations), min(2, len(demonstrations)))
+                    sft = self.sft_loss(sample)
+                    loss = loss + self.cfg.sft_coef * sft
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(self.policy.policy_parameters(), 1.0)
+                self.optimizer.step()
+                for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("sft_loss", sft),
+                                   ("entropy", entropy), ("approx_kl", pg_stats.approx_kl),
+                                   ("clip_fraction", pg_stats.clip_fraction)):
+                    totals[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
+        self.policy.peft_model.eval()
+        return {k: sum(v) / len(v) for k, v in totals.items() if v}
+
+    def iteration(self, prompts: list[list[dict]], demonstrations=()) -> IterationStats:
+        """One PPO iteration on a batch of prompts; also adapts the KL coefficient toward its target."""
+        started = time.perf_counter()
+        rollout = self.rollout(prompts)
+        self.yield_fn()
+        scored = self.score(rollout)
+        update_stats = self.update(rollout, scored, demonstrations)
+        mean_kl = float(scored.kl.mean())
+        kl_coef_used = self.kl_ctl.kl_coef
+        self.kl_ctl.update(mean_kl, len(prompts))
+        self.iterations += 1
+        mask = rollout.response_mask
+        return IterationStats(
+            iteration=self.iterations, mean_score=float(scored.scores.mean()), kl=mean_kl, kl_coef=kl_coef_used,
+            mean_length=float(mask.sum(1).mean()), policy_loss=update_stats["policy_loss"],
+            value_loss=update_stats["value_loss"], sft_loss=update_stats["sft_loss"],
+            entropy=update_stats["entropy"], approx_kl=update_stats["approx_kl"],
+            clip_fraction=update_stats["clip_fraction"],
+            explained_variance=explained_variance(scored.old_values, scored.returns, mask),
+            seconds=time.perf_counter() - started)
+
+    def sample_prompts(self, recent: list[list[dict]]) -> list[list[dict]]:
+        """Prompts from real recent conversations, topped up from a built-in list on a cold start."""
+        pool = list(recent) or [[{"role": "user", "content": p}] for p in COLD_START_PROMPTS]
+        if len(pool) < self.cfg.ppo_batch_size:
+            pool += [[{"role": "user", "content": p}] for p in COLD_START_PROMPTS]
+        return [self.rng.choice(pool) for _ in range(self.cfg.ppo_batch_size)]
+
+    def state(self) -> dict[str, torch.Tensor]:
+        return {f"value_head.{k}": v.detach().clone() for k, v in self.policy.value_head.state_dict().items()}
+
+    def mean_kl_k3(self, scored: Scored, mask: torch.Tensor) -> float:
+        """Reporting-only KL with the non-negative k3 estimator (k1 can dip below zero per sample)."""
+        return float(masked_mean(kl_k3(scored.old_logprobs, scored.ref_logprobs), mask))
+
+
+def _mask_through_first_eos(response: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
+    """(B, R) 1 for tokens up to and including the first end-of-turn, 0 after (generate pads finished rows)."""
+    is_eos = torch.isin(response, torch.tensor(eos_ids))  # (B, R)
+    eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # (B, R) EOS count strictly before t
+    return (eos_before == 0).long()
+
+
+class _YieldEachToken:
+    """A stopping criterion that never stops: it lets the trainer pause between tokens while chat is busy."""
+
+    def __init__(self, yield_fn: Callable[[], None]):
+        self.yield_fn = yield_fn
+
+    def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
+        self.yield_fn()
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool)

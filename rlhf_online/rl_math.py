@@ -1,0 +1,429 @@
+"""The RL math of the app, as pure tensor functions (torch only, no models, no state but the KL controllers).
+
+Written in the spirit of CleanRL's single-file ``ppo.py``: every line of the maths is visible, loss terms carry the
+names used in the papers, and shapes are written next to anything that reshapes or indexes.
+
+Conventions
+-----------
+* Token-level tensors are ``(B, T)``: B sequences, T response tokens (the prompt is *not* included).
+* ``mask`` is ``(B, T)``, float or bool, 1 for response tokens that count and 0 for padding after EOS. Masks are
+  right-padded prefixes (``1 1 1 0 0``); functions that need "the last token" rely on that.
+* Sequence-level tensors (reward-model scores, lengths) are ``(B,)``.
+
+Sources
+-------
+* PPO clipped surrogate and clipped value loss: Schulman et al. 2017, "Proximal Policy Optimization Algorithms",
+  arXiv:1707.06347; implementation details follow CleanRL ``ppo.py`` (Huang et al. 2022).
+* GAE: Schulman et al. 2016, "High-Dimensional Continuous Control Using Generalized Advantage Estimation",
+  arXiv:1506.02438.
+* Per-token KL-shaped reward and the adaptive KL controller: Ziegler et al. 2019, "Fine-Tuning Language Models from
+  Human Preferences", arXiv:1909.08593 (also Ouyang et al. 2022, InstructGPT).
+* KL estimators k1/k3: John Schulman, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
+* Bradley-Terry reward-model loss: Bradley & Terry 1952, as used in TRL's ``RewardTrainer``; the tie variant is
+  Rao & Kupper 1967 in its simplest "a tie is half a win for each side" form.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+__all__ = [
+    "masked_mean",
+    "masked_var",
+    "masked_whiten",
+    "bradley_terry_loss",
+    "bradley_terry_tie_loss",
+    "preference_accuracy",
+    "kl_k1",
+    "kl_k3",
+    "per_token_rewards",
+    "gae_advantages",
+    "PolicyLossStats",
+    "clipped_policy_loss",
+    "ValueLossStats",
+    "clipped_value_loss",
+    "explained_variance",
+    "AdaptiveKLController",
+    "FixedKLController",
+    "make_kl_controller",
+    "length_penalty",
+]
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Masked statistics
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _float_mask(mask: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """Bool or float mask -> float mask in ``like``'s dtype/device, so it can multiply values."""
+    return mask.to(dtype=like.dtype, device=like.device)
+
+
+def masked_mean(values: torch.Tensor, mask: torch.Tensor, dim: int | None = None) -> torch.Tensor:
+    """Mean of ``values`` over entries where ``mask`` is 1.
+
+    Why: padding after EOS must not dilute token-level losses or statistics; a plain ``.mean()`` would weight a
+    batch's losses by how much padding it happens to contain. An all-zero mask yields 0 (not NaN) so that an empty
+    batch contributes nothing to a loss instead of poisoning it.
+    """
+    m = _float_mask(mask, values)
+    if dim is None:
+        return (values * m).sum() / m.sum().clamp_min(1.0)
+    return (values * m).sum(dim) / m.sum(dim).clamp_min(1.0)
+
+
+def masked_var(values: torch.Tensor, mask: torch.Tensor, unbiased: bool = True) -> torch.Tensor:
+    """Variance of ``values`` over entries where ``mask`` is 1 (a scalar over all masked entries).
+
+    ``unbiased`` applies Bessel's correction n/(n-1), as TRL's ``masked_var`` does. With fewer than two masked
+    entries the unbiased variance is undefined; we return 0 so that whitening a one-token batch gives zeros rather
+    than NaNs (there is no spread to normalise).
+    """
+    m = _float_mask(mask, values)
+    mean = masked_mean(values, m)
+    centered = values - mean
+    variance = masked_mean(centered**2, m)
+    if unbiased:
+        n = m.sum()
+        if n < 2:
+            return torch.zeros_like(variance)
+        variance = variance * (n / (n - 1))
+    return variance
+
+
+def masked_whiten(
+    values: torch.Tensor, mask: torch.Tensor, shift_mean: bool = True, eps: float = 1e-8
+) -> torch.Tensor:
+    """Normalise ``values`` to mean 0 / std 1 over masked entries; masked-out entries come back as 0.
+
+    Why: "advantage normalisation" (CleanRL ``norm_adv``; TRL ``whiten``) makes the policy-gradient step size
+    insensitive to the scale of the reward model, which in online RLHF drifts as the reward model is retrained.
+    Statistics use only real tokens, otherwise padding zeros would bias the mean towards 0. With
+    ``shift_mean=False`` the mean is added back (only the scale is normalised), as TRL does for rewards.
+    """
+    m = _float_mask(mask, values)
+    mean = masked_mean(values, m)
+    var = masked_var(values, m, unbiased=True)
+    whitened = (values - mean) * torch.rsqrt(var + eps)
+    if not shift_mean:
+        whitened = whitened + mean
+    return whitened * m
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Reward model (pairwise preferences)
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def _check_pair(a: torch.Tensor, b: torch.Tensor) -> None:
+    # (B,) - (B, 1) would silently broadcast to (B, B): refuse mismatched shapes.
+    if a.shape != b.shape:
+        raise ValueError(f"paired scores must have the same shape, got {tuple(a.shape)} and {tuple(b.shape)}")
+
+
+def _weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.Tensor:
+    if weights is None:
+        return losses.mean()
+    w = weights.to(dtype=losses.dtype, device=losses.device)
+    # Normalise by the weights' sum so that the loss scale does not depend on how the weights are scaled.
+    return (w * losses).sum() / w.sum().clamp_min(torch.finfo(losses.dtype).tiny)
+
+
+def bradley_terry_loss(
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Negative log-likelihood of the human vote under the Bradley-Terry model.
+
+    Bradley-Terry: P(chosen > rejected) = sigmoid(r_chosen - r_rejected), so the NLL per pair is
+    ``-logsigmoid(r_chosen - r_rejected)`` (TRL ``RewardTrainer``). Only score *differences* are identified, which
+    is why PPO later whitens advantages rather than trusting the absolute reward. ``logsigmoid`` rather than
+    ``log(sigmoid(.))`` for numerical stability at large margins.
+
+    ``weights`` (B,) e.g. down-weight stale or low-confidence votes; the result is ``sum(w * l) / sum(w)``.
+    """
+    _check_pair(r_chosen, r_rejected)
+    losses = -F.logsigmoid(r_chosen - r_rejected)  # (B,)
+    return _weighted_mean(losses, weights)
+
+
+def bradley_terry_tie_loss(
+    r_a: torch.Tensor, r_b: torch.Tensor, weights: torch.Tensor | None = None
+) -> torch.Tensor:
+    """Loss for a vote of "tie" / "both equally good": each side counts as half a win.
+
+    ``0.5 * -logsigmoid(a - b) + 0.5 * -logsigmoid(b - a)`` is minimised (value log 2) exactly at ``a == b`` and
+    is symmetric in its arguments, so tie votes pull the two scores together instead of being thrown away. This is
+    the simplest form of the Rao-Kupper (1967) treatment of ties in paired comparisons.
+    """
+    _check_pair(r_a, r_b)
+    diff = r_a - r_b  # (B,)
+    losses = 0.5 * -F.logsigmoid(diff) + 0.5 * -F.logsigmoid(-diff)  # (B,)
+    return _weighted_mean(losses, weights)
+
+
+@torch.no_grad()
+def preference_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
+    """Fraction of pairs the reward model orders as the human did; exact ties count 0.5 (a coin flip).
+
+    Why 0.5 for ties: a constant reward model should score 50%, not 0% or 100%.
+    """
+    _check_pair(r_chosen, r_rejected)
+    wins = (r_chosen > r_rejected).float() + 0.5 * (r_chosen == r_rejected).float()  # (B,)
+    return wins.mean().item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KL estimators and reward shaping
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k1 = log p(x) - log q(x) per sampled token, with x ~ p (the policy).
+
+    Unbiased for KL(p || q) but high variance and can be negative for a single token. It is the estimator used
+    inside the per-token reward (Ziegler et al. 2019): its sum over a sampled sequence is exactly the log-ratio of
+    sequence probabilities, whose expectation is the sequence-level KL.
+    """
+    return logprobs - ref_logprobs
+
+
+def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
+    """k3 = (r - 1) - log r with r = q(x)/p(x), x ~ p (Schulman, http://joschu.net/blog/kl-approx.html).
+
+    Unbiased for KL(p || q), always >= 0 (since log r <= r - 1) and low variance: the right thing to *report*.
+    """
+    log_r = ref_logprobs - logprobs
+    return (torch.exp(log_r) - 1) - log_r
+
+
+def per_token_rewards(
+    score: torch.Tensor,
+    logprobs: torch.Tensor,
+    ref_logprobs: torch.Tensor,
+    mask: torch.Tensor,
+    kl_coef: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """InstructGPT / Ziegler et al. 2019 reward shaping: ``R(x, y) = r(x, y) - beta * KL``, spread over tokens.
+
+    Each response token gets ``-kl_coef * (logprobs - ref_logprobs)`` (k1, masked), which keeps the policy near the
+    reference model and so away from the reward model's blind spots; the scalar reward-model ``score`` (B,) is
+    added once, on the last valid token of each row (index ``mask.sum(1) - 1``), because the sequence is only
+    judged when it is complete. Rows whose mask is all zeros get nothing.
+
+    Returns ``(rewards, kl)``, both (B, T) and zero where masked; ``kl`` is the per-token k1 used in the reward.
+    Call under ``torch.no_grad()`` (rewards are targets, not something to differentiate).
+    """
+    m = _float_mask(mask, logprobs)  # (B, T)
+    kl = kl_k1(logprobs, ref_logprobs) * m  # (B, T)
+    rewards = -kl_coef * kl  # (B, T)
+
+    B = rewards.shape[0]
+    lengths = m.sum(dim=1).long()  # (B,)
+    last_idx = (lengths - 1).clamp_min(0)  # (B,) index of the last valid token (0 for empty rows, masked below)
+    has_tokens = (lengths > 0).to(rewards.dtype)  # (B,)
+    rows = torch.arange(B, device=rewards.device)  # (B,)
+    score_at_last = torch.zeros_like(rewards)  # (B, T)
+    score_at_last[rows, last_idx] = score.to(rewards.dtype).reshape(B) * has_tokens  # (B,) scattered into (B, T)
+    rewards = rewards + score_at_last  # (B, T)
+    return rewards, kl
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Generalised Advantage Estimation
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def gae_advantages(
+    rewards: torch.Tensor,
+    values: torch.Tensor,
+    mask: torch.Tensor,
+    gamma: float,
+    lam: float,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """GAE(gamma, lambda) advantages and value targets over the masked response (Schulman et al. 2016).
+
+    delta_t = r_t + gamma * V(s_{t+1}) - V(s_t);   A_t = delta_t + gamma * lam * A_{t+1}.
+
+    lam trades bias (lam=0: one-step TD) against variance (lam=1: Monte-Carlo return minus baseline). The episode
+    ends with the answer, so the bootstrap value after the last valid token is 0. Positions where ``mask`` is 0 are
+    treated as "after the end": their rewards/values are zeroed first and ``next_nonterminal`` (CleanRL's name) is
+    the next token's mask, so nothing past EOS leaks back into valid positions.
+
+    Returns ``(advantages, returns)``, both (B, T), with ``returns = advantages + values`` (the critic's target)
+    and zeros at masked positions. Call under ``torch.no_grad()``.
+    """
+    m = _float_mask(mask, rewards)  # (B, T)
+    rewards = rewards * m  # (B, T)
+    values = values.to(rewards.dtype) * m  # (B, T)
+    T = rewards.shape[1]
+
+    lastgaelam = torch.zeros_like(rewards[:, 0])  # (B,)
+    advantages_reversed = []
+    for t in reversed(range(T)):
+        if t < T - 1:
+            next_values = values[:, t + 1]  # (B,)
+            next_nonterminal = m[:, t + 1]  # (B,) 0 once the answer has ended
+        else:
+            next_values = torch.zeros_like(lastgaelam)  # (B,) nothing after the last position
+            next_nonterminal = torch.zeros_like(lastgaelam)
+        delta = rewards[:, t] + gamma * next_values * next_nonterminal - values[:, t]  # (B,)
+        lastgaelam = (delta + gamma * lam * next_nonterminal * lastgaelam) * m[:, t]  # (B,)
+        advantages_reversed.append(lastgaelam)
+    advantages = torch.stack(advantages_reversed[::-1], dim=1)  # T x (B,) -> (B, T)
+    returns = (advantages + values) * m  # (B, T)
+    return advantages, returns
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# PPO losses
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PolicyLossStats:
+    approx_kl: float  # k3 estimate of KL(old || new) on this minibatch; large => the update moved too far
+    clip_fraction: float  # fraction of tokens with |ratio - 1| > clip_eps
+
+
+@dataclass(frozen=True)
+class ValueLossStats:
+    value_clip_fraction: float  # fraction of tokens with |new_value - old_value| > clip_eps
+
+
+def clipped_policy_loss(
+    new_logprobs: torch.Tensor,
+    old_logprobs: torch.Tensor,
+    advantages: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+) -> tuple[torch.Tensor, PolicyLossStats]:
+    """PPO clipped surrogate objective L^CLIP (Schulman et al. 2017, eq. 7), as a loss to minimise.
+
+    The ratio pi_new/pi_old lets us reuse samples from the old policy for several epochs; clipping it to
+    [1 - eps, 1 + eps] and taking the pessimistic (max of the two losses) removes any incentive to move the ratio
+    further once it has left the trust region in the direction the advantage favours, so those tokens get zero
+    gradient. All inputs (B, T); the loss is a masked mean over tokens.
+    """
+    logratio = new_logprobs - old_logprobs  # (B, T)
+    ratio = torch.exp(logratio)  # (B, T)
+
+    pg_loss1 = -advantages * ratio  # (B, T)
+    pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)  # (B, T)
+    pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+
+    with torch.no_grad():
+        # k3 (joschu.net/blog/kl-approx.html) with r = ratio = pi_new/pi_old and tokens sampled from pi_old:
+        # (r - 1) - log r >= 0 estimates KL(pi_old || pi_new), exactly as CleanRL's approx_kl.
+        approx_kl = masked_mean((ratio - 1) - logratio, mask)
+        clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_eps).to(ratio.dtype), mask)
+    return pg_loss, PolicyLossStats(approx_kl=approx_kl.item(), clip_fraction=clip_fraction.item())
+
+
+def clipped_value_loss(
+    new_values: torch.Tensor,
+    old_values: torch.Tensor,
+    returns: torch.Tensor,
+    mask: torch.Tensor,
+    clip_eps: float,
+) -> tuple[torch.Tensor, ValueLossStats]:
+    """PPO clipped value loss (CleanRL ``clip_vloss``; OpenAI baselines ppo2).
+
+    The value head is only allowed to move ``clip_eps`` away from its rollout-time prediction; as with the policy,
+    the max of the clipped and unclipped squared errors is pessimistic, so there is no gain from a larger jump.
+    This keeps the critic (which shares the LoRA trunk with the policy here) from being dragged far in one epoch.
+    All inputs (B, T); ``0.5 * masked_mean(...)`` over tokens.
+    """
+    v_loss_unclipped = (new_values - returns) ** 2  # (B, T)
+    v_clipped = old_values + torch.clamp(new_values - old_values, -clip_eps, clip_eps)  # (B, T)
+    v_loss_clipped = (v_clipped - returns) ** 2  # (B, T)
+    v_loss = 0.5 * masked_mean(torch.max(v_loss_unclipped, v_loss_clipped), mask)
+
+    with torch.no_grad():
+        value_clip_fraction = masked_mean(
+            ((new_values - old_values).abs() > clip_eps).to(new_values.dtype), mask
+        )
+    return v_loss, ValueLossStats(value_clip_fraction=value_clip_fraction.item())
+
+
+@torch.no_grad()
+def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.Tensor) -> float:
+    """1 - Var[returns - values] / Var[returns] over masked tokens (CleanRL's diagnostic).
+
+    1: the critic predicts the returns perfectly; 0: no better than a constant; < 0: worse than a constant.
+    NaN when the returns have no variance (the ratio is undefined), as in CleanRL.
+    """
+    var_y = masked_var(returns, mask)
+    if var_y.item() == 0.0:
+        return math.nan
+    return (1.0 - masked_var(returns - values, mask) / var_y).item()
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# KL coefficient controllers
+# ----------------------------------------------------------------------------------------------------------------
+
+
+@dataclass
+class AdaptiveKLController:
+    """Adaptive KL penalty coefficient (Ziegler et al. 2019, section 2.2).
+
+    A fixed beta is either too weak early (the policy runs off to exploit the reward model) or too strong late
+    (no learning); instead beta is steered so the observed KL tracks ``target_kl``. The proportional error is
+    clipped to +-20% so that one noisy KL estimate can move beta by at most 20% per ``horizon`` steps.
+    """
+
+    kl_coef: float
+    target_kl: float
+    horizon: int  # steps (samples) over which a full proportional correction is applied
+
+    def __post_init__(self) -> None:
+        if self.target_kl <= 0:
+            raise ValueError(f"target_kl must be > 0, got {self.target_kl}")
+        if self.horizon <= 0:
+            raise ValueError(f"horizon must be > 0, got {self.horizon}")
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        proportional_error = min(max(current_kl / self.target_kl - 1.0, -0.2), 0.2)
+        mult = 1.0 + proportional_error * n_steps / self.horizon
+        self.kl_coef *= mult
+        return self.kl_coef
+
+
+@dataclass
+class FixedKLController:
+    """Constant KL coefficient, same interface as :class:`AdaptiveKLController` (used when there is no target)."""
+
+    kl_coef: float
+
+    def update(self, current_kl: float, n_steps: int) -> float:
+        return self.kl_coef
+
+
+def make_kl_controller(
+    kl_coef: float, target_kl: float | None, horizon: int
+) -> AdaptiveKLController | FixedKLController:
+    """Adaptive controller when a ``target_kl`` is configured, fixed coefficient when it is ``None``."""
+    if target_kl is None:
+        return FixedKLController(kl_coef=kl_coef)
+    return AdaptiveKLController(kl_coef=kl_coef, target_kl=target_kl, horizon=horizon)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Score shaping
+# ----------------------------------------------------------------------------------------------------------------
+
+
+def length_penalty(lengths: torch.Tensor, target_length: float, coef: float) -> torch.Tensor:
+    """``-coef * relu(lengths - target_length)`` (B,), to be added to the reward-model scores.
+
+    Why: reward models trained on human votes tend to prefer longer answers, and PPO finds that quickly — the
+    classic reward-hacking failure is answers that grow without bound (Singhal et al. 2023, "A Long Way to Go").
+    Penalising only the excess over ``target_length`` leaves answers of reasonable length untouched.
+    """
+    lengths = lengths.to(torch.get_default_dtype()) if not lengths.is_floating_point() else lengths
+    return -coef * F.relu(lengths - target_length)  # (B,)

@@ -1,0 +1,608 @@
+"""The durable preference store: every answer pair shown, every vote, and the training rows derived from them.
+
+One SQLite file is shared by the Gradio app (many worker threads) and the trainer (another process). WAL lets
+the trainer read while the app writes; ``synchronous=FULL`` makes an acknowledged vote survive a crash or power
+loss; every write is one short ``BEGIN IMMEDIATE`` transaction so the two processes never wait long on each
+other and nothing is ever half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from rlhf_online.conversation import Message, answer_text, normalize_prompt, split_hh_transcript
+
+DB_FILENAME = "preferences.sqlite"
+
+CHOICES = ("a", "b", "tie", "both_bad")
+VOTE_SOURCES = ("human", "ai")
+PREFERENCE_SOURCES = ("human", "ai", "import")
+
+
+def store_path(data_dir: str | Path) -> Path:
+    """Where the app, the trainer and the exporter all find the same database inside a data folder."""
+    return Path(data_dir) / DB_FILENAME
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Schema and migrations
+# ---------------------------------------------------------------------------------------------------------------
+
+_V1_TABLES = """
+CREATE TABLE pairs (
+    id INTEGER PRIMARY KEY,
+    conversation_id TEXT NOT NULL,
+    turn INTEGER NOT NULL,
+    session_id TEXT,
+    messages_json TEXT NOT NULL,
+    answer_a TEXT NOT NULL,
+    answer_b TEXT NOT NULL,
+    version_a TEXT NOT NULL,
+    version_b TEXT NOT NULL,
+    sampling_json TEXT NOT NULL,
+    placement TEXT,
+    created_at REAL NOT NULL,
+    reward_a REAL,
+    reward_b REAL
+);
+CREATE INDEX idx_pairs_messages ON pairs(messages_json);
+CREATE TABLE votes (
+    id INTEGER PRIMARY KEY,
+    pair_id INTEGER NOT NULL UNIQUE REFERENCES pairs(id),
+    choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')),
+    better_answer TEXT,
+    session_id TEXT,
+    source TEXT NOT NULL DEFAULT 'human',
+    judge TEXT,
+    weight REAL NOT NULL DEFAULT 1.0,
+    created_at REAL NOT NULL
+);
+CREATE TABLE preferences (
+    id INTEGER PRIMARY KEY,
+    vote_id INTEGER REFERENCES votes(id),
+    pair_id INTEGER REFERENCES pairs(id),
+    prompt_json TEXT NOT NULL,
+    chosen TEXT NOT NULL,
+    rejected TEXT NOT NULL,
+    source TEXT NOT NULL CHECK (source IN ('human', 'ai', 'import')),
+    weight REAL NOT NULL DEFAULT 1.0,
+    created_at REAL NOT NULL
+);
+CREATE TABLE demonstrations (
+    id INTEGER PRIMARY KEY,
+    vote_id INTEGER REFERENCES votes(id),
+    prompt_json TEXT NOT NULL,
+    answer TEXT NOT NULL,
+    session_id TEXT,
+    source TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE TABLE metrics (
+    id INTEGER PRIMARY KEY,
+    kind TEXT NOT NULL,
+    step INTEGER NOT NULL,
+    values_json TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX idx_metrics_kind ON metrics(kind, id);
+CREATE TABLE control (
+    key TEXT PRIMARY KEY,
+    value TEXT
+);
+"""
+
+
+def _add_reward_model_version(conn: sqlite3.Connection) -> None:
+    """Record which reward adapter scored a pair, so scores from a stale reward model can be told apart.
+
+    Also indexes preferences by source, which the counts shown in the UI group by on every refresh.
+    """
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(pairs)")}
+    if "reward_model_version" not in columns:
+        conn.execute("ALTER TABLE pairs ADD COLUMN reward_model_version TEXT")
+    conn.execute("CREATE INDEX IF NOT EXISTS idx_preferences_source ON preferences(source)")
+
+
+MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
+    _V1_TABLES,
+    _add_reward_model_version,
+]
+SCHEMA_VERSION = len(MIGRATIONS)
+
+
+class SchemaVersionError(RuntimeError):
+    """The file was written by newer code; opening it with this code could corrupt it."""
+
+
+class UnknownPairError(ValueError):
+    """A vote names a pair that was never recorded (stale page, forged request)."""
+
+
+class StoreWriteError(RuntimeError):
+    """A write could not be committed (disk full, file locked or read-only); nothing was saved."""
+
+
+def _statements(sql: str) -> Iterator[str]:
+    """Split a script into statements so each runs inside our transaction.
+
+    ``executescript`` would commit on its own and leave a half-applied migration after an error.
+    """
+    pending = ""
+    for line in sql.splitlines(keepends=True):
+        pending += line
+        if sqlite3.complete_statement(pending):
+            yield pending.strip()
+            pending = ""
+    if pending.strip():
+        raise ValueError(f"incomplete SQL statement in migration: {pending.strip()[:80]!r}")
+
+
+@contextmanager
+def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
+    """``with conn:`` semantics, but taking the write lock up front.
+
+    ``BEGIN IMMEDIATE`` makes a second process wait (``busy_timeout``) at the start instead of failing halfway
+    through with a lock upgrade error, and covers DDL, which Python's implicit transactions do not.
+    """
+    conn.execute("BEGIN IMMEDIATE")
+    try:
+        yield conn
+        conn.execute("COMMIT")
+    except BaseException:
+        # SQLite rolls back by itself on some errors (disk full, I/O); a second ROLLBACK would mask the cause.
+        if conn.in_transaction:
+            conn.execute("ROLLBACK")
+        raise
+
+
+def _schema_version(conn: sqlite3.Connection) -> int:
+    conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
+    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
+    return int(row[0]) if row else 0
+
+
+def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
+    """Bring the schema up to ``target``, one migration per transaction, and return the resulting version.
+
+    Each step commits together with its version number, so a crash between steps resumes cleanly; the version
+    is re-read under the write lock so two processes opening a fresh file do not both migrate it.
+    """
+    if not 0 <= target <= SCHEMA_VERSION:
+        raise ValueError(f"target schema version must be between 0 and {SCHEMA_VERSION}, got {target}")
+    while True:
+        with _transaction(conn):
+            current = _schema_version(conn)
+            if current > SCHEMA_VERSION:
+                raise SchemaVersionError(
+                    f"the preference database has schema version {current}, but this code only knows versions "
+                    f"up to {SCHEMA_VERSION}; upgrade rlhf_online before opening it")
+            if current >= target:
+                return current
+            step = MIGRATIONS[current]
+            if callable(step):
+                step(conn)
+            else:
+                for statement in _statements(step):
+                    conn.execute(statement)
+            conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(current + 1),))
+
+
+def _describe_failure(error: sqlite3.Error) -> str:
+    """Words a person can act on, instead of SQLite's error codes."""
+    text = str(error).lower()
+    if "full" in text:
+        return "disk full"
+    if "locked" in text or "busy" in text:
+        return "the database is locked by another process"
+    if "readonly" in text or "read-only" in text:
+        return "the database file is read-only"
+    return str(error)
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# Returned records
+# ---------------------------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Pair:
+    id: int
+    conversation_id: str
+    turn: int
+    session_id: str | None
+    messages: list[Message]
+    answer_a: str
+    answer_b: str
+    version_a: str
+    version_b: str
+    sampling: dict
+    placement: str | None
+    created_at: float
+    reward_a: float | None
+    reward_b: float | None
+    reward_model_version: str | None = None
+
+
+@dataclass(frozen=True)
+class VoteReceipt:
+    vote_id: int
+    pair_id: int
+    choice: str
+    version_a: str
+    version_b: str
+    duplicate: bool
+
+
+@dataclass(frozen=True)
+class Preference:
+    id: int
+    prompt: list[Message]
+    chosen: str
+    rejected: str
+    source: str
+    weight: float
+
+
+@dataclass(frozen=True)
+class Demonstration:
+    id: int
+    vote_id: int | None
+    prompt: list[Message]
+    answer: str
+    session_id: str | None
+    source: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class ImportResult:
+    imported: int
+    skipped: int
+
+
+@dataclass(frozen=True)
+class Metric:
+    id: int
+    kind: str
+    step: int
+    values: dict
+    created_at: float
+
+
+@dataclass(frozen=True)
+class VersionRecord:
+    """Head-to-head human votes of ``newer`` against ``older``."""
+
+    newer: str
+    older: str
+    wins: int
+    losses: int
+    ties: int
+
+    @property
+    def total(self) -> int:
+        return self.wins + self.losses + self.ties
+
+    @property
+    def win_rate(self) -> float:
+        """Ties count half, so 0.5 means "no better than its predecessor"."""
+        return (self.wins + 0.5 * self.ties) / self.total if self.total else 0.0
+
+
+def _version_key(name: str) -> tuple[int, str]:
+    """Order adapter versions; "base" is the untrained model and so older than any named version."""
+    return (0, "") if name == "base" else (1, name)
+
+
+def _dumps(value: Any) -> str:
+    """Deterministic JSON so that equal conversations are equal strings (``recent_prompts`` dedupes on it)."""
+    return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
+
+
+def _preference_pairs(choice: str, answer_a: str, answer_b: str, better: str | None) -> list[tuple[str, str]]:
+    """(chosen, rejected) rows implied by a vote.
+
+    A written better answer is preferred over each shown answer that differs from it, so a person's own text
+    teaches the reward model even on ties and "both bad". Rows whose two sides are equal carry no signal.
+    """
+    rows: list[tuple[str, str]] = []
+    if choice == "a":
+        rows.append((answer_a, answer_b))
+    elif choice == "b":
+        rows.append((answer_b, answer_a))
+    if better is not None:
+        rows.extend((better, shown) for shown in (answer_a, answer_b) if shown != better)
+    unique: list[tuple[str, str]] = []
+    for chosen, rejected in rows:
+        if chosen != rejected and (chosen, rejected) not in unique:
+            unique.append((chosen, rejected))
+    return unique
+
+
+def _import_row(record: Any) -> tuple[list[Message], str, str, float]:
+    """Read one import record (HH raw, HH full transcript, or TRL conversational) as prompt/chosen/rejected."""
+    if not isinstance(record, dict):
+        raise ValueError("record must be a JSON object")
+    chosen, rejected = record["chosen"], record["rejected"]
+    prompt = record.get("prompt")
+    if prompt is None and isinstance(chosen, str):
+        prompt, chosen = split_hh_transcript(chosen)
+        rejected_prompt, rejected = split_hh_transcript(rejected)
+        if rejected_prompt != prompt:
+            raise ValueError("chosen and rejected transcripts do not share a prompt")
+    elif prompt is None and isinstance(chosen, list) and isinstance(rejected, list):
+        # TRL "implicit prompt": the shared prefix of the two conversations is the prompt.
+        if len(chosen) < 2 or chosen[:-1] != rejected[:-1]:
+            raise ValueError("implicit-prompt record: chosen and rejected must share all but the last message")
+        prompt, chosen, rejected = chosen[:-1], chosen[-1:], rejected[-1:]
+    weight = float(record.get("weight", 1.0))
+    return normalize_prompt(prompt), answer_text(chosen), answer_text(rejected), weight
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# The store
+# ---------------------------------------------------------------------------------------------------------------
+
+class PreferenceStore:
+    """Thread-safe access to one preference database file."""
+
+    def __init__(self, path: str | Path, *, _target_version: int = SCHEMA_VERSION) -> None:
+        """Open (creating if needed) and migrate. ``_target_version`` exists so tests can build old files."""
+        self.path = Path(path)
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        # isolation_level=None: we issue BEGIN/COMMIT ourselves, so DDL and DML share one transaction model.
+        self._conn = sqlite3.connect(self.path, check_same_thread=False, isolation_level=None, timeout=5.0)
+        self._conn.row_factory = sqlite3.Row
+        self._lock = threading.RLock()
+        try:
+            self._conn.execute("PRAGMA journal_mode=WAL")
+            self._conn.execute("PRAGMA synchronous=FULL")
+            self._conn.execute("PRAGMA busy_timeout=5000")
+            self._conn.execute("PRAGMA foreign_keys=ON")
+            self.schema_version = migrate(self._conn, _target_version)
+        except BaseException:
+            self._conn.close()
+            raise
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+
+    def close(self) -> None:
+        with self._lock:
+            self._conn.close()
+
+    def __enter__(self) -> PreferenceStore:
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.close()
+
+    # -- plumbing -------------------------------------------------------------------------------------------
+
+    @contextmanager
+    def _write(self, action: str) -> Iterator[sqlite3.Connection]:
+        """One committed transaction; SQLite failures become a StoreWriteError the UI can show as is."""
+        with self._lock:
+            try:
+                with _transaction(self._conn) as conn:
+                    yield conn
+            except sqlite3.OperationalError as error:
+                raise StoreWriteError(f"could not {action}: {_describe_failure(error)}") from error
+
+    def _read(self, sql: str, params: Iterable[Any] = ()) -> list[sqlite3.Row]:
+        with self._lock:
+            return self._conn.execute(sql, tuple(params)).fetchall()
+
+    # -- pairs and votes ------------------------------------------------------------------------------------
+
+    def record_pair(self, *, conversation_id: str, turn: int, messages: list[Message], answer_a: str,
+                    answer_b: str, version_a: str, version_b: str, sampling: dict, session_id: str | None,
+                    placement: str | None) -> int:
+        """Store a pair before it is shown, so a vote can only ever refer to answers we really displayed."""
+        clean = normalize_prompt(messages)
+        with self._write("save the answers") as conn:
+            cursor = conn.execute(
+                "INSERT INTO pairs (conversation_id, turn, session_id, messages_json, answer_a, answer_b, "
+                "version_a, version_b, sampling_json, placement, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
+                (conversation_id, int(turn), session_id, _dumps(clean), answer_a, answer_b, version_a,
+                 version_b, _dumps(sampling), placement, time.time()))
+            return int(cursor.lastrowid)
+
+    def get_pair(self, pair_id: int) -> Pair | None:
+        rows = self._read("SELECT * FROM pairs WHERE id = ?", (pair_id,))
+        return self._pair(rows[0]) if rows else None
+
+    @staticmethod
+    def _pair(row: sqlite3.Row) -> Pair:
+        return Pair(
+            id=row["id"], conversation_id=row["conversation_id"], turn=row["turn"], session_id=row["session_id"],
+            messages=json.loads(row["messages_json"]), answer_a=row["answer_a"], answer_b=row["answer_b"],
+            version_a=row["version_a"], version_b=row["version_b"], sampling=json.loads(row["sampling_json"]),
+            placement=row["placement"], created_at=row["created_at"], reward_a=row["reward_a"],
+            reward_b=row["reward_b"],
+            reward_model_version=row["reward_model_version"] if "reward_model_version" in row.keys() else None)
+
+    def record_vote(self, *, pair_id: int, choice: str, better_answer: str | None = None,
+                    session_id: str | None, source: str = "human", judge: str | None = None,
+                    weight: float = 1.0) -> VoteReceipt:
+        """Save a vote and its training rows atomically; a repeated vote on a pair is a no-op.
+
+        Double clicks and replayed requests must not count twice, so the first vote wins and its receipt is
+        returned again with ``duplicate=True``.
+        """
+        if choice not in CHOICES:
+            raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+        if source not in VOTE_SOURCES:
+            raise ValueError(f"vote source must be one of {', '.join(VOTE_SOURCES)}, got {source!r}")
+        better = better_answer.strip() if isinstance(better_answer, str) and better_answer.strip() else None
+        with self._write("save your vote") as conn:
+            pair = conn.execute("SELECT * FROM pairs WHERE id = ?", (pair_id,)).fetchone()
+            if pair is None:
+                raise UnknownPairError(f"no answer pair with id {pair_id}; reload the page and vote again")
+            earlier = conn.execute("SELECT id, choice FROM votes WHERE pair_id = ?", (pair_id,)).fetchone()
+            if earlier is not None:
+                return VoteReceipt(earlier["id"], pair_id, earlier["choice"], pair["version_a"],
+                                   pair["version_b"], duplicate=True)
+            now = time.time()
+            vote_id = conn.execute(
+                "INSERT INTO votes (pair_id, choice, better_answer, session_id, source, judge, weight, created_at)"
+                " VALUES (?,?,?,?,?,?,?,?)",
+                (pair_id, choice, better, session_id, source, judge, float(weight), now)).lastrowid
+            for chosen, rejected in _preference_pairs(choice, pair["answer_a"], pair["answer_b"], better):
+                conn.execute(
+                    "INSERT INTO preferences (vote_id, pair_id, prompt_json, chosen, rejected, source, weight, "
+                    "created_at) VALUES (?,?,?,?,?,?,?,?)",
+                    (vote_id, pair_id, pair["messages_json"], chosen, rejected, source, float(weight), now))
+            if better is not None:
+                conn.execute(
+                    "INSERT INTO demonstrations (vote_id, prompt_json, answer, session_id, source, created_at) "
+                    "VALUES (?,?,?,?,?,?)", (vote_id, pair["messages_json"], better, session_id, source, now))
+            return VoteReceipt(int(vote_id), pair_id, choice, pair["version_a"], pair["version_b"],
+                               duplicate=False)
+
+    def set_reward_scores(self, pair_id: int, reward_a: float, reward_b: float, *,
+                          reward_model_version: str | None = None) -> None:
+        """Attach the reward model's scores to a pair, for display and for checking the model against votes."""
+        with self._write("save the reward scores") as conn:
+            if reward_model_version is None:
+                cursor = conn.execute("UPDATE pairs SET reward_a = ?, reward_b = ? WHERE id = ?",
+                                      (reward_a, reward_b, pair_id))
+            else:
+                cursor = conn.execute(
+                    "UPDATE pairs SET reward_a = ?, reward_b = ?, reward_model_version = ? WHERE id = ?",
+                    (reward_a, reward_b, reward_model_version, pair_id))
+            if cursor.rowcount == 0:
+                raise UnknownPairError(f"no answer pair with id {pair_id}")
+
+    # -- training views -------------------------------------------------------------------------------------
+
+    def unscored_voted_pairs(self, limit: int = 32) -> list[Pair]:
+        """Voted pairs the reward model has not scored yet, so the UI can show each answer's reward."""
+        rows = self._read("SELECT pairs.* FROM pairs JOIN votes ON votes.pair_id = pairs.id "
+                          "WHERE pairs.reward_a IS NULL ORDER BY pairs.id DESC LIMIT ?", (int(limit),))
+        return [self._pair(row) for row in rows]
+
+    def latest_metrics(self, kind: str, limit: int = 500) -> list[Metric]:
+        """The newest `limit` metrics of a kind, oldest first (for plots that must not grow without bound)."""
+        rows = self._read("SELECT * FROM (SELECT * FROM metrics WHERE kind = ? ORDER BY id DESC LIMIT ?) "
+                          "ORDER BY id", (kind, int(limit)))
+        return [Metric(row["id"], row["kind"], row["step"], json.loads(row["values_json"]), row["created_at"])
+                for row in rows]
+
+    def recent_prompts(self, limit: int = 50) -> list[list[Message]]:
+        """Conversations people actually had, newest first and without repeats, for PPO rollouts."""
+        rows = self._read("SELECT messages_json, MAX(id) AS newest FROM pairs GROUP BY messages_json "
+                          "ORDER BY newest DESC LIMIT ?", (int(limit),))
+        return [json.loads(row["messages_json"]) for row in rows]
+
+    def preferences_since(self, after_id: int = 0, limit: int | None = None) -> list[Preference]:
+        """Rows after a cursor, so the reward trainer can consume new votes incrementally."""
+        rows = self._read("SELECT id, prompt_json, chosen, rejected, source, weight FROM preferences "
+                          "WHERE id > ? ORDER BY id LIMIT ?", (after_id, -1 if limit is None else limit))
+        return [Preference(row["id"], json.loads(row["prompt_json"]), row["chosen"], row["rejected"],
+                           row["source"], row["weight"]) for row in rows]
+
+    def count_preferences(self) -> int:
+        return self._read("SELECT COUNT(*) FROM preferences")[0][0]
+
+    def demonstrations(self, limit: int | None = None) -> list[Demonstration]:
+        rows = self._read("SELECT * FROM demonstrations ORDER BY id LIMIT ?", (-1 if limit is None else limit,))
+        return [Demonstration(row["id"], row["vote_id"], json.loads(row["prompt_json"]), row["answer"],
+                              row["session_id"], row["source"], row["created_at"]) for row in rows]
+
+    def import_preferences(self, records: Iterable[Any], source: str = "import") -> ImportResult:
+        """Seed the store from a dataset in one transaction; malformed records are counted, not fatal.
+
+        Parsing happens before the transaction so that one bad line costs only itself, and the write lock is
+        held only for the inserts.
+        """
+        if source not in PREFERENCE_SOURCES:
+            raise ValueError(f"preference source must be one of {', '.join(PREFERENCE_SOURCES)}, got {source!r}")
+        rows, skipped = [], 0
+        now = time.time()
+        for record in records:
+            try:
+                prompt, chosen, rejected, weight = _import_row(record)
+            except (ValueError, KeyError, TypeError):
+                skipped += 1
+                continue
+            if chosen == rejected:
+                skipped += 1
+                continue
+            rows.append((_dumps(prompt), chosen, rejected, source, weight, now))
+        with self._write("import the preferences") as conn:
+            conn.executemany("INSERT INTO preferences (prompt_json, chosen, rejected, source, weight, created_at)"
+                             " VALUES (?,?,?,?,?,?)", rows)
+        return ImportResult(imported=len(rows), skipped=skipped)
+
+    # -- dashboards -----------------------------------------------------------------------------------------
+
+    def counts(self) -> dict:
+        """Totals for the UI: every vote kind and every source appears, zero included, so the layout is stable."""
+        votes = dict.fromkeys(CHOICES, 0)
+        votes.update({row[0]: row[1] for row in self._read("SELECT choice, COUNT(*) FROM votes GROUP BY choice")})
+        preferences = dict.fromkeys(PREFERENCE_SOURCES, 0)
+        preferences.update({row[0]: row[1] for row in
+                            self._read("SELECT source, COUNT(*) FROM preferences GROUP BY source")})
+        return {
+            "pairs_shown": self._read("SELECT COUNT(*) FROM pairs")[0][0],
+            "votes": votes,
+            "demonstrations": self._read("SELECT COUNT(*) FROM demonstrations")[0][0],
+            "preferences": preferences,
+        }
+
+    def version_win_rates(self, source: str | None = "human") -> list[VersionRecord]:
+        """How often each adapter version beat the older version it was shown against.
+
+        Only votes from ``source`` count (default human: the point is what people think, not the AI judge).
+        """
+        sql = ("SELECT p.version_a, p.version_b, v.choice FROM votes v JOIN pairs p ON p.id = v.pair_id "
+               "WHERE p.version_a != p.version_b")
+        params: tuple = ()
+        if source is not None:
+            sql += " AND v.source = ?"
+            params = (source,)
+        tally: dict[tuple[str, str], list[int]] = {}
+        for version_a, version_b, choice in self._read(sql, params):
+            newer_is_a = _version_key(version_a) > _version_key(version_b)
+            newer, older = (version_a, version_b) if newer_is_a else (version_b, version_a)
+            counts = tally.setdefault((newer, older), [0, 0, 0])
+            if choice in ("tie", "both_bad"):
+                counts[2] += 1
+            else:
+                counts[0 if (choice == "a") == newer_is_a else 1] += 1
+        return [VersionRecord(newer, older, *counts) for (newer, older), counts in
+                sorted(tally.items(), key=lambda item: (_version_key(item[0][0]), _version_key(item[0][1])))]
+
+    # -- metrics and control --------------------------------------------------------------------------------
+
+    def record_metric(self, kind: str, step: int, values: dict) -> int:
+        with self._write("save the training metrics") as conn:
+            return int(conn.execute("INSERT INTO metrics (kind, step, values_json, created_at) VALUES (?,?,?,?)",
+                                    (kind, int(step), _dumps(values), time.time())).lastrowid)
+
+    def metrics(self, kind: str, since_id: int = 0, limit: int | None = None) -> list[Metric]:
+        rows = self._read("SELECT * FROM metrics WHERE kind = ? AND id > ? ORDER BY id LIMIT ?",
+                          (kind, since_id, -1 if limit is None else limit))
+        return [Metric(row["id"], row["kind"], row["step"], json.loads(row["values_json"]), row["created_at"])
+                for row in rows]
+
+    def get_control(self, key: str, default: str | None = None) -> str | None:
+        """Settings the app and the trainer exchange through the file (pause flags, current version...)."""
+        rows = self._read("SELECT value FROM control WHERE key = ?", (key,))
+        return rows[0][0] if rows else default
+
+    def set_control(self, key: str, value: str) -> None:
+        with self._write("save the setting") as conn:
+            conn.execute("INSERT INTO control (key, value) VALUES (?, ?) "
+                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (key, value))
+
+    def integrity_check(self) -> str:
+        return self._read("PRAGMA integrity_check")[0][0]

@@ -1,0 +1,229 @@
+"""The background trainer: learns the reward model from new votes, runs PPO, publishes adapter versions.
+
+It runs in its own process (see `supervisor`), with its own training copy of the 4-bit base (the serving
+copy's repacked weights cannot be trained through), one CPU thread and a low priority, and it steps aside
+whenever the chat is generating. It shares nothing with the server but three durable things: the SQLite
+store (votes in; metrics and reward scores out), the `adapters/` folder (versions out), and a shared counter
+of in-flight chat generations.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rlhf_online.adapters import (ADAPTER_WEIGHTS, AdapterRegistry, VersionInfo, _lora_state_for,
+                                  save_peft_adapter, version_number)
+from rlhf_online.config import AppConfig
+from rlhf_online.generation import BASE_VERSION
+from rlhf_online.models import (POLICY_ADAPTER, attach_lora, load_base_model, load_tokenizer,
+                                resolve_model_source)
+from rlhf_online.ppo import IterationStats, PolicyWithValue, PPOTrainer
+from rlhf_online.reward import OnlineRewardLearner, RewardModel, attach_reward_adapter
+from rlhf_online.store import PreferenceStore, store_path
+
+log = logging.getLogger(__name__)
+
+VALUE_HEAD_FILE = "value_head.safetensors"
+REWARD_CHECKPOINT = "reward_model.safetensors"
+PAUSED_KEY = "training_paused"
+CHECKPOINT_EVERY = 10  # reward updates between checkpoints: a crash loses at most this many (they are re-learned)
+
+
+class ChatYield:
+    """Waits while the chat is generating, so training never competes with a person for the 2 cores.
+
+    A cap on the wait keeps training from starving completely under constant chat load.
+    """
+
+    def __init__(self, chat_busy=None, max_wait_s: float = 5.0):
+        self.chat_busy = chat_busy
+        self.max_wait_s = max_wait_s
+
+    def __call__(self) -> None:
+        if self.chat_busy is None:
+            return
+        deadline = time.monotonic() + self.max_wait_s
+        while self.chat_busy.value > 0 and time.monotonic() < deadline:
+            time.sleep(0.02)
+
+
+class TrainerWorker:
+    """One trainer's state; `step()` does the next most useful piece of work and returns what it did."""
+
+    def __init__(self, cfg: AppConfig, chat_busy=None):
+        self.cfg = cfg
+        self.store = PreferenceStore(store_path(cfg.data_path))
+        self.registry = AdapterRegistry(cfg.adapters_path)
+        self.registry.clean_temporary()
+        self.chat_yield = ChatYield(chat_busy)
+        source = resolve_model_source(cfg.model)
+        self.tokenizer = load_tokenizer(source)
+        base = load_base_model(source, cfg.model.quantization, for_training=True).model
+        self.peft = attach_lora(base, cfg.model, POLICY_ADAPTER)
+        self.policy = PolicyWithValue(self.peft)
+        self.reward_model = RewardModel(attach_reward_adapter(self.peft, cfg.model, cfg.reward), self.tokenizer,
+                                        cfg.reward)
+        self.learner = OnlineRewardLearner(self.reward_model, cfg.reward, seed=cfg.seed)
+        self.ppo = PPOTrainer(self.policy, self.tokenizer, self._score, cfg.ppo, cfg.sampling,
+                              yield_fn=self.chat_yield, seed=cfg.seed)
+        self.parent = self._resume_policy()
+        self._resume_reward()
+        self.since_publish = 0
+
+    # ---- resume ---------------------------------------------------------------------------------------------
+    def _resume_policy(self) -> str:
+        """Continue from the newest good published version (a restart must not throw training away)."""
+        latest = self.registry.latest()
+        if latest is None:
+            return BASE_VERSION
+        self.load_policy_version(latest)
+        log.info("trainer resumed policy from %s", latest.name)
+        return latest.name
+
+    def load_policy_version(self, info: VersionInfo) -> None:
+        weights = _lora_state_for(load_file(str(info.path / ADAPTER_WEIGHTS)), POLICY_ADAPTER)
+        params = dict(self.peft.named_parameters())
+        with torch.no_grad():
+            for key, tensor in weights.items():
+                params[key].copy_(tensor)
+            value_head = info.path / VALUE_HEAD_FILE
+            if value_head.exists():
+                self.policy.value_head.load_state_dict(
+                    {k.removeprefix("value_head."): v for k, v in load_file(str(value_head)).items()})
+        self.ppo.iterations = int(info.meta.get("ppo_iteration", self.ppo.iterations))
+
+    def _reward_checkpoints(self) -> list[Path]:
+        path = self.cfg.data_path / REWARD_CHECKPOINT
+        return [path, path.with_suffix(".prev.safetensors")]
+
+    def _resume_reward(self) -> None:
+        """Load the newest readable reward checkpoint; a corrupt one is reported and the previous one used."""
+        for path in self._reward_checkpoints():
+            if not path.exists():
+                continue
+            try:
+                self.learner.load(path)
+            except ValueError as exc:
+                log.error("%s; trying the previous checkpoint", exc)
+                continue
+            # Rebuild the replay buffer from the store: the checkpoint holds weights, the store holds data.
+            for pref in self.store.preferences_since(0)[-self.cfg.reward.reward_replay_capacity:]:
+                if pref.id <= self.learner.last_preference_id:
+                    self.learner.replay.append(pref)
+            log.info("reward model resumed from %s (%d pairs)", path.name, self.learner.metrics.total)
+            return
+
+    def save_reward(self) -> None:
+        current, previous = self._reward_checkpoints()
+        if current.exists():
+            os.replace(current, previous)
+        self.learner.save(current)
+
+    # ---- work -----------------------------------------------------------------------------------------------
+    def _score(self, messages: list[list[dict]], texts: list[str]) -> list[float]:
+        return self.reward_model.score(list(zip(messages, texts)))
+
+    def paused(self) -> bool:
+        return self.store.get_control(PAUSED_KEY, "0") == "1"
+
+    def learn_from_votes(self, limit: int = 16) -> int:
+        """Online reward updates for new preference pairs, then scores for the voted pairs on screen."""
+        prefs = self.store.preferences_since(self.learner.last_preference_id, limit=limit)
+        for pref in prefs:
+            self.chat_yield()
+            stats = self.learner.observe(pref)
+            summary = self.learner.metrics.summary()
+            self.store.record_metric("reward", summary["pairs"], {**summary, "loss": stats.loss,
+                                                                  "seconds": stats.seconds,
+                                                                  "correct_before": stats.correct_before})
+            if summary["pairs"] % CHECKPOINT_EVERY == 0:
+                self.save_reward()
+        if prefs:
+            self._score_voted_pairs()
+        return len(prefs)
+
+    def _score_voted_pairs(self) -> None:
+        for pair in self.store.unscored_voted_pairs(limit=8):
+            a, b = self.reward_model.score([(pair.messages, pair.answer_a), (pair.messages, pair.answer_b)])
+            self.store.set_reward_scores(pair.id, a, b, reward_model_version=str(self.learner.metrics.total))
+
+    def ppo_ready(self) -> bool:
+        return self.cfg.train and self.learner.metrics.total >= self.cfg.ppo.min_preferences
+
+    def ppo_iteration(self) -> IterationStats:
+        prompts = self.ppo.sample_prompts(self.store.recent_prompts(limit=200))
+        demos = [(d.prompt, d.answer) for d in self.store.demonstrations(limit=200)]
+        stats = self.ppo.iteration(prompts, demos)
+        self.since_publish += 1
+        published = None
+        if self.since_publish >= self.cfg.ppo.publish_every:
+            published = self.publish(stats).name
+            self.since_publish = 0
+        self.store.record_metric("ppo", stats.iteration, {**stats.as_dict(), "published": published,
+                                                           "reward_pairs": self.learner.metrics.total})
+        return stats
+
+    def publish(self, stats: IterationStats) -> VersionInfo:
+        def write(folder: Path) -> None:
+            save_peft_adapter(self.peft, POLICY_ADAPTER, folder)
+            save_file({f"value_head.{k}": v.contiguous() for k, v in self.policy.value_head.state_dict().items()},
+                      str(folder / VALUE_HEAD_FILE))
+
+        meta = {"parent": self.parent, "ppo_iteration": stats.iteration, "votes_seen": self.learner.metrics.total,
+                "mean_reward": stats.mean_score, "kl": stats.kl, "mean_length": stats.mean_length,
+                "base_model": self.cfg.model.model, "time": time.time()}
+        info = self.registry.publish(write, meta)
+        self.parent = info.name
+        log.info("published %s (iteration %d, reward %.3f, KL %.3f)", info.name, stats.iteration,
+                 stats.mean_score, stats.kl)
+        return info
+
+    def follow_rollback(self) -> None:
+        """If an admin rolled back (retired our parent), continue training from the version now newest."""
+        if self.parent == BASE_VERSION:
+            return
+        latest = self.registry.latest()
+        if latest is None or version_number(latest.name) < version_number(self.parent):
+            log.info("rollback detected: continuing from %s", latest.name if latest else BASE_VERSION)
+            if latest is None:
+                for name, p in self.peft.named_parameters():
+                    if f".{POLICY_ADAPTER}." in name and "lora_B" in name:
+                        p.data.zero_()  # a zero lora_B makes the adapter the identity: back to the base
+                self.parent = BASE_VERSION
+            else:
+                self.load_policy_version(latest)
+                self.parent = latest.name
+
+    def step(self) -> str:
+        """Do one unit of work: votes first (cheap, and what people see move), then PPO."""
+        if self.paused():
+            return "paused"
+        self.follow_rollback()
+        if self.learn_from_votes():
+            return "reward"
+        if self.ppo_ready():
+            self.ppo_iteration()
+            return "ppo"
+        return "idle"
+
+
+def trainer_main(cfg: AppConfig, chat_busy=None, stop_event=None) -> None:
+    """Process entry point: low priority, few threads, loop until told to stop."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer %(levelname)s %(message)s")
+    try:
+        os.nice(10)
+    except OSError:
+        pass
+    torch.set_num_threads(max(1, cfg.ppo.trainer_threads))
+    torch.manual_seed(cfg.seed)
+    worker = TrainerWorker(cfg, chat_busy)
+    while stop_event is None or not stop_event.is_set():
+        if worker.step() in ("idle", "paused"):
+            time.sleep(0.5)
+    worker.save_reward()

@@ -1,0 +1,68 @@
+import pytest
+
+from rlhf_online.config import AppConfig, build_parser, load_config
+
+
+def test_defaults_without_env_or_flags():
+    cfg = load_config([], environ={})
+    assert cfg == AppConfig()
+    assert cfg.train is True
+    assert cfg.model.model == "embedded"
+    assert cfg.model.quantization == "nf4"
+    assert cfg.sampling.max_new_tokens == 96
+    assert cfg.model.lora_target_modules[0] == "q_proj"
+
+
+def test_environment_overrides_defaults(tmp_path):
+    cfg = load_config([], environ={"RLHF_DATA_DIR": str(tmp_path), "RLHF_MAX_NEW_TOKENS": "12",
+                                   "RLHF_TRAIN": "false", "RLHF_LORA_TARGET_MODULES": "q_proj, v_proj"})
+    assert cfg.data_path == tmp_path
+    assert cfg.sampling.max_new_tokens == 12 and isinstance(cfg.sampling.max_new_tokens, int)
+    assert cfg.train is False
+    assert cfg.model.lora_target_modules == ["q_proj", "v_proj"]
+
+
+def test_extra_environment_names():
+    cfg = load_config([], environ={"GRADIO_SERVER_PORT": "9000", "MODEL_ID": "some/model"})
+    assert cfg.port == 9000
+    assert cfg.model.model == "some/model"
+    # the RLHF_ name wins over the platform's name
+    assert load_config([], environ={"RLHF_PORT": "1", "PORT": "2"}).port == 1
+
+
+def test_cli_beats_environment():
+    cfg = load_config(["--max-new-tokens", "7", "--data-dir", "/cli"],
+                      environ={"RLHF_MAX_NEW_TOKENS": "12", "RLHF_DATA_DIR": "/env"})
+    assert cfg.sampling.max_new_tokens == 7
+    assert cfg.data_dir == "/cli"
+
+
+def test_no_train_flag():
+    assert load_config(["--no-train"], environ={}).train is False
+    assert load_config(["--train"], environ={"RLHF_TRAIN": "0"}).train is True
+
+
+@pytest.mark.parametrize("name, value, expected", [
+    ("RLHF_MAX_NEW_TOKENS", "lots", "RLHF_MAX_NEW_TOKENS"),
+    ("RLHF_TRAIN", "maybe", "not a boolean"),
+])
+def test_bad_environment_value_exits_with_clear_message(name, value, expected):
+    with pytest.raises(SystemExit) as info:
+        load_config([], environ={name: value})
+    message = str(info.value.code)
+    assert expected in message and name in message and value in message
+
+
+def test_bad_cli_value_exits(capsys):
+    with pytest.raises(SystemExit):
+        load_config(["--max-new-tokens", "lots"], environ={})
+    assert "--max-new-tokens" in capsys.readouterr().err
+
+
+def test_help_lists_flags_with_env_names():
+    text = " ".join(build_parser().format_help().split())  # undo line wrapping
+    for flag, env in [("--max-new-tokens", "RLHF_MAX_NEW_TOKENS"), ("--data-dir", "RLHF_DATA_DIR"),
+                      ("--no-train", "RLHF_TRAIN"), ("--port", "GRADIO_SERVER_PORT"), ("--model", "MODEL_ID"),
+                      ("--ppo-lr", "RLHF_PPO_LR")]:
+        assert flag in text and env in text
+    assert "default: 96" in text  # defaults are shown

@@ -1,0 +1,142 @@
+import warnings
+
+import bitsandbytes as bnb
+import pytest
+import torch
+
+from rlhf_online import models
+from rlhf_online.config import ModelConfig
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return models.load_tokenizer(str(tiny_model_dir))
+
+
+def _policy(tiny_model_dir, for_training: bool, seed: int = 0):
+    """A nf4 base with a LoRA adapter whose lora_B is non-zero (a fresh one would give lora_A zero grads)."""
+    base = models.load_base_model(str(tiny_model_dir), "nf4", for_training=for_training)
+    torch.manual_seed(seed)
+    model = models.attach_lora(base.model, ModelConfig())
+    lora = models.lora_parameters(model, models.POLICY_ADAPTER)
+    with torch.no_grad():
+        for name, p in lora.items():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    return model, lora
+
+
+def _grads(model, lora, batch) -> dict[str, torch.Tensor | None]:
+    model.train()
+    model.zero_grad(set_to_none=True)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # bitsandbytes::gemv_4bit "no autograd kernel" warning in the trap case
+        model(**batch, labels=batch["input_ids"]).loss.backward()
+    grads = {n: None if p.grad is None else p.grad.clone() for n, p in lora.items()}
+    model.zero_grad(set_to_none=True)
+    return grads
+
+
+def _eval_generate(model, batch):
+    model.eval()
+    with torch.inference_mode():
+        model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
+
+
+def test_tokenizer_pads_left_with_a_token_distinct_from_eos(tokenizer):
+    assert tokenizer.padding_side == "left"
+    assert tokenizer.pad_token_id is not None
+    assert tokenizer.pad_token_id != tokenizer.eos_token_id
+    batch = tokenizer.pad({"input_ids": [[5, 6, 7], [8]]}, padding=True, return_tensors="pt")
+    assert batch["input_ids"][1].tolist() == [tokenizer.pad_token_id] * 2 + [8]
+    assert batch["attention_mask"][1].tolist() == [0, 0, 1]
+
+
+def test_load_base_model_nf4(tiny_model_dir):
+    loaded = models.load_base_model(str(tiny_model_dir), "nf4")
+    assert loaded.quantization == "nf4"
+    assert loaded.source == str(tiny_model_dir)
+    linears = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
+    assert len(linears) == 2 * 7  # every projection of both layers
+    assert linears[0].weight.quant_state.quant_type == "nf4"
+    assert not loaded.model.training
+    assert not any(p.requires_grad for p in loaded.model.parameters())
+
+
+@pytest.mark.parametrize("quantization, dtype", [("fp32", torch.float32), ("bf16", torch.bfloat16)])
+def test_load_base_model_unquantized(tiny_model_dir, quantization, dtype):
+    loaded = models.load_base_model(str(tiny_model_dir), quantization)
+    assert loaded.quantization == quantization
+    assert loaded.model.model.layers[0].self_attn.q_proj.weight.dtype == dtype
+
+
+def test_unknown_quantization_is_rejected(tiny_model_dir):
+    with pytest.raises(ValueError, match="unknown quantization"):
+        models.load_base_model(str(tiny_model_dir), "int3")
+
+
+def test_lora_grads_survive_an_eval_generate_when_loaded_for_training(tiny_model_dir, tokenizer):
+    model, lora = _policy(tiny_model_dir, for_training=True)
+    batch = tokenizer(["hello how are you today?"], return_tensors="pt")
+    before = _grads(model, lora, batch)
+    _eval_generate(model, batch)
+    after = _grads(model, lora, batch)
+    empty = [n for n, g in after.items() if g is None or not g.abs().sum() > 0]
+    assert not empty, f"LoRA weights without gradient after an eval generate: {empty}"
+    wrong = [n for n in after if not torch.allclose(after[n], before[n], rtol=1e-4, atol=1e-7)]
+    assert not wrong, f"gradients changed by an eval generate: {wrong}"
+
+
+def test_trap_eval_forward_breaks_lora_grads_without_the_workaround(tiny_model_dir, tokenizer):
+    """Documents why `for_training=True` (disable_cpu_weight_repacking) exists.
+
+    A serving load repacks its 4-bit weights on the first eval forward into a layout whose kernel has no
+    autograd: later backwards skip the base weights (bitsandbytes 0.50.2 only warns), so the LoRA gradients
+    of every layer but the last come out silently wrong (or None). If bitsandbytes fixes this, the test
+    xfails instead of failing: the workaround is then merely unnecessary.
+    """
+    model, lora = _policy(tiny_model_dir, for_training=False)
+    batch = tokenizer(["hello how are you today?"], return_tensors="pt")
+    before = _grads(model, lora, batch)  # train-mode forward: no repacking yet, correct gradients
+    _eval_generate(model, batch)
+    repacked = any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+                   for m in model.modules() if isinstance(m, bnb.nn.Linear4bit))
+    after = _grads(model, lora, batch)
+    broken = [n for n in after if after[n] is None
+              or not torch.allclose(after[n], before[n], rtol=1e-2, atol=1e-6)]
+    if not repacked or not broken:
+        pytest.xfail(f"bitsandbytes no longer breaks LoRA gradients here (repacked={repacked})")
+    assert len(broken) >= len(lora) // 2
+
+
+def test_disabling_repacking_after_a_forward_is_refused(tiny_model_dir, tokenizer):
+    loaded = models.load_base_model(str(tiny_model_dir), "nf4")
+    with torch.inference_mode():
+        loaded.model(**tokenizer(["hello"], return_tensors="pt"))
+    if not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
+               for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear4bit)):
+        pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack")
+    with pytest.raises(RuntimeError, match="already repacked"):
+        models.disable_cpu_weight_repacking(loaded.model)
+
+
+def test_optimizer_step_changes_only_lora(tiny_model_dir, tokenizer):
+    model, lora = _policy(tiny_model_dir, for_training=True)
+    base_before = {n: p.detach().clone() for n, p in models.base_parameters(model).items()}
+    lora_before = {n: p.detach().clone() for n, p in lora.items()}
+    assert all(p.requires_grad for p in lora.values())
+    assert not any(p.requires_grad for p in models.base_parameters(model).values())
+    optimizer = torch.optim.AdamW(lora.values(), lr=1e-2)
+    model.train()
+    batch = tokenizer(["hello how are you today?"], return_tensors="pt")
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    optimizer.step()
+    for name, p in models.base_parameters(model).items():
+        assert torch.equal(p.detach(), base_before[name]), name
+    assert all(not torch.equal(p.detach(), lora_before[n]) for n, p in lora.items())
+
+
+def test_lora_config_limits_layers():
+    cfg = models.lora_config(ModelConfig(lora_r=4), layers=[1])
+    assert cfg.r == 4 and cfg.layers_to_transform == [1]
+    assert set(cfg.target_modules) == set(ModelConfig().lora_target_modules)

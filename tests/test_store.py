@@ -1,0 +1,338 @@
+import json
+import sqlite3
+import threading
+from pathlib import Path
+
+import pytest
+
+from rlhf_online import store as store_module
+from rlhf_online.store import (DB_FILENAME, SCHEMA_VERSION, PreferenceStore, SchemaVersionError, StoreWriteError,
+                               UnknownPairError, store_path)
+
+HH_DEV = Path(__file__).resolve().parents[2] / "shared/data/hh_harmless_dev.jsonl"
+CHAT = [{"role": "user", "content": "How do I boil an egg?"}]
+
+
+@pytest.fixture
+def db_path(tmp_path):
+    return store_path(tmp_path / "data")
+
+
+@pytest.fixture
+def store(db_path):
+    with PreferenceStore(db_path) as opened:
+        yield opened
+
+
+def add_pair(store, messages=CHAT, answer_a="Boil it 8 minutes.", answer_b="Fry it.", version_a="v0002",
+             version_b="v0001", conversation_id="c1", turn=0):
+    return store.record_pair(conversation_id=conversation_id, turn=turn, messages=messages, answer_a=answer_a,
+                             answer_b=answer_b, version_a=version_a, version_b=version_b,
+                             sampling={"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 96},
+                             session_id="s1", placement="newest_left")
+
+
+def table_count(path, table):
+    with sqlite3.connect(path) as conn:
+        return conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
+
+
+def test_store_path_puts_the_database_inside_the_data_dir(tmp_path):
+    assert store_path(tmp_path) == tmp_path / DB_FILENAME
+
+
+def test_a_vote_is_on_disk_when_record_vote_returns(db_path):
+    """Another connection (as the trainer process would use) sees the vote without the store being closed."""
+    store = PreferenceStore(db_path)
+    pair_id = add_pair(store)
+    store.record_vote(pair_id=pair_id, choice="a", session_id="s1")
+    with sqlite3.connect(db_path) as other:
+        assert other.execute("SELECT choice FROM votes").fetchall() == [("a",)]
+        assert other.execute("PRAGMA journal_mode").fetchone()[0] == "wal"
+    store.close()
+
+
+def test_pair_survives_reopening_with_all_fields(db_path):
+    with PreferenceStore(db_path) as store:
+        pair_id = add_pair(store)
+    with PreferenceStore(db_path) as store:
+        pair = store.get_pair(pair_id)
+        assert store.get_pair(pair_id + 1) is None
+    assert pair.messages == CHAT
+    assert (pair.answer_a, pair.answer_b, pair.version_a, pair.version_b) == ("Boil it 8 minutes.", "Fry it.",
+                                                                              "v0002", "v0001")
+    assert pair.sampling == {"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 96}
+    assert (pair.conversation_id, pair.turn, pair.session_id, pair.placement) == ("c1", 0, "s1", "newest_left")
+    assert pair.reward_a is None and pair.created_at > 0
+
+
+@pytest.mark.parametrize("choice, expected", [("a", [("Boil it 8 minutes.", "Fry it.")]),
+                                              ("b", [("Fry it.", "Boil it 8 minutes.")]),
+                                              ("tie", []), ("both_bad", [])])
+def test_vote_choice_decides_which_answer_is_chosen(store, choice, expected):
+    pair_id = add_pair(store)
+    receipt = store.record_vote(pair_id=pair_id, choice=choice, session_id="s1")
+    assert (receipt.choice, receipt.version_a, receipt.version_b, receipt.duplicate) == (choice, "v0002", "v0001",
+                                                                                         False)
+    rows = store.preferences_since()
+    assert [(row.chosen, row.rejected) for row in rows] == expected
+    assert all(row.prompt == CHAT and row.source == "human" and row.weight == 1.0 for row in rows)
+
+
+def test_better_answer_on_both_bad_is_preferred_over_both_shown_answers(store):
+    pair_id = add_pair(store)
+    store.record_vote(pair_id=pair_id, choice="both_bad", better_answer="  Simmer it for 9 minutes. ",
+                      session_id="s1")
+    assert {(row.chosen, row.rejected) for row in store.preferences_since()} == {
+        ("Simmer it for 9 minutes.", "Boil it 8 minutes."), ("Simmer it for 9 minutes.", "Fry it.")}
+    [demo] = store.demonstrations()
+    assert (demo.prompt, demo.answer, demo.session_id, demo.source) == (CHAT, "Simmer it for 9 minutes.", "s1",
+                                                                         "human")
+
+
+def test_better_answer_identical_to_the_chosen_one_adds_no_duplicate_pair(store):
+    pair_id = add_pair(store)
+    store.record_vote(pair_id=pair_id, choice="a", better_answer="Boil it 8 minutes.", session_id="s1")
+    assert [(row.chosen, row.rejected) for row in store.preferences_since()] == [("Boil it 8 minutes.", "Fry it.")]
+
+
+def test_blank_better_answer_counts_as_none(store):
+    pair_id = add_pair(store)
+    store.record_vote(pair_id=pair_id, choice="tie", better_answer="   \n", session_id="s1")
+    assert store.demonstrations() == []
+    assert store.count_preferences() == 0
+
+
+def test_identical_answers_give_no_training_pair(store):
+    pair_id = add_pair(store, answer_a="Same.", answer_b="Same.", version_a="v0001", version_b="v0001")
+    store.record_vote(pair_id=pair_id, choice="a", session_id="s1")
+    assert store.count_preferences() == 0
+    assert store.counts()["votes"]["a"] == 1
+
+
+def test_second_vote_on_a_pair_returns_the_first_receipt_and_writes_nothing(store):
+    pair_id = add_pair(store)
+    first = store.record_vote(pair_id=pair_id, choice="a", session_id="s1")
+    again = store.record_vote(pair_id=pair_id, choice="b", better_answer="Other", session_id="s1")
+    assert again.duplicate and again.vote_id == first.vote_id and again.choice == "a"
+    assert store.count_preferences() == 1 and store.demonstrations() == []
+    assert store.counts()["votes"] == {"a": 1, "b": 0, "tie": 0, "both_bad": 0}
+
+
+def test_concurrent_double_clicks_record_one_vote(store, db_path):
+    pair_id = add_pair(store)
+    receipts = []
+    threads = [threading.Thread(target=lambda: receipts.append(
+        store.record_vote(pair_id=pair_id, choice="b", session_id="s1"))) for _ in range(8)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(receipt.duplicate for receipt in receipts) == [False] + [True] * 7
+    assert table_count(db_path, "votes") == 1 and table_count(db_path, "preferences") == 1
+
+
+def test_two_store_instances_on_one_file_see_each_others_writes(db_path):
+    with PreferenceStore(db_path) as app, PreferenceStore(db_path) as trainer:
+        pair_id = add_pair(app)
+        app.record_vote(pair_id=pair_id, choice="a", session_id="s1")
+        trainer.record_metric("reward", 1, {"loss": 0.5})
+        assert trainer.count_preferences() == 1
+        assert app.metrics("reward")[0].values == {"loss": 0.5}
+
+
+def test_vote_on_unknown_pair_or_with_bad_choice_is_refused(store, db_path):
+    with pytest.raises(UnknownPairError, match="no answer pair with id 999"):
+        store.record_vote(pair_id=999, choice="a", session_id="s1")
+    pair_id = add_pair(store)
+    with pytest.raises(ValueError, match="choice must be one of"):
+        store.record_vote(pair_id=pair_id, choice="left", session_id="s1")
+    assert table_count(db_path, "votes") == 0
+
+
+def test_full_disk_rejects_the_vote_without_partial_rows_and_a_retry_succeeds(store, db_path):
+    pair_id = add_pair(store)
+    conn = store._conn  # the page limit is per connection, so it has to be set on the store's own one
+    pages = conn.execute("PRAGMA page_count").fetchone()[0]
+    conn.execute(f"PRAGMA max_page_count = {pages}")
+    big_answer = "A much better answer. " * 5000  # needs new pages for the demonstration and preference rows
+    with pytest.raises(StoreWriteError, match="could not save your vote: disk full"):
+        store.record_vote(pair_id=pair_id, choice="a", better_answer=big_answer, session_id="s1")
+    for table in ("votes", "preferences", "demonstrations"):
+        assert table_count(db_path, table) == 0, table
+    conn.execute("PRAGMA max_page_count = 1073741823")
+    assert not store.record_vote(pair_id=pair_id, choice="a", better_answer=big_answer, session_id="s1").duplicate
+    assert store.count_preferences() == 3
+    assert store.integrity_check() == "ok"
+
+
+def test_vote_while_another_process_holds_the_write_lock_fails_cleanly(store, db_path):
+    pair_id = add_pair(store)
+    store._conn.execute("PRAGMA busy_timeout = 100")  # the default 5 s wait would only slow the test down
+    trainer = sqlite3.connect(db_path, isolation_level=None)
+    trainer.execute("BEGIN IMMEDIATE")
+    try:
+        with pytest.raises(StoreWriteError, match="could not save your vote: the database is locked"):
+            store.record_vote(pair_id=pair_id, choice="a", session_id="s1")
+    finally:
+        trainer.execute("ROLLBACK")
+        trainer.close()
+    assert not store.record_vote(pair_id=pair_id, choice="a", session_id="s1").duplicate
+
+
+def test_recent_prompts_are_distinct_and_newest_first(store):
+    older = [{"role": "user", "content": "old"}]
+    newer = [{"role": "user", "content": "new"}]
+    add_pair(store, messages=older)
+    add_pair(store, messages=CHAT)
+    add_pair(store, messages=newer)
+    add_pair(store, messages=older)
+    assert store.recent_prompts() == [older, newer, CHAT]
+    assert store.recent_prompts(limit=2) == [older, newer]
+
+
+def test_preferences_since_pages_through_rows_by_id(store):
+    for index in range(3):
+        store.record_vote(pair_id=add_pair(store, answer_a=f"a{index}"), choice="a", session_id="s1")
+    first_two = store.preferences_since(limit=2)
+    assert [row.chosen for row in first_two] == ["a0", "a1"]
+    assert [row.chosen for row in store.preferences_since(after_id=first_two[-1].id)] == ["a2"]
+
+
+def test_ai_votes_keep_their_source_and_weight(store):
+    pair_id = add_pair(store)
+    store.record_vote(pair_id=pair_id, choice="b", session_id=None, source="ai", judge="judge-model", weight=0.5)
+    [row] = store.preferences_since()
+    assert (row.source, row.weight) == ("ai", 0.5)
+    assert store.counts()["preferences"] == {"human": 0, "ai": 1, "import": 0}
+
+
+def test_counts_cover_every_kind_of_vote(store):
+    for choice in ("a", "a", "b", "tie", "both_bad"):
+        store.record_vote(pair_id=add_pair(store), choice=choice, session_id="s1")
+    store.record_vote(pair_id=add_pair(store), choice="tie", better_answer="Mine.", session_id="s1")
+    assert store.counts() == {
+        "pairs_shown": 6,
+        "votes": {"a": 2, "b": 1, "tie": 2, "both_bad": 1},
+        "demonstrations": 1,
+        "preferences": {"human": 5, "ai": 0, "import": 0},
+    }
+
+
+def test_version_win_rates_score_the_newer_version_whichever_side_it_was_on(store):
+    votes = [("v0002", "v0001", "a"), ("v0001", "v0002", "b"), ("v0001", "v0002", "a"), ("v0002", "v0001", "tie"),
+             ("v0001", "base", "a"), ("base", "v0001", "both_bad"), ("v0001", "v0001", "a")]
+    for version_a, version_b, choice in votes:
+        store.record_vote(pair_id=add_pair(store, version_a=version_a, version_b=version_b), choice=choice,
+                          session_id="s1")
+    store.record_vote(pair_id=add_pair(store, version_a="v0002", version_b="v0001"), choice="b", session_id=None,
+                      source="ai")
+    records = {(r.newer, r.older): r for r in store.version_win_rates()}
+    assert set(records) == {("v0001", "base"), ("v0002", "v0001")}
+    latest = records[("v0002", "v0001")]
+    assert (latest.wins, latest.losses, latest.ties) == (2, 1, 1)
+    assert latest.win_rate == pytest.approx(2.5 / 4)
+    first = records[("v0001", "base")]
+    assert (first.wins, first.losses, first.ties, first.win_rate) == (1, 0, 1, 0.75)
+
+
+def test_reward_scores_metrics_and_control_round_trip(store):
+    pair_id = add_pair(store)
+    store.set_reward_scores(pair_id, 0.25, -1.5, reward_model_version="r0003")
+    pair = store.get_pair(pair_id)
+    assert (pair.reward_a, pair.reward_b, pair.reward_model_version) == (0.25, -1.5, "r0003")
+    with pytest.raises(UnknownPairError):
+        store.set_reward_scores(pair_id + 10, 0.0, 0.0)
+    first = store.record_metric("ppo", 1, {"kl": 0.01})
+    store.record_metric("reward", 1, {"loss": 0.7})
+    store.record_metric("ppo", 2, {"kl": 0.02})
+    assert [(m.step, m.values) for m in store.metrics("ppo")] == [(1, {"kl": 0.01}), (2, {"kl": 0.02})]
+    assert [m.step for m in store.metrics("ppo", since_id=first)] == [2]
+    assert store.get_control("paused", default="no") == "no"
+    store.set_control("paused", "yes")
+    store.set_control("paused", "no longer")
+    assert store.get_control("paused") == "no longer"
+
+
+def test_import_accepts_hh_trl_and_implicit_prompt_records_and_skips_bad_ones(store):
+    records = [
+        {"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": " Hello!", "rejected": " Go away."},
+        {"prompt": [{"role": "user", "content": "Hi"}], "chosen": [{"role": "assistant", "content": "Hey"}],
+         "rejected": [{"role": "assistant", "content": "No"}], "weight": 2.0},
+        {"chosen": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "good"}],
+         "rejected": [{"role": "user", "content": "Q"}, {"role": "assistant", "content": "bad"}]},
+        {"chosen": "\n\nHuman: Q2\n\nAssistant: yes", "rejected": "\n\nHuman: Q2\n\nAssistant: no"},
+        {"prompt": "no turns at all", "chosen": "x", "rejected": "y"},
+        {"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": "x"},
+        {"prompt": "\n\nHuman: Hi\n\nAssistant:", "chosen": "same", "rejected": "same"},
+        None,
+    ]
+    result = store.import_preferences(records)
+    assert (result.imported, result.skipped) == (4, 4)
+    rows = store.preferences_since()
+    assert [(row.prompt, row.chosen, row.rejected, row.weight) for row in rows] == [
+        ([{"role": "user", "content": "Hi"}], "Hello!", "Go away.", 1.0),
+        ([{"role": "user", "content": "Hi"}], "Hey", "No", 2.0),
+        ([{"role": "user", "content": "Q"}], "good", "bad", 1.0),
+        ([{"role": "user", "content": "Q2"}], "yes", "no", 1.0),
+    ]
+    assert {row.source for row in rows} == {"import"}
+
+
+def test_import_of_the_hh_dev_set_keeps_every_row(store):
+    if not HH_DEV.is_file():
+        pytest.skip(f"HH dev data not found at {HH_DEV}")
+    with HH_DEV.open(encoding="utf-8") as handle:
+        records = [json.loads(line) for line in handle]
+    assert store.import_preferences(records).imported == len(records)
+    assert store.counts()["preferences"]["import"] == len(records)
+
+
+def build_version_1_file(path):
+    """A database as the first release wrote it, with a voted pair in it."""
+    with PreferenceStore(path, _target_version=1) as old:
+        assert old.schema_version == 1
+        pair_id = add_pair(old)
+        old.record_vote(pair_id=pair_id, choice="b", better_answer="Poach it.", session_id="s1")
+        old.set_reward_scores(pair_id, 1.0, 2.0)
+    with sqlite3.connect(path) as conn:
+        columns = {row[1] for row in conn.execute("PRAGMA table_info(pairs)")}
+    assert "reward_model_version" not in columns
+    return pair_id
+
+
+def test_opening_a_version_1_file_upgrades_it_and_keeps_the_data(db_path):
+    pair_id = build_version_1_file(db_path)
+    with PreferenceStore(db_path) as store:
+        assert store.schema_version == SCHEMA_VERSION == 2
+        pair = store.get_pair(pair_id)
+        assert (pair.answer_b, pair.reward_b, pair.reward_model_version) == ("Fry it.", 2.0, None)
+        assert store.counts()["votes"]["b"] == 1 and store.count_preferences() == 3
+        store.set_reward_scores(pair_id, 0.0, 1.0, reward_model_version="r0001")
+        assert store.get_pair(pair_id).reward_model_version == "r0001"
+    with sqlite3.connect(db_path) as conn:
+        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+        assert "idx_preferences_source" in {row[1] for row in conn.execute("PRAGMA index_list(preferences)")}
+
+
+def test_migrate_on_a_raw_connection_is_idempotent(db_path):
+    db_path.parent.mkdir(parents=True)
+    conn = sqlite3.connect(db_path, isolation_level=None)
+    assert store_module.migrate(conn, 1) == 1
+    assert store_module.migrate(conn) == SCHEMA_VERSION
+    assert store_module.migrate(conn) == SCHEMA_VERSION
+    conn.close()
+
+
+def test_a_file_from_newer_code_is_refused(db_path):
+    PreferenceStore(db_path).close()
+    with sqlite3.connect(db_path) as conn:
+        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
+    with pytest.raises(SchemaVersionError, match=f"schema version {SCHEMA_VERSION + 1}.*upgrade rlhf_online"):
+        PreferenceStore(db_path)
+
+
+def test_messages_are_validated_before_a_pair_is_stored(store, db_path):
+    with pytest.raises(ValueError, match="role 'bot'"):
+        add_pair(store, messages=[{"role": "bot", "content": "x"}])
+    assert table_count(db_path, "pairs") == 0
