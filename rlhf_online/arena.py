@@ -81,6 +81,12 @@ class Arena:
                 self._conversations.popitem(last=False)  # forget the least recently used
         return conversation
 
+    def start_conversation(self, history: list[dict]) -> Conversation:
+        """A conversation that begins with earlier turns (imported prompts, simulated users)."""
+        conversation = self.new_conversation()
+        conversation.history = [dict(m) for m in history]
+        return conversation
+
     def conversation(self, conversation_id: str | None) -> Conversation:
         """The conversation with this id, or a new one for an empty or unknown (expired) id."""
         with self._lock:

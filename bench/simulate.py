@@ -1,0 +1,152 @@
+"""Simulated users drive the real system and we check that training helps by their own (hidden) taste.
+
+    python bench/simulate.py --oracle bench/oracles.py:concise --prompts ../shared/data/hh_harmless_dev.jsonl \
+        --votes 200 --minutes 20 --out bench/results/simulate_concise.json
+
+The same services as the app (store, trainer process with reward model and PPO, publishing, hot-swap, paired
+sampling through `Arena`) run in this process; a simulated person votes for the answer their oracle scores
+higher (equal: tie). At the end, the newest version is compared with the base on held-out prompts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import random
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+from common import SHARED_HH, peak_rss_mb, write_json
+from rlhf_online.conversation import normalize_prompt
+from rlhf_online.config import load_config
+from rlhf_online.generation import BASE_VERSION
+from rlhf_online.services import build_services
+
+
+def load_oracle(spec: str):
+    path, _, name = spec.partition(":")
+    module_spec = importlib.util.spec_from_file_location("oracle_module", path)
+    module = importlib.util.module_from_spec(module_spec)
+    module_spec.loader.exec_module(module)
+    return getattr(module, name)
+
+
+def read_prompts(path: str, max_turns: int) -> list[list[dict]]:
+    """Message lists; long multi-turn prompts are cut to their last `max_turns` user turns (2 cores)."""
+    prompts = []
+    for line in Path(path).read_text().splitlines():
+        if line.strip():
+            messages = normalize_prompt(json.loads(line)["prompt"])
+            users = [i for i, m in enumerate(messages) if m["role"] == "user"]
+            if users:
+                prompts.append(messages[users[-max_turns] if len(users) >= max_turns else 0:])
+    return prompts
+
+
+def vote_for(oracle, messages, answer_a: str, answer_b: str) -> str:
+    score_a, score_b = oracle(messages, answer_a), oracle(messages, answer_b)
+    return "a" if score_a > score_b else "b" if score_b > score_a else "tie"
+
+
+def head_to_head(services, oracle, prompts, newest: str) -> dict:
+    """Newest version vs base on held-out prompts, one batched pair per prompt; ties count half."""
+    wins, scores_new, scores_base = 0.0, [], []
+    for messages in prompts:
+        prompt = services.generator.build_prompt(messages)
+        answer_new, answer_base = services.generator.sample([prompt.input_ids] * 2, [newest, BASE_VERSION])
+        s_new, s_base = oracle(messages, answer_new), oracle(messages, answer_base)
+        scores_new.append(s_new)
+        scores_base.append(s_base)
+        wins += 1.0 if s_new > s_base else 0.5 if s_new == s_base else 0.0
+    n = max(1, len(prompts))
+    return {"win_rate": wins / n, "score_new": sum(scores_new) / n, "score_base": sum(scores_base) / n}
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--oracle", default="bench/oracles.py:concise", help="FILE.py:FUNC(messages, answer)")
+    parser.add_argument("--prompts", default=str(SHARED_HH), help="JSONL with a 'prompt' field")
+    parser.add_argument("--votes", type=int, default=200)
+    parser.add_argument("--minutes", type=float, default=20.0, help="stop voting after this long")
+    parser.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts for the final comparison")
+    parser.add_argument("--max-turns", type=int, default=1, help="user turns kept from each prompt")
+    parser.add_argument("--workdir", default=None, help="data and adapters folder (default: a fresh temp dir)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default="bench/results/simulate.json")
+    parser.add_argument("app_args", nargs="*", help="extra app flags after --, e.g. -- --max-new-tokens 48")
+    args = parser.parse_args(argv)
+
+    oracle = load_oracle(args.oracle)
+    prompts = read_prompts(args.prompts, args.max_turns)
+    random.Random(args.seed).shuffle(prompts)
+    held_out, chat_prompts = prompts[:args.eval_prompts], prompts[args.eval_prompts:]
+    workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rlhf-sim-"))
+    cfg = load_config(["--data-dir", str(workdir / "data"), "--adapters-dir", str(workdir / "adapters"),
+                       "--seed", str(args.seed), *args.app_args], environ={})
+    torch.manual_seed(args.seed)
+    services = build_services(cfg)
+    started = time.time()
+    failed, votes, latencies = 0, 0, []
+    try:
+        while votes < args.votes and time.time() - started < args.minutes * 60:
+            messages = chat_prompts[votes % len(chat_prompts)]
+            conversation = services.arena.start_conversation(messages[:-1])
+            t0 = time.perf_counter()
+            try:
+                update = services.arena.chat_to_end(conversation.id, messages[-1]["content"], "simulated")
+                latencies.append(time.perf_counter() - t0)
+                choice = vote_for(oracle, messages, update.answer_a, update.answer_b)
+                services.arena.vote(update.pair_id, choice, session_id="simulated")
+                votes += 1
+            except Exception as exc:  # counted, reported, never hidden
+                failed += 1
+                print(f"request failed: {type(exc).__name__}: {exc}", flush=True)
+            services.live.refresh()
+            if votes % 10 == 0:
+                newest, previous = services.live.newest_pair()
+                print(f"{time.time() - started:7.0f}s votes={votes} serving={newest} vs {previous} "
+                      f"pair_latency={latencies[-1] if latencies else 0:.1f}s", flush=True)
+        voting_seconds = time.time() - started
+        services.live.refresh()
+        newest, _ = services.live.newest_pair()
+        final = head_to_head(services, oracle, held_out, newest) if newest != BASE_VERSION else \
+            {"win_rate": 0.5, "score_new": None, "score_base": None}
+        ppo = services.store.latest_metrics("ppo", limit=10_000)
+        reward = services.store.latest_metrics("reward", limit=1)
+        result = {
+            "oracle": args.oracle,
+            "votes": votes,
+            "versions_published": len(services.registry.versions()),
+            "newest_version": newest,
+            "oracle_win_rate_vs_base": final["win_rate"],
+            "oracle_score_base": final["score_base"],
+            "oracle_score_final": final["score_new"],
+            "kl_to_base": ppo[-1].values["kl"] if ppo else 0.0,
+            "rm_prequential_accuracy": reward[-1].values["prequential_accuracy"] if reward else None,
+            "ppo_iterations": len(ppo),
+            "seconds_per_ppo_iteration": sum(m.values["seconds"] for m in ppo) / len(ppo) if ppo else None,
+            "mean_reward_first_last": [ppo[0].values["mean_score"], ppo[-1].values["mean_score"]] if ppo else None,
+            "mean_length_first_last": [ppo[0].values["mean_length"], ppo[-1].values["mean_length"]] if ppo else None,
+            "swap_pause_ms_max": max((s.pause_ms for s in services.live.swaps), default=0.0),
+            "swaps": len(services.live.swaps),
+            "failed_requests": failed,
+            "pair_latency_p50_s": sorted(latencies)[len(latencies) // 2] if latencies else None,
+            "voting_seconds": voting_seconds,
+            "wall_seconds": time.time() - started,
+            "trainer_starts": services.supervisor.status.starts if services.supervisor else 0,
+            "peak_rss_mb_server": peak_rss_mb(),
+            "eval_prompts": len(held_out),
+        }
+    finally:
+        services.close()
+    print(json.dumps(result, indent=2))
+    write_json(args.out, result)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

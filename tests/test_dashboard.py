@@ -1,0 +1,128 @@
+"""The side panel's numbers, from hand-made metrics and win rates (no model, no Gradio)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from rlhf_online import dashboard
+from rlhf_online.store import Metric, VersionRecord
+
+
+def ppo(iteration, mean_score, **extra):
+    values = {"iteration": iteration, "mean_score": mean_score, "kl": 0.1 * iteration, "kl_coef": 0.05,
+              "mean_length": 20 + iteration, **extra}
+    return Metric(id=iteration, kind="ppo", step=iteration, values=values, created_at=0.0)
+
+
+def test_reward_curve_has_both_accuracy_series_per_point():
+    metrics = [Metric(1, "reward", 1, {"pairs": 1, "prequential_accuracy": 0.0, "recent_accuracy": 0.0}, 0.0),
+               {"pairs": 2, "prequential_accuracy": 0.5, "recent_accuracy": 0.5},  # plain dicts work too
+               {"pairs": 3, "prequential_accuracy": float("nan"), "recent_accuracy": 0.66},
+               {"loss": 0.3}]  # no x value: skipped
+    rows = dashboard.reward_curve(metrics)
+    assert [(r["pairs"], r["series"].startswith("all")) for r in rows] == [
+        (1, True), (1, False), (2, True), (2, False), (3, False)]  # the non-finite point is left out
+    assert rows[-1]["accuracy"] == pytest.approx(0.66)
+    assert set(rows[0]) == set(dashboard.REWARD_COLUMNS)
+
+
+def test_ppo_curves_one_row_per_iteration_with_missing_values_as_none():
+    rows = dashboard.ppo_curves([ppo(1, 0.2), ppo(2, 0.4, kl=float("inf")), {"mean_score": 1.0}])
+    assert [r["iteration"] for r in rows] == [1, 2]
+    assert rows[0] == {"iteration": 1, "mean_score": 0.2, "kl": pytest.approx(0.1), "kl_coef": 0.05,
+                       "mean_length": 21}
+    assert rows[1]["kl"] is None
+    assert list(rows[0]) == dashboard.PPO_COLUMNS
+
+
+def test_ppo_curves_fall_back_to_the_metric_step():
+    rows = dashboard.ppo_curves([Metric(7, "ppo", 7, {"mean_score": 0.3}, 0.0)])
+    assert rows == [{"iteration": 7, "mean_score": 0.3, "kl": None, "kl_coef": None, "mean_length": None}]
+
+
+def test_win_rate_rows_count_ties_as_half():
+    rows = dashboard.win_rate_rows([VersionRecord("v0001", "base", wins=3, losses=1, ties=2),
+                                    VersionRecord("v0002", "v0001", 0, 0, 0)])
+    assert rows[0]["matchup"] == "v0001 vs base"
+    assert rows[0]["votes"] == 6 and rows[0]["win_rate"] == pytest.approx(4 / 6)
+    assert rows[1]["win_rate"] == 0.0
+
+
+def test_counts_markdown_lists_every_vote_kind():
+    text = dashboard.counts_markdown({"pairs_shown": 7, "votes": {"a": 2, "b": 1, "tie": 0, "both_bad": 1},
+                                      "demonstrations": 3, "preferences": {"human": 4, "ai": 0, "import": 0}})
+    assert "Pairs shown:** 7" in text and "Votes:** 4" in text
+    assert "A better: 2" in text and "B better: 1" in text and "tie: 0" in text and "both bad: 1" in text
+    assert "demonstrations):** 3" in text and "human: 4" in text
+
+
+def test_summaries_handle_empty_and_filled_data():
+    assert "no votes learned yet" in dashboard.reward_markdown([], [])
+    text = dashboard.reward_markdown([{"pairs": 12, "prequential_accuracy": 0.75, "recent_accuracy": 0.8,
+                                       "recent_margin": 0.4, "loss": 0.5}], [ppo(3, 1.25, published="v0002")])
+    assert "12 pairs" in text and "0.75" in text and "iteration 3" in text and "v0002" in text
+    assert "off" in dashboard.trainer_markdown(None, False, [])
+    status = SimpleNamespace(alive=True, pid=42, starts=1, last_exit_code=None, history=[])
+    text = dashboard.trainer_markdown(status, True, ["v0001", "v0002"])
+    assert "pid 42" in text and "paused" in text and "v0001, v0002" in text
+    assert "none published" in dashboard.versions_markdown([])
+    info = SimpleNamespace(name="v0003", meta={"parent": "v0002", "ppo_iteration": 6, "mean_reward": 0.5})
+    assert "| v0003 | v0002 | 6 |" in dashboard.versions_markdown([info])
+
+
+def test_reveal_names_versions_and_rewards_when_scored():
+    text = dashboard.reveal_markdown(5, "v0002", "v0001", False, 0.5, -0.25)
+    assert "Vote #5" in text and "`v0002` (reward 0.50)" in text and "`v0001` (reward -0.25)" in text
+    assert "reward" not in dashboard.reveal_markdown(5, "base", "base", False)
+    assert "counted once" in dashboard.reveal_markdown(5, "base", "base", True)
+
+
+RISING = [ppo(i, 0.1 * i) for i in range(1, 11)]  # first-5 mean 0.3, last-5 mean 0.8
+FLAT = [ppo(i, 0.5) for i in range(1, 11)]
+
+
+@pytest.mark.parametrize("metrics, records, fires", [
+    (RISING, [VersionRecord("v0002", "v0001", 4, 6, 2)], True),  # reward up, people prefer the old one
+    (RISING, [VersionRecord("v0002", "v0001", 5, 5, 2)], True),  # exactly 0.5 is "no better"
+    (RISING, [VersionRecord("v0002", "v0001", 8, 2, 2)], False),  # people agree with the reward model
+    (RISING, [VersionRecord("v0002", "v0001", 2, 5, 1)], False),  # too few votes to judge
+    (FLAT, [VersionRecord("v0002", "v0001", 0, 12, 0)], False),  # reward not climbing
+    (RISING[:8], [VersionRecord("v0002", "v0001", 0, 12, 0)], False),  # too few iterations
+    (RISING, [], False),
+    # only the newest matchup counts: an old loss does not fire once the newest version wins
+    (RISING, [VersionRecord("v0001", "base", 0, 12, 0), VersionRecord("v0002", "v0001", 9, 1, 0)], False),
+    (RISING, [VersionRecord("v0001", "base", 9, 1, 0), VersionRecord("v0002", "v0001", 1, 9, 0)], True),
+])
+def test_reward_hacking_warning(metrics, records, fires):
+    warning = dashboard.reward_hacking_warning(metrics, records)
+    assert (warning is not None) == fires
+    if fires:
+        assert "reward hacking" in warning and records[-1].newer in warning
+
+
+def test_reward_hacking_warning_ignores_missing_scores():
+    metrics = RISING + [ppo(11, float("nan"))]
+    assert dashboard.reward_hacking_warning(metrics, [VersionRecord("v0002", "v0001", 1, 11, 0)]) is not None
+
+
+class FakeRegistry:
+    def __init__(self, root):
+        self.root = root
+        self.calls = 0
+
+    def versions(self):
+        self.calls += 1
+        return sorted(p.name for p in self.root.iterdir() if not (p / "RETIRED").exists())
+
+
+def test_version_cache_revalidates_only_when_folders_change(tmp_path):
+    registry = FakeRegistry(tmp_path)
+    cache = dashboard.VersionCache(registry)
+    (tmp_path / "v0001").mkdir()
+    assert cache.versions() == ["v0001"] and cache.versions() == ["v0001"]
+    assert registry.calls == 1
+    (tmp_path / "v0002").mkdir()
+    assert cache.versions() == ["v0001", "v0002"]
+    (tmp_path / "v0002" / "RETIRED").write_text("x")  # a rollback marks a folder without renaming it
+    assert cache.versions() == ["v0001"]
+    assert registry.calls == 3

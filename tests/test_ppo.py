@@ -1,0 +1,255 @@
+"""LoRA-PPO on the tiny nf4 model: what an iteration trains, what it must leave alone, and the masks and
+reference log-probs everything else rests on."""
+
+import contextlib
+import math
+import warnings
+
+import pytest
+import torch
+
+from rlhf_online import models
+from rlhf_online.config import ModelConfig, PPOConfig, RewardConfig, SamplingConfig
+from rlhf_online.ppo import PolicyWithValue, PPOTrainer, _mask_through_first_eos
+from rlhf_online.reward import REWARD_ADAPTER, attach_reward_adapter
+
+MODEL_CFG = ModelConfig(lora_r=8, lora_alpha=16)
+PPO_CFG = PPOConfig(ppo_batch_size=4, ppo_minibatch_size=2, ppo_max_new_tokens=8, ppo_lr=1e-3)
+SAMPLING = SamplingConfig(temperature=1.0, top_p=1.0)
+PROMPTS = [[{"role": "user", "content": "hello how are you today?"}],
+           [{"role": "user", "content": "What is two plus two?"}],
+           [{"role": "user", "content": "Why is the sky blue?"},
+            {"role": "assistant", "content": "Rayleigh scattering."},
+            {"role": "user", "content": "Please write a short answer."}],
+           [{"role": "user", "content": "What is the capital of France?"}]]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread, as the trainer runs: on 2 shared cores, more threads make these tests ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return models.load_tokenizer(str(tiny_model_dir))
+
+
+def length_score(messages, texts):
+    """A synthetic reward: longer answers are better (enough to give the advantages a spread)."""
+    return [len(t) / 10.0 for t in texts]
+
+
+def build(tiny_model_dir, tokenizer, score_fn=length_score, cfg: PPOConfig = PPO_CFG, seed: int = 0):
+    """Policy and reward adapters on one shared nf4 base, as the trainer process builds them."""
+    base = models.load_base_model(str(tiny_model_dir), "nf4", for_training=True).model
+    torch.manual_seed(seed)
+    peft = models.attach_lora(base, MODEL_CFG)
+    attach_reward_adapter(peft, MODEL_CFG, RewardConfig(reward_lora_layers=1))
+    with torch.no_grad():  # a reward adapter that is not the identity, so it would show if it leaked in
+        for name, p in models.lora_parameters(peft, REWARD_ADAPTER).items():
+            if "lora_B" in name:
+                p.normal_(0, 0.1)
+    policy = PolicyWithValue(peft)
+    return PPOTrainer(policy, tokenizer, score_fn, cfg, SAMPLING, seed=seed)
+
+
+def snapshot(params) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
+def perturb_policy(trainer, std: float = 0.05) -> None:
+    """A policy adapter that is no longer the identity (a fresh lora_B is zero)."""
+    with torch.no_grad():
+        for name, p in models.lora_parameters(trainer.policy.peft_model, models.POLICY_ADAPTER).items():
+            if "lora_B" in name:
+                p.normal_(0, std)
+
+
+@contextlib.contextmanager
+def eos_bias(trainer, logit_boost: float):
+    """Make the random tiny model end its answers early: boost the end-of-turn logit in the LM head."""
+    eos = trainer.tokenizer.convert_tokens_to_ids("<|im_end|>")
+
+    def hook(module, args, output):
+        output = output.clone()
+        output[..., eos] += logit_boost
+        return output
+
+    handle = trainer.policy.peft_model.get_base_model().lm_head.register_forward_hook(hook)
+    try:
+        yield eos
+    finally:
+        handle.remove()
+
+
+def test_two_iterations_train_the_policy_adapter_and_value_head_only(tiny_model_dir, tokenizer):
+    calls = []
+
+    def score_fn(messages, texts):
+        calls.append((messages, texts))
+        return length_score(messages, texts)
+
+    trainer = build(tiny_model_dir, tokenizer, score_fn)
+    peft = trainer.policy.peft_model
+    policy_before = snapshot(models.lora_parameters(peft, models.POLICY_ADAPTER))
+    value_before = snapshot(dict(trainer.policy.value_head.named_parameters()))
+    base_before = snapshot(models.base_parameters(peft))
+    reward_before = snapshot(models.lora_parameters(peft, REWARD_ADAPTER))
+
+    torch.manual_seed(0)
+    stats = [trainer.iteration(PROMPTS), trainer.iteration(PROMPTS)]
+
+    assert [s.iteration for s in stats] == [1, 2]
+    for s in stats:
+        values = s.as_dict()
+        bad = {k: v for k, v in values.items() if not math.isfinite(v)}
+        assert not bad, f"non-finite iteration stats: {bad}"
+        assert 1 <= s.mean_length <= PPO_CFG.ppo_max_new_tokens
+        assert s.seconds > 0
+    assert len(calls) == 2 and all(len(texts) == len(PROMPTS) for _, texts in calls)
+    assert calls[0][0] == PROMPTS  # the score function sees the conversations the answers belong to
+    assert stats[0].mean_score == pytest.approx(sum(length_score(*calls[0])) / len(PROMPTS))
+
+    policy_after = models.lora_parameters(peft, models.POLICY_ADAPTER)
+    moved = [n for n, p in policy_after.items() if not torch.equal(p.detach(), policy_before[n])]
+    assert len(moved) == len(policy_before), "some policy LoRA tensors never moved"
+    assert all(not torch.equal(p.detach(), value_before[n]) for n, p in trainer.policy.value_head.named_parameters())
+    for name, p in models.base_parameters(peft).items():
+        assert torch.equal(p.detach(), base_before[name]), f"base weight changed: {name}"
+    for name, p in models.lora_parameters(peft, REWARD_ADAPTER).items():
+        assert torch.equal(p.detach(), reward_before[name]), f"reward adapter changed: {name}"
+    assert peft.active_adapter == models.POLICY_ADAPTER
+
+
+def test_mask_through_first_eos():
+    response = torch.tensor([[5, 2, 7, 2],   # EOS mid-answer, then (sampled) junk
+                             [5, 6, 7, 8],   # no EOS: the whole answer counts
+                             [2, 0, 0, 0],   # EOS first, then generate's padding
+                             [5, 6, 3, 2]])  # the other end-of-turn id
+    expected = [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0], [1, 1, 1, 0]]
+    assert _mask_through_first_eos(response, [2, 3]).tolist() == expected
+    assert _mask_through_first_eos(response, [2]).tolist() == [[1, 1, 0, 0], [1, 1, 1, 1], [1, 0, 0, 0],
+                                                                  [1, 1, 1, 1]]
+    assert _mask_through_first_eos(response[:, :0], [2]).shape == (4, 0)
+
+
+def test_rollout_response_mask_covers_the_answer_through_its_end_of_turn(tiny_model_dir, tokenizer):
+    trainer = build(tiny_model_dir, tokenizer)
+    prompts = PROMPTS + PROMPTS
+    torch.manual_seed(3)
+    with eos_bias(trainer, 4.0) as eos:
+        rollout = trainer.rollout(prompts)
+    P = rollout.prompt_length
+    response = rollout.input_ids[:, P:]
+    assert response.shape[1] <= PPO_CFG.ppo_max_new_tokens
+    assert rollout.response_mask.shape == response.shape
+    torch.testing.assert_close(rollout.attention_mask[:, P:].float(), rollout.response_mask)
+    ended = 0
+    for row, mask, text in zip(response.tolist(), rollout.response_mask.tolist(), rollout.texts):
+        if eos in row:
+            ended += 1
+            end = row.index(eos) + 1  # up to and including the end-of-turn
+            assert mask == [1.0] * end + [0.0] * (len(row) - end)
+            assert all(t == tokenizer.pad_token_id for t in row[end:])  # generate padded the finished row
+            assert text == tokenizer.decode(row[:end - 1], skip_special_tokens=True).strip()
+        else:
+            assert mask == [1.0] * len(row)
+        assert "<|im_end|>" not in text
+    assert ended >= 2, "the EOS bias should end some answers early"
+    assert ended < len(prompts) or response.shape[1] < PPO_CFG.ppo_max_new_tokens
+    # The prompt part is left-padded: every prompt ends right before the response.
+    for i, messages in enumerate(prompts):
+        ids = trainer._prompt_ids(messages)
+        assert rollout.input_ids[i, P - len(ids):P].tolist() == ids
+        assert rollout.attention_mask[i, :P].sum() == len(ids)
+
+
+def test_reference_logprobs_equal_the_fresh_policy_so_kl_starts_at_zero(tiny_model_dir, tokenizer):
+    trainer = build(tiny_model_dir, tokenizer)
+    torch.manual_seed(1)
+    rollout = trainer.rollout(PROMPTS)
+    scored = trainer.score(rollout)  # lora_B == 0: the policy is exactly the base (the reference)
+    mask = rollout.response_mask
+    torch.testing.assert_close(scored.old_logprobs * mask, scored.ref_logprobs * mask, rtol=0, atol=1e-5)
+    assert scored.kl.abs().max() < 1e-4
+    assert torch.isfinite(scored.advantages).all() and torch.isfinite(scored.returns).all()
+    torch.testing.assert_close(scored.scores, torch.tensor(length_score(PROMPTS, rollout.texts)))
+
+    perturb_policy(trainer, 0.2)  # a trained policy: now the reference (adapters disabled) differs from it
+    moved = trainer.score(rollout)
+    assert (moved.old_logprobs - moved.ref_logprobs).abs().max() > 1e-3
+    torch.testing.assert_close(moved.ref_logprobs * mask, scored.ref_logprobs * mask, rtol=0, atol=1e-5)
+
+
+def test_sft_loss_decreases_on_a_demonstration(tiny_model_dir, tokenizer):
+    trainer = build(tiny_model_dir, tokenizer)
+    demo = [([{"role": "user", "content": "Please write a short answer."}], "Sure! banana.")]
+    params = trainer.policy.policy_parameters()
+    optimizer = torch.optim.AdamW(params, lr=1e-2)
+    trainer._activate_policy()
+    trainer.policy.peft_model.train()
+    losses = []
+    for _ in range(6):
+        loss = trainer.sft_loss(demo)
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(float(loss))
+    assert math.isfinite(losses[0]) and losses[0] > 0
+    assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_update_with_demonstrations_reports_an_sft_term(tiny_model_dir, tokenizer):
+    trainer = build(tiny_model_dir, tokenizer, cfg=PPOConfig(ppo_batch_size=2, ppo_minibatch_size=2,
+                                                             ppo_max_new_tokens=4, ppo_epochs=1))
+    demo = [([{"role": "user", "content": "hello"}], "I am fine, thank you.")]
+    stats = trainer.iteration(PROMPTS[:2], demonstrations=demo)
+    assert stats.sft_loss > 0 and math.isfinite(stats.sft_loss)
+    assert trainer.iteration(PROMPTS[:2]).sft_loss == 0.0  # no demonstrations, no term
+
+
+def test_policy_gradients_survive_generation(tiny_model_dir, tokenizer):
+    """The CPU repacking trap: the rollout's eval-mode generate must not break the update's backward."""
+    trainer = build(tiny_model_dir, tokenizer)
+    perturb_policy(trainer)  # non-zero lora_B, so every LoRA tensor gets a gradient
+    with torch.no_grad():
+        trainer.policy.value_head.weight.normal_(0, 0.1)
+    demo = [([{"role": "user", "content": "What is two plus two?"}], "It is four.")]
+    lora = models.lora_parameters(trainer.policy.peft_model, models.POLICY_ADAPTER)
+
+    def grads():
+        trainer._activate_policy()
+        trainer.policy.peft_model.train()
+        for p in trainer.policy.policy_parameters():
+            p.grad = None
+        trainer.sft_loss(demo).backward()
+        return {n: None if p.grad is None else p.grad.clone() for n, p in lora.items()}
+
+    before = grads()
+    torch.manual_seed(0)
+    rollout = trainer.rollout(PROMPTS)  # generate() in eval mode
+    after = grads()
+    empty = [n for n, g in after.items() if g is None or not g.abs().sum() > 0]
+    assert not empty, f"policy LoRA weights without gradient after generate: {empty}"
+    wrong = [n for n in after if not torch.allclose(after[n], before[n], rtol=1e-4, atol=1e-7)]
+    assert not wrong, f"policy LoRA gradients changed by generate: {wrong}"
+
+    # The update's own loss reaches the value head and the policy adapter too.
+    trainer.policy.peft_model.train()
+    _, logprobs, values = trainer._logprobs(rollout)
+    (logprobs.sum() + values.sum()).backward()
+    assert trainer.policy.value_head.weight.grad.abs().sum() > 0
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
+    reward = models.lora_parameters(trainer.policy.peft_model, REWARD_ADAPTER)
+    assert all(p.grad is None for p in reward.values())  # the reward adapter is not in the policy's graph

@@ -1,0 +1,227 @@
+"""The online reward model on the tiny nf4 model: it learns a preference, keeps its hands off the policy,
+checkpoints and resumes, and scores batches exactly like single answers."""
+
+import random
+import warnings
+
+import pytest
+import torch
+
+from rlhf_online import models
+from rlhf_online.config import ModelConfig, RewardConfig
+from rlhf_online.reward import REWARD_ADAPTER, OnlineRewardLearner, RewardModel, attach_reward_adapter
+from rlhf_online.store import Preference
+
+MODEL_CFG = ModelConfig(lora_r=8, lora_alpha=16)
+# One LoRA layer of the tiny model's two: the lower layer runs through the cached frozen-feature path.
+REWARD_CFG = RewardConfig(reward_lr=3e-3, reward_lora_layers=1, reward_max_tokens=64, reward_replay=3)
+
+PROMPTS = ["hello how are you today?", "What is two plus two?", "Why is the sky blue?",
+           "What is the capital of France?", "Please write a short answer.", "Thank you, assistant!"]
+FILLERS = ["Sure! Here is a concise reply", "It is four", "Rayleigh scattering", "I am fine, thank you",
+           "Paris", "hello", "The sky is blue today", "what a short answer", "Here is a keyword"]
+
+
+def synthetic_preferences(n: int, seed: int, first_id: int = 1) -> list[Preference]:
+    """Answers mentioning "banana" (anywhere) always beat answers without it."""
+    rng = random.Random(seed)
+    prefs = []
+    for i in range(n):
+        filler, other = rng.sample(FILLERS, 2)
+        chosen = f"{filler} banana." if rng.random() < 0.5 else f"banana! {filler}."
+        prefs.append(Preference(first_id + i, [{"role": "user", "content": rng.choice(PROMPTS)}], chosen,
+                                f"{other}.", "human", 1.0))
+    return prefs
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread, as the trainer runs: on 2 shared cores, more threads make these tests ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    return models.load_tokenizer(str(tiny_model_dir))
+
+
+def build(tiny_model_dir, tokenizer, reward_cfg: RewardConfig = REWARD_CFG, seed: int = 0):
+    """Policy and reward adapters on one shared nf4 base, exactly as the trainer process builds them."""
+    base = models.load_base_model(str(tiny_model_dir), "nf4", for_training=True).model
+    torch.manual_seed(seed)
+    peft = models.attach_lora(base, MODEL_CFG)
+    rm = RewardModel(attach_reward_adapter(peft, MODEL_CFG, reward_cfg), tokenizer, reward_cfg)
+    return peft, rm
+
+
+def snapshot(params) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in params.items()}
+
+
+def policy_logits(peft, tokenizer) -> torch.Tensor:
+    batch = tokenizer(["hello how are you today? banana"], return_tensors="pt")
+    peft.train()  # a train-mode forward: the training copy never repacks anyway, but keep the layout untouched
+    with torch.no_grad():
+        return peft(**batch).logits
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tokenizer):
+    """A reward model trained online on 48 synthetic pairs, with snapshots taken before training."""
+    peft, rm = build(tiny_model_dir, tokenizer)
+    policy_lora = models.lora_parameters(peft, models.POLICY_ADAPTER)
+    with torch.no_grad():  # a policy adapter that is not the identity, so a leak into it would show
+        for name, p in policy_lora.items():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+    before = {
+        "base": snapshot(models.base_parameters(peft)),
+        "policy": snapshot(policy_lora),
+        "reward": snapshot(rm.lora_parameters()),
+        "head": snapshot(dict(rm.head.named_parameters())),
+        "policy_logits": policy_logits(peft, tokenizer),
+    }
+    learner = OnlineRewardLearner(rm, REWARD_CFG, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        stats = [learner.observe(p) for p in synthetic_preferences(48, seed=1)]
+    return {"peft": peft, "rm": rm, "learner": learner, "stats": stats, "before": before}
+
+
+def test_learns_the_preference_and_ranks_held_out_pairs(trained):
+    rm, stats = trained["rm"], trained["stats"]
+    held_out = synthetic_preferences(30, seed=99, first_id=1000)
+    chosen = rm.score([(p.prompt, p.chosen) for p in held_out])
+    rejected = rm.score([(p.prompt, p.rejected) for p in held_out])
+    accuracy = sum(c > r for c, r in zip(chosen, rejected)) / len(held_out)
+    assert accuracy >= 0.8, f"held-out accuracy {accuracy:.2f}"
+
+    first = sum(s.correct_before for s in stats[:12]) / 12
+    last = sum(s.correct_before for s in stats[-12:]) / 12
+    assert last > first, f"prequential accuracy did not improve: first {first:.2f}, last {last:.2f}"
+    assert stats[0].correct_before == 0.5 and stats[0].margin_before == 0.0  # zero head: untrained ties
+    summary = trained["learner"].metrics.summary()
+    assert summary["pairs"] == 48
+    assert trained["learner"].last_preference_id == 48
+    assert all(torch.isfinite(torch.tensor(s.loss)) for s in stats)
+
+
+def test_training_changes_only_the_reward_adapter_and_head(trained):
+    peft, rm, before = trained["peft"], trained["rm"], trained["before"]
+    for name, p in models.base_parameters(peft).items():
+        assert torch.equal(p.detach(), before["base"][name]), f"base weight changed: {name}"
+    for name, p in models.lora_parameters(peft, models.POLICY_ADAPTER).items():
+        assert torch.equal(p.detach(), before["policy"][name]), f"policy adapter changed: {name}"
+    changed = [n for n, p in rm.lora_parameters().items() if not torch.equal(p.detach(), before["reward"][n])]
+    assert len(changed) == len(before["reward"]), "some reward LoRA tensors never moved"
+    assert all(not torch.equal(p.detach(), before["head"][n]) for n, p in rm.head.named_parameters())
+    # Only the top layer carries reward LoRA; the policy adapter is everywhere.
+    assert all(".layers.1." in n for n in rm.lora_parameters())
+    # The chat model is still the policy: same adapter active, same outputs as before reward training.
+    assert peft.active_adapter == models.POLICY_ADAPTER
+    assert torch.equal(policy_logits(peft, rm.tokenizer), before["policy_logits"])
+
+
+def test_checkpoint_resumes_to_identical_scores(trained, tiny_model_dir, tokenizer, tmp_path):
+    learner = trained["learner"]
+    path = tmp_path / "reward_model.safetensors"
+    learner.save(path)
+    assert not list(tmp_path.glob("*.tmp"))  # the atomic write left no temporary behind
+
+    _, fresh_rm = build(tiny_model_dir, tokenizer, seed=123)  # different random LoRA init
+    fresh = OnlineRewardLearner(fresh_rm, REWARD_CFG)
+    conversations = [(p.prompt, a) for p in synthetic_preferences(6, seed=7) for a in (p.chosen, p.rejected)]
+    assert fresh_rm.score(conversations) != trained["rm"].score(conversations)
+    fresh.load(path)
+    assert fresh_rm.score(conversations) == trained["rm"].score(conversations)
+    assert fresh.last_preference_id == learner.last_preference_id == 48
+    assert fresh.metrics.total == 48
+    assert fresh.metrics.correct == pytest.approx(learner.metrics.correct)
+
+
+def test_corrupt_or_mismatched_checkpoint_raises_value_error(trained, tiny_model_dir, tokenizer, tmp_path):
+    path = tmp_path / "reward_model.safetensors"
+    trained["learner"].save(path)
+    good = path.read_bytes()
+
+    _, rm = build(tiny_model_dir, tokenizer)
+    learner = OnlineRewardLearner(rm, REWARD_CFG)
+    before = snapshot(rm.lora_parameters())
+    for bad in (b"not a safetensors file at all", good[: len(good) // 2], b""):
+        path.write_bytes(bad)
+        with pytest.raises(ValueError, match="corrupt reward checkpoint"):
+            learner.load(path)
+    with pytest.raises(ValueError):
+        learner.load(tmp_path / "missing.safetensors")
+    assert all(torch.equal(p, before[n]) for n, p in rm.lora_parameters().items())  # nothing half-loaded
+
+    path.write_bytes(good)  # a valid file from a model with a different LoRA layout
+    _, other = build(tiny_model_dir, tokenizer, RewardConfig(reward_lora_layers=2, reward_max_tokens=64))
+    with pytest.raises(ValueError, match="does not match"):
+        OnlineRewardLearner(other, other.cfg).load(path)
+
+
+def test_batch_scores_equal_one_at_a_time(trained):
+    rm = trained["rm"]
+    rng = random.Random(3)
+    conversations = []
+    for i in range(7):  # very different lengths, so the batch is heavily left-padded
+        prompt = [{"role": "user", "content": " ".join(rng.choice(PROMPTS) for _ in range(1 + i % 3))}]
+        if i % 2:
+            prompt = prompt + [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Why?"}]
+        conversations.append((prompt, " ".join(rng.choice(FILLERS) for _ in range(1 + 2 * (i % 4)))
+                              + (" banana" if i % 3 == 0 else "")))
+    lengths = {len(r) for r in rm.token_rows(conversations)}
+    assert len(lengths) > 3
+    batched = rm.score(conversations, batch_size=8)
+    single = [rm.score([c])[0] for c in conversations]
+    assert len(set(round(s, 4) for s in single)) > 1  # a trained head: scores are not all zero
+    torch.testing.assert_close(torch.tensor(batched), torch.tensor(single), rtol=0, atol=1e-4)
+
+
+def test_long_conversations_are_cut_to_reward_max_tokens(trained):
+    rm = trained["rm"]
+    long_prompt = [{"role": "user", "content": "hello how are you today? " * 40}]
+    rows = rm.token_rows([(long_prompt, "banana")])
+    assert len(rows[0]) == REWARD_CFG.reward_max_tokens
+    end = rm.token_rows([([], "banana")])[0]
+    assert rows[0][-len(end) + 2:] == end[2:]  # the answer (the end of the conversation) is what is kept
+
+
+def test_reward_lora_gradients_survive_a_generate(tiny_model_dir, tokenizer):
+    """The trap: an eval-mode generate on CPU repacks 4-bit weights; a backward after that must still work."""
+    cfg = RewardConfig(reward_lora_layers=2, reward_max_tokens=64)  # LoRA in every layer: the most sensitive
+    peft, rm = build(tiny_model_dir, tokenizer, cfg)
+    torch.manual_seed(1)
+    with torch.no_grad():  # a non-zero lora_B and head, so every LoRA tensor gets a gradient
+        for name, p in rm.lora_parameters().items():
+            if "lora_B" in name:
+                p.normal_(0, 0.05)
+        rm.head.weight.normal_(0, 0.5)
+    conversations = [([{"role": "user", "content": "Why is the sky blue?"}], "Rayleigh scattering, banana."),
+                     ([{"role": "user", "content": "hello"}], "I am fine")]
+
+    def grads():
+        rm.model.train()
+        for p in rm.parameters():
+            p.grad = None
+        rm.forward(conversations).sum().backward()
+        return {n: None if p.grad is None else p.grad.clone() for n, p in rm.lora_parameters().items()}
+
+    before = grads()
+    peft.eval()
+    batch = tokenizer(["hello how are you today?"], return_tensors="pt")
+    with torch.inference_mode(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        peft.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        after = grads()
+    empty = [n for n, g in after.items() if g is None or not g.abs().sum() > 0]
+    assert not empty, f"reward LoRA weights without gradient after generate: {empty}"
+    wrong = [n for n in after if not torch.allclose(after[n], before[n], rtol=1e-4, atol=1e-7)]
+    assert not wrong, f"reward LoRA gradients changed by a generate: {wrong}"
+    assert set(after) == set(models.lora_parameters(peft, REWARD_ADAPTER))

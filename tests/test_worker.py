@@ -1,0 +1,251 @@
+"""The background trainer on real folders: votes in, reward scores and adapter versions out, and a restart
+(or a rollback) continues where the durable state says, never from scratch."""
+
+import json
+import logging
+import re
+import threading
+import time
+import warnings
+from types import SimpleNamespace
+
+import pytest
+import torch
+from peft import PeftModel
+from safetensors.torch import load_file
+
+from rlhf_online import models
+from rlhf_online.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, AdapterRegistry
+from rlhf_online.config import AppConfig, ModelConfig, PPOConfig, RewardConfig
+from rlhf_online.generation import BASE_VERSION
+from rlhf_online.store import PreferenceStore, store_path
+from rlhf_online.worker import PAUSED_KEY, REWARD_CHECKPOINT, VALUE_HEAD_FILE, ChatYield, TrainerWorker
+
+VOTES = [("hello how are you today?", "I am fine, thank you. banana", "Paris."),
+         ("Why is the sky blue?", "Rayleigh scattering, banana.", "It is four."),
+         ("What is two plus two?", "It is four. banana", "hello")]
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """One torch thread, as the trainer runs: on 2 shared cores, more threads make these tests ~10x slower."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
+@pytest.fixture(autouse=True)
+def quiet():
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        yield
+
+
+def make_config(root, tiny_model_dir) -> AppConfig:
+    return AppConfig(
+        data_dir=str(root / "data"), adapters_dir=str(root / "adapters"), seed=0,
+        model=ModelConfig(model=str(tiny_model_dir), lora_r=8, lora_alpha=16),
+        reward=RewardConfig(reward_max_tokens=48, reward_lora_layers=1, reward_lr=3e-3),
+        ppo=PPOConfig(ppo_batch_size=2, ppo_minibatch_size=2, ppo_max_new_tokens=6, ppo_epochs=1,
+                      publish_every=1, min_preferences=2))
+
+
+def seed_votes(cfg: AppConfig, votes=VOTES, choice: str = "a") -> list[int]:
+    """Pairs as the chat stores them, each with a vote; returns the pair ids."""
+    cfg.data_path.mkdir(parents=True, exist_ok=True)
+    with PreferenceStore(store_path(cfg.data_path)) as store:
+        ids = []
+        for i, (prompt, a, b) in enumerate(votes):
+            pair_id = store.record_pair(conversation_id=f"c{i}", turn=0,
+                                        messages=[{"role": "user", "content": prompt}], answer_a=a,
+                                        answer_b=b, version_a=BASE_VERSION, version_b=BASE_VERSION,
+                                        sampling={"temperature": 0.8}, session_id="s", placement="ab")
+            store.record_vote(pair_id=pair_id, choice=choice, session_id="s")
+            ids.append(pair_id)
+    return ids
+
+
+@pytest.fixture
+def cfg(tmp_path, tiny_model_dir) -> AppConfig:
+    cfg = make_config(tmp_path, tiny_model_dir)
+    seed_votes(cfg)
+    return cfg
+
+
+def published_policy(folder) -> dict[str, torch.Tensor]:
+    """A version's saved LoRA tensors under the trainer's live parameter names."""
+    saved = load_file(str(folder / ADAPTER_WEIGHTS))
+    return {re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{models.POLICY_ADAPTER}.weight", key): tensor
+            for key, tensor in saved.items()}
+
+
+def policy_state(worker) -> dict[str, torch.Tensor]:
+    return {n: p.detach().clone() for n, p in models.lora_parameters(worker.peft, models.POLICY_ADAPTER).items()}
+
+
+def test_step_learns_votes_then_runs_ppo_and_publishes(cfg, tiny_model_dir):
+    worker = TrainerWorker(cfg)
+    assert worker.parent == BASE_VERSION
+    assert worker.step() == "reward"
+    metrics = worker.store.metrics("reward")
+    assert [m.step for m in metrics] == [1, 2, 3]
+    assert {"pairs", "prequential_accuracy", "loss", "correct_before"} <= set(metrics[-1].values)
+    assert worker.learner.last_preference_id == 3
+    for pair_id in (1, 2, 3):  # the UI can now show each voted answer's reward
+        pair = worker.store.get_pair(pair_id)
+        assert pair.reward_a is not None and pair.reward_b is not None
+        assert pair.reward_model_version == "3"
+    assert not worker.registry.versions()
+
+    assert worker.step() == "ppo"
+    versions = worker.registry.versions()
+    assert [v.name for v in versions] == ["v0001"]
+    folder = versions[0].path
+    assert {ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, VALUE_HEAD_FILE} <= {p.name for p in folder.iterdir()}
+    meta = json.loads((folder / META_FILE).read_text())
+    assert meta["version"] == "v0001" and meta["parent"] == BASE_VERSION
+    assert meta["ppo_iteration"] == 1 and meta["votes_seen"] == 3
+    assert all(isinstance(meta[k], float) for k in ("mean_reward", "kl"))
+    assert worker.parent == "v0001"
+    ppo_metrics = worker.store.metrics("ppo")
+    assert len(ppo_metrics) == 1 and ppo_metrics[0].values["published"] == "v0001"
+    assert not [p for p in cfg.adapters_path.iterdir() if ".tmp" in p.name]
+
+    # A plain PEFT load of the folder on a fresh base gives exactly the trainer's policy adapter.
+    fresh = models.load_base_model(str(tiny_model_dir), "nf4", for_training=True).model
+    served = PeftModel.from_pretrained(fresh, str(folder))
+    loaded = {n.replace(".default.", f".{models.POLICY_ADAPTER}."): p
+              for n, p in models.lora_parameters(served, "default").items()}
+    trained = policy_state(worker)
+    assert set(loaded) == set(trained)
+    assert all(torch.equal(loaded[n].detach(), trained[n]) for n in trained)
+    assert any(p.abs().sum() > 0 for n, p in trained.items() if "lora_B" in n)  # PPO really trained it
+    batch = worker.tokenizer(["hello how are you today?"], return_tensors="pt")
+    served.train()
+    worker.peft.set_adapter(models.POLICY_ADAPTER)
+    worker.peft.train()
+    with torch.no_grad():
+        torch.testing.assert_close(served(**batch).logits, worker.peft(**batch).logits, rtol=0, atol=1e-5)
+
+
+def test_new_worker_resumes_policy_and_reward_model(cfg):
+    worker = TrainerWorker(cfg)
+    assert worker.step() == "reward"
+    assert worker.step() == "ppo"
+    worker.save_reward()
+    published = worker.registry.latest()
+    conversation = [([{"role": "user", "content": "hello"}], "banana, I am fine")]
+    score = worker.reward_model.score(conversation)
+
+    resumed = TrainerWorker(cfg)
+    assert resumed.parent == published.name == "v0001"
+    saved = published_policy(published.path)
+    state = policy_state(resumed)
+    assert set(saved) == set(state)
+    assert all(torch.equal(state[n], saved[n]) for n in state)
+    assert all(torch.equal(state[n], t) for n, t in policy_state(worker).items())
+    assert torch.equal(resumed.policy.value_head.weight, worker.policy.value_head.weight)
+    assert resumed.ppo.iterations == 1
+    # The reward model continues: same scores, same cursor (no vote re-learned), replay rebuilt from the store.
+    assert resumed.reward_model.score(conversation) == score
+    assert resumed.learner.last_preference_id == 3 and resumed.learner.metrics.total == 3
+    assert [p.id for p in resumed.learner.replay] == [1, 2, 3]
+    assert resumed.step() == "ppo"  # not "reward": nothing new to learn
+    assert resumed.registry.latest().meta["parent"] == "v0001"
+    assert resumed.registry.latest().meta["ppo_iteration"] == 2
+
+
+def test_corrupt_reward_checkpoint_falls_back_to_the_previous_one(cfg, caplog):
+    worker = TrainerWorker(cfg)
+    assert worker.step() == "reward"
+    worker.save_reward()  # checkpoint A: 3 pairs
+    previous_state = worker.reward_model.state()
+    seed_votes(cfg, [("What is the capital of France?", "Paris, banana.", "hello")])
+    assert worker.step() == "reward"
+    worker.save_reward()  # checkpoint B: 4 pairs; A becomes the .prev file
+    current = cfg.data_path / REWARD_CHECKPOINT
+    assert current.with_suffix(".prev.safetensors").exists()
+    current.write_bytes(current.read_bytes()[:100])  # a torn write
+
+    with caplog.at_level(logging.ERROR, logger="rlhf_online.worker"):
+        resumed = TrainerWorker(cfg)
+    errors = [r for r in caplog.records if r.levelno == logging.ERROR]
+    assert errors and "corrupt reward checkpoint" in errors[0].getMessage()
+    assert resumed.learner.metrics.total == 3 and resumed.learner.last_preference_id == 3
+    state = resumed.reward_model.state()
+    assert all(torch.equal(state[k], previous_state[k]) for k in previous_state)
+    assert resumed.step() == "reward"  # the pair the lost checkpoint had learned is learned again
+    assert resumed.learner.metrics.total == 4
+
+
+def test_pause_makes_step_do_nothing(cfg):
+    worker = TrainerWorker(cfg)
+    worker.store.set_control(PAUSED_KEY, "1")
+    before = worker.reward_model.state()
+    for _ in range(2):
+        assert worker.step() == "paused"
+    assert worker.store.metrics("reward") == [] and worker.store.metrics("ppo") == []
+    assert worker.learner.metrics.total == 0
+    assert worker.store.get_pair(1).reward_a is None
+    assert all(torch.equal(v, before[k]) for k, v in worker.reward_model.state().items())
+    assert not worker.registry.versions()
+    worker.store.set_control(PAUSED_KEY, "0")
+    assert worker.step() == "reward"
+
+
+def test_follow_rollback_resets_the_parent(cfg):
+    worker = TrainerWorker(cfg)
+    assert worker.step() == "reward"
+    assert worker.step() == "ppo" and worker.step() == "ppo"
+    assert worker.parent == "v0002"
+    registry = AdapterRegistry(cfg.adapters_path)  # what the admin panel does, from another object
+    v1 = registry.versions()[0]
+
+    assert registry.retire_after("v0001") == ["v0002"]
+    worker.follow_rollback()
+    assert worker.parent == "v0001"
+    saved = published_policy(v1.path)
+    state = policy_state(worker)
+    assert set(saved) == set(state)
+    assert all(torch.equal(state[n], saved[n]) for n in state)
+    v2 = published_policy(cfg.adapters_path / "v0002")
+    assert any(not torch.equal(state[n], v2[n]) for n in state)  # it really went back
+
+    registry.retire_after(BASE_VERSION)
+    assert worker.step() == "ppo"  # step() follows the rollback first, then trains from the base
+    latest = worker.registry.latest()
+    assert latest.name == "v0003"  # numbers are never reused
+    assert latest.meta["parent"] == BASE_VERSION
+
+
+def test_rollback_to_base_makes_the_policy_the_base(cfg):
+    worker = TrainerWorker(cfg)
+    assert worker.step() == "reward" and worker.step() == "ppo"
+    worker.registry.retire_after(BASE_VERSION)
+    worker.follow_rollback()
+    assert worker.parent == BASE_VERSION
+    batch = worker.tokenizer(["hello how are you today?"], return_tensors="pt")
+    worker.peft.set_adapter(models.POLICY_ADAPTER)
+    worker.peft.train()
+    with torch.no_grad():
+        policy = worker.peft(**batch).logits
+        with worker.peft.disable_adapter():
+            base = worker.peft(**batch).logits
+    torch.testing.assert_close(policy, base, rtol=0, atol=1e-6)
+
+
+def test_chat_yield_waits_while_the_chat_generates_but_not_forever():
+    busy = SimpleNamespace(value=1)  # one chat generation in flight
+    began = time.monotonic()
+    threading.Timer(0.3, lambda: setattr(busy, "value", 0)).start()
+    ChatYield(busy, max_wait_s=5.0)()
+    assert 0.25 <= time.monotonic() - began < 2.0  # resumed when the chat finished
+
+    busy.value = 2
+    began = time.monotonic()
+    ChatYield(busy, max_wait_s=0.2)()  # constant chat load: training still gets a turn
+    assert 0.15 <= time.monotonic() - began < 1.0
+    began = time.monotonic()
+    ChatYield(None)()
+    assert time.monotonic() - began < 0.05
