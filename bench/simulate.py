@@ -72,6 +72,7 @@ def main(argv=None) -> int:
     parser.add_argument("--prompts", default=str(SHARED_HH), help="JSONL with a 'prompt' field")
     parser.add_argument("--votes", type=int, default=200)
     parser.add_argument("--minutes", type=float, default=20.0, help="stop voting after this long")
+    parser.add_argument("--think-seconds", type=float, default=1.0, help="simulated reading time per vote")
     parser.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts for the final comparison")
     parser.add_argument("--max-turns", type=int, default=1, help="user turns kept from each prompt")
     parser.add_argument("--workdir", default=None, help="data and adapters folder (default: a fresh temp dir)")
@@ -105,12 +106,20 @@ def main(argv=None) -> int:
             except Exception as exc:  # counted, reported, never hidden
                 failed += 1
                 print(f"request failed: {type(exc).__name__}: {exc}", flush=True)
+            if args.think_seconds:
+                time.sleep(args.think_seconds)  # a person reads both answers before voting
             services.live.refresh()
             if votes % 10 == 0:
                 newest, previous = services.live.newest_pair()
                 print(f"{time.time() - started:7.0f}s votes={votes} serving={newest} vs {previous} "
                       f"pair_latency={latencies[-1] if latencies else 0:.1f}s", flush=True)
         voting_seconds = time.time() - started
+        # Votes are in; the trainer keeps learning until the time budget, less what the final comparison needs.
+        pair_seconds = sorted(latencies)[len(latencies) // 2] if latencies else 1.0
+        deadline = started + args.minutes * 60 - pair_seconds * len(held_out)
+        while time.time() < deadline:
+            time.sleep(min(5.0, max(0.0, deadline - time.time())))
+            services.live.refresh()
         services.live.refresh()
         newest, _ = services.live.newest_pair()
         final = head_to_head(services, oracle, held_out, newest) if newest != BASE_VERSION else \

@@ -158,6 +158,14 @@ class AdapterRegistry:
                 retired.append(info.name)
         return retired
 
+    def prune(self, keep: int) -> list[str]:
+        """Delete all but the newest `keep` versions (retired ones count too), so disk use stays bounded."""
+        names = self._candidate_names()
+        doomed = names[:-keep] if keep > 0 else []
+        for name in doomed:
+            shutil.rmtree(self.root / name, ignore_errors=True)
+        return doomed
+
     def delete(self, version: str) -> None:
         shutil.rmtree(self.root / version)
 

@@ -37,8 +37,9 @@ class ModelConfig:
     lora_alpha: int = _opt(32, "LoRA alpha (scale = alpha / r)")
     lora_dropout: float = _opt(0.0, "LoRA dropout; 0 keeps PPO's old/new log-probs comparable")
     lora_target_modules: list[str] = _opt_list(
-        ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
-        "module names that get LoRA adapters")
+        ["q_proj", "k_proj", "v_proj", "o_proj"],
+        "module names that get LoRA adapters; attention only, because serving two versions in one batch runs "
+        "every LoRA module once per version (all 7 projections halved pair throughput)")
 
 
 @dataclass
@@ -87,6 +88,7 @@ class PPOConfig:
     length_penalty_target: int = _opt(64, "answer length, in tokens, beyond which the length penalty applies")
     sft_coef: float = _opt(0.1, "weight of the supervised loss on human-written demonstrations")
     publish_every: int = _opt(2, "publish a new adapter version every N PPO iterations")
+    keep_versions: int = _opt(20, "published versions kept on disk (older ones are deleted; ~20 MB each)")
     min_preferences: int = _opt(4, "PPO waits until the reward model has learned from this many pairs")
     auto_rollback: bool = _opt(False, "roll back a version that loses to its predecessor by a clear margin")
     trainer_threads: int = _opt(1, "CPU threads for the trainer process (it yields the rest to chat)")

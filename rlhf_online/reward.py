@@ -255,7 +255,7 @@ class OnlineRewardLearner:
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.rm.parameters(), 1.0)
             self.optimizer.step()
-            loss_value = float(loss)
+            loss_value = float(loss.detach())
         self.rm.model.eval()
         self._remember(pref)
         self.metrics.add(correct_before, margin_before)

@@ -180,6 +180,7 @@ class TrainerWorker:
                 "base_model": self.cfg.model.model, "time": time.time()}
         info = self.registry.publish(write, meta)
         self.parent = info.name
+        self.registry.prune(self.cfg.ppo.keep_versions)
         log.info("published %s (iteration %d, reward %.3f, KL %.3f)", info.name, stats.iteration,
                  stats.mean_score, stats.kl)
         return info
