@@ -75,6 +75,7 @@ class TrainerWorker:
         self.parent = self._resume_policy()
         self._resume_reward()
         self.since_publish = 0
+        self._last_step = "idle"
 
     # ---- resume ---------------------------------------------------------------------------------------------
     def _resume_policy(self) -> str:
@@ -132,7 +133,7 @@ class TrainerWorker:
     def paused(self) -> bool:
         return self.store.get_control(PAUSED_KEY, "0") == "1"
 
-    def learn_from_votes(self, limit: int = 16) -> int:
+    def learn_from_votes(self, limit: int = 8) -> int:
         """Online reward updates for new preference pairs, then scores for the voted pairs on screen."""
         prefs = self.store.preferences_since(self.learner.last_preference_id, limit=limit)
         for pref in prefs:
@@ -202,16 +203,23 @@ class TrainerWorker:
                 self.parent = latest.name
 
     def step(self) -> str:
-        """Do one unit of work: votes first (cheap, and what people see move), then PPO."""
+        """Do one unit of work: learn new votes (cheap, and what people see move), then PPO, alternating.
+
+        Alternating matters under load: when votes arrive as fast as the reward model learns them, a
+        votes-first rule would never let PPO run, and no new version would ever reach the chat.
+        """
         if self.paused():
             return "paused"
         self.follow_rollback()
-        if self.learn_from_votes():
-            return "reward"
-        if self.ppo_ready():
+        ppo_due = self.ppo_ready() and self._last_step == "reward"
+        if not ppo_due and self.learn_from_votes():
+            self._last_step = "reward"
+        elif self.ppo_ready():
             self.ppo_iteration()
-            return "ppo"
-        return "idle"
+            self._last_step = "ppo"
+        else:
+            self._last_step = "idle"
+        return self._last_step
 
 
 def trainer_main(cfg: AppConfig, chat_busy=None, stop_event=None) -> None:

@@ -162,7 +162,7 @@ def test_corrupt_reward_checkpoint_falls_back_to_the_previous_one(cfg, caplog):
     worker.save_reward()  # checkpoint A: 3 pairs
     previous_state = worker.reward_model.state()
     seed_votes(cfg, [("What is the capital of France?", "Paris, banana.", "hello")])
-    assert worker.step() == "reward"
+    assert worker.learn_from_votes() == 1
     worker.save_reward()  # checkpoint B: 4 pairs; A becomes the .prev file
     current = cfg.data_path / REWARD_CHECKPOINT
     assert current.with_suffix(".prev.safetensors").exists()
