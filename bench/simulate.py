@@ -52,9 +52,14 @@ def vote_for(oracle, messages, answer_a: str, answer_b: str) -> str:
     return "a" if score_a > score_b else "b" if score_b > score_a else "tie"
 
 
-def head_to_head(services, oracle, prompts, newest: str) -> dict:
+def head_to_head(services, oracle, prompts) -> dict:
     """Newest version vs base on held-out prompts, one batched pair per prompt; ties count half."""
+    services.live.stop()  # compare one fixed version: no swaps while measuring
+    services.live.refresh()
+    newest, _ = services.live.newest_pair()
     wins, scores_new, scores_base = 0.0, [], []
+    if newest == BASE_VERSION:
+        return {"newest": newest, "win_rate": 0.5, "score_new": None, "score_base": None}
     for messages in prompts:
         prompt = services.generator.build_prompt(messages)
         answer_new, answer_base = services.generator.sample([prompt.input_ids] * 2, [newest, BASE_VERSION])
@@ -63,7 +68,8 @@ def head_to_head(services, oracle, prompts, newest: str) -> dict:
         scores_base.append(s_base)
         wins += 1.0 if s_new > s_base else 0.5 if s_new == s_base else 0.0
     n = max(1, len(prompts))
-    return {"win_rate": wins / n, "score_new": sum(scores_new) / n, "score_base": sum(scores_base) / n}
+    return {"newest": newest, "win_rate": wins / n, "score_new": sum(scores_new) / n,
+            "score_base": sum(scores_base) / n}
 
 
 def main(argv=None) -> int:
@@ -76,6 +82,8 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts for the final comparison")
     parser.add_argument("--max-turns", type=int, default=1, help="user turns kept from each prompt")
     parser.add_argument("--workdir", default=None, help="data and adapters folder (default: a fresh temp dir)")
+    parser.add_argument("--eval-only", action="store_true",
+                        help="skip voting; only run the final comparison on an existing --workdir")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/simulate.json")
     parser.add_argument("app_args", nargs="*", help="extra app flags after --, e.g. -- --max-new-tokens 48")
@@ -89,9 +97,11 @@ def main(argv=None) -> int:
     cfg = load_config(["--data-dir", str(workdir / "data"), "--adapters-dir", str(workdir / "adapters"),
                        "--seed", str(args.seed), *args.app_args], environ={})
     torch.manual_seed(args.seed)
-    services = build_services(cfg)
+    services = build_services(cfg, start_trainer=not args.eval_only)
     started = time.time()
     failed, votes, latencies = 0, 0, []
+    if args.eval_only:
+        votes, args.votes, args.minutes = sum(services.store.counts()["votes"].values()), 0, 0
     try:
         while votes < args.votes and time.time() - started < args.minutes * 60:
             messages = chat_prompts[votes % len(chat_prompts)]
@@ -120,10 +130,10 @@ def main(argv=None) -> int:
         while time.time() < deadline:
             time.sleep(min(5.0, max(0.0, deadline - time.time())))
             services.live.refresh()
-        services.live.refresh()
-        newest, _ = services.live.newest_pair()
-        final = head_to_head(services, oracle, held_out, newest) if newest != BASE_VERSION else \
-            {"win_rate": 0.5, "score_new": None, "score_base": None}
+        if services.supervisor is not None:
+            services.supervisor.stop()
+        final = head_to_head(services, oracle, held_out)
+        newest = final["newest"]
         ppo = services.store.latest_metrics("ppo", limit=10_000)
         reward = services.store.latest_metrics("reward", limit=1)
         result = {

@@ -9,6 +9,8 @@ logged error and the last good version keeps serving.
 
 from __future__ import annotations
 
+import collections
+import contextlib
 import json
 import logging
 import os
@@ -209,19 +211,50 @@ class LiveAdapters:
         self.generator = generator
         self.registry = registry
         self.keep = keep
-        self.loaded: list[str] = []  # oldest first
+        self.loaded: list[str] = []  # served to new requests, oldest first
         self.swaps: list[SwapEvent] = []
         self._refresh_lock = threading.Lock()
         self._stop = threading.Event()
+        self._pins: collections.Counter = collections.Counter()  # version -> requests using it
+        self._unloading: list[str] = []  # no longer served, still in the model until their last request ends
+        self._pins_lock = threading.Lock()
 
     def newest_pair(self) -> tuple[str, str]:
         """The versions a chat pair compares: newest against its predecessor (or the base)."""
         loaded = [BASE_VERSION] + self.loaded
         return loaded[-1], loaded[-2] if len(loaded) > 1 else BASE_VERSION
 
+    @contextlib.contextmanager
+    def pinned_pair(self):
+        """`newest_pair()` kept loaded until the block ends, so a swap never drops a version mid-request."""
+        with self._pins_lock:
+            pair = self.newest_pair()
+            self._pins.update(pair)
+        try:
+            yield pair
+        finally:
+            with self._pins_lock:
+                self._pins.subtract(pair)
+
+    def _stop_serving(self, names: list[str]) -> None:
+        self.loaded = [n for n in self.loaded if n not in names]
+        self._unloading.extend(n for n in names if n not in self._unloading)
+
+    def _drop_unpinned(self, model) -> list[str]:
+        """Delete adapters that no request uses any more (call with the model held)."""
+        with self._pins_lock:
+            droppable = [n for n in self._unloading if self._pins[n] <= 0]
+            self._unloading = [n for n in self._unloading if n not in droppable]
+        for name in droppable:
+            model.delete_adapter(name)
+        return droppable
+
     def refresh(self) -> SwapEvent | None:
         """Load the newest valid version if it is not loaded yet; drop versions beyond `keep`."""
         with self._refresh_lock:
+            if self._unloading:
+                with self.generator.exclusive() as model:
+                    self._drop_unpinned(model)
             latest = self.registry.latest()
             if latest is None or latest.name in self.loaded:
                 return self._sync_retired()
@@ -233,9 +266,9 @@ class LiveAdapters:
         retired = [name for name in self.loaded if name not in valid]
         if retired:
             with self.generator.exclusive() as model:
-                for name in retired:
-                    model.delete_adapter(name)
-                self.loaded = [n for n in self.loaded if n not in retired]
+                with self._pins_lock:
+                    self._stop_serving(retired)
+                self._drop_unpinned(model)
             self._reload_previous(valid)
         return None
 
@@ -255,6 +288,11 @@ class LiveAdapters:
         started = time.perf_counter()
         dropped = []
         with self.generator.exclusive() as model:  # waits for the in-flight generation to finish
+            if info.name in self._unloading:  # retired a moment ago and still in the model: serve it again
+                with self._pins_lock:
+                    self._unloading.remove(info.name)
+                    self.loaded = sorted(self.loaded + [info.name], key=version_number)
+                return SwapEvent(version=info.name, pause_ms=0.0)
             if not isinstance(model, PeftModel):
                 model = PeftModel(model, config, adapter_name=info.name)
                 self.generator.model = model
@@ -270,12 +308,10 @@ class LiveAdapters:
                 for key, tensor in weights.items():
                     params[key].copy_(tensor)
             model.eval()
-            self.loaded = self.loaded + [info.name] if newest else [info.name] + self.loaded
-            self.loaded.sort(key=version_number)
-            while len(self.loaded) > self.keep:
-                old = self.loaded.pop(0)
-                model.delete_adapter(old)
-                dropped.append(old)
+            with self._pins_lock:  # new requests get the new version from here on
+                self.loaded = sorted(self.loaded + [info.name], key=version_number)
+                self._stop_serving(self.loaded[:-self.keep] if len(self.loaded) > self.keep else [])
+            dropped = self._drop_unpinned(model)
         event = SwapEvent(version=info.name, pause_ms=(time.perf_counter() - started) * 1000, dropped=dropped)
         self.swaps.append(event)
         log.info("now serving %s (swap held the model %.0f ms; dropped %s)", info.name, event.pause_ms, dropped)

@@ -60,12 +60,13 @@ class Arena:
     """Conversations live in memory (bounded); everything that matters for learning is in the store."""
 
     def __init__(self, store: PreferenceStore, generator: Generator, sampling: SamplingConfig,
-                 pair_versions=lambda: (BASE_VERSION, BASE_VERSION), chat_busy=None, seed: int | None = None,
+                 pair_versions=None, chat_busy=None, seed: int | None = None,
                  max_conversations: int = 10_000):
         self.store = store
         self.generator = generator
         self.sampling = sampling
-        self.pair_versions = pair_versions  # () -> (newest, previous): LiveAdapters.newest_pair
+        # () -> context manager yielding (newest, previous) and keeping both loaded: LiveAdapters.pinned_pair
+        self.pair_versions = pair_versions or (lambda: contextlib.nullcontext((BASE_VERSION, BASE_VERSION)))
         self.chat_busy = chat_busy
         self.rng = random.Random(seed)
         self.max_conversations = max_conversations
@@ -135,17 +136,16 @@ class Arena:
         yield from self._sample_pair(conversation, session_id, None)
 
     def _sample_pair(self, conversation: Conversation, session_id: str, notice: str | None) -> Iterator[PairUpdate]:
-        newest, previous = self.pair_versions()
-        newest_left = self.rng.random() < 0.5
-        version_a, version_b = (newest, previous) if newest_left else (previous, newest)
-        placement = "same" if newest == previous else ("newest_left" if newest_left else "newest_right")
         prompt = self.generator.build_prompt(conversation.history + [{"role": "user",
                                                                       "content": conversation.pending_message}])
         if prompt.truncated:
             notice = " ".join(filter(None, [notice, "The conversation was too long for the model: the oldest "
                                                     "turns were left out of what it sees."]))
         update = None
-        with self._chat_busy():
+        with self.pair_versions() as (newest, previous), self._chat_busy():
+            newest_left = self.rng.random() < 0.5
+            version_a, version_b = (newest, previous) if newest_left else (previous, newest)
+            placement = "same" if newest == previous else ("newest_left" if newest_left else "newest_right")
             for update in self.generator.stream_pair(prompt, (version_a, version_b)):
                 yield PairUpdate(conversation.id, None, update.texts[0], update.texts[1], False, notice)
         answer_a, answer_b = update.texts

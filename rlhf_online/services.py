@@ -61,7 +61,7 @@ def build_services(cfg: AppConfig, start_trainer: bool | None = None) -> Service
         supervisor.start()
     else:
         log.info("background training is off (--no-train): serving and collecting votes only")
-    arena = Arena(store, generator, cfg.sampling, pair_versions=live.newest_pair, chat_busy=chat_busy,
+    arena = Arena(store, generator, cfg.sampling, pair_versions=live.pinned_pair, chat_busy=chat_busy,
                   seed=cfg.seed or None)
     return Services(cfg=cfg, store=store, registry=registry, generator=generator, live=live, arena=arena,
                     supervisor=supervisor, quantization=base.quantization)

@@ -218,3 +218,21 @@ def test_refresh_during_a_stream_waits_for_it(registry, trainer, generator):
     assert swapped.wait(10) and not failures
     assert live.loaded == ["v0002"] and set(generator.model.peft_config) == {"v0002"}
     assert generator.sample([prompt], ["v0002"], max_new_tokens=3)
+
+
+def test_a_version_in_use_survives_a_swap_until_its_request_ends(registry, trainer, generator):
+    """The race a live chat hits: versions picked for a pair, then two newer versions arrive mid-request."""
+    live = LiveAdapters(generator, registry, keep=2)
+    publish(registry, trainer, seed=1)
+    live.refresh()
+    prompt = generator.build_prompt([{"role": "user", "content": "hello"}]).input_ids
+    with live.pinned_pair() as (newest, previous):
+        assert (newest, previous) == ("v0001", BASE_VERSION)
+        for seed in (2, 3):
+            publish(registry, trainer, seed=seed)
+            live.refresh()
+        assert live.newest_pair() == ("v0003", "v0002")  # new requests get the new versions at once
+        assert "v0001" in generator.model.peft_config  # ...but this request's version is still there
+        assert len(generator.sample([prompt, prompt], [newest, previous])) == 2
+    live.refresh()  # after the request, the next refresh drops it
+    assert set(generator.model.peft_config) == {"v0002", "v0003"}
