@@ -76,14 +76,20 @@ class TrainerSupervisor:
             self._stop.wait(backoff)
 
     def stop(self, timeout_s: float = 10.0) -> None:
-        """Ask the trainer to finish its step and checkpoint; kill it if it does not."""
+        """Ask the trainer to finish its step and checkpoint; kill it if it does not.
+
+        The watcher thread is joined first, so a trainer it spawned in the same instant is not missed.
+        """
         self._stop.set()
         self._stop_child.set()
-        if self._process is not None and self._process.is_alive():
-            self._process.join(timeout_s)
-            if self._process.is_alive():
-                self._process.kill()
-                self._process.join(2)
+        if self._thread is not None and self._thread is not threading.current_thread():
+            self._thread.join(timeout_s)
+        process = self._process
+        if process is not None and process.is_alive():
+            process.join(timeout_s)
+            if process.is_alive():
+                process.kill()
+                process.join(2)
         self.status.alive = False
 
     def kill_trainer(self) -> None:

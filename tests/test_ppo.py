@@ -200,7 +200,7 @@ def test_sft_loss_decreases_on_a_demonstration(tiny_model_dir, tokenizer):
     trainer._activate_policy()
     trainer.policy.peft_model.train()
     losses = []
-    for _ in range(6):
+    for _ in range(12):
         loss = trainer.sft_loss(demo)
         optimizer.zero_grad()
         loss.backward()

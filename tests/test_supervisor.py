@@ -213,6 +213,7 @@ def test_real_trainer_survives_a_kill_and_never_leaves_a_half_written_version(tm
         time.sleep(0.15)  # land the kill somewhere inside a PPO iteration or a publish
         supervisor.kill_trainer()
         wait_for(lambda: supervisor.status.starts == 2, 10, what="the restart")
+        check_adapters_folder(registry, seen)  # count what the killed trainer published before it died
         before_restart = len(seen)
         watch_until(lambda: len(seen) >= before_restart + 2 and supervisor.status.alive, 90,
                     "the restarted trainer to publish")
