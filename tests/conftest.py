@@ -31,3 +31,14 @@ def embedded_source() -> str:
     from rlhf_online.models import resolve_model_source
 
     return resolve_model_source(ModelConfig())
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One torch thread, as the trainer runs: on 2 shared cores, more threads made training tests ~10x slower."""
+    import torch
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)

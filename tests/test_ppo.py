@@ -25,12 +25,8 @@ PROMPTS = [[{"role": "user", "content": "hello how are you today?"}],
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as the trainer runs: on 2 shared cores, more threads make these tests ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_torch_thread):
+    """One torch thread, as the trainer runs (see conftest)."""
 
 
 @pytest.fixture(autouse=True)

@@ -35,12 +35,8 @@ def synthetic_preferences(n: int, seed: int, first_id: int = 1) -> list[Preferen
 
 
 @pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """One torch thread, as the trainer runs: on 2 shared cores, more threads make these tests ~10x slower."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+def _one_thread(one_torch_thread):
+    """One torch thread, as the trainer runs (see conftest)."""
 
 
 @pytest.fixture(scope="module")
