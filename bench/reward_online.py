@@ -30,9 +30,15 @@ class Pair:
     weight: float = 1.0
 
 
-def eval_accuracy(rm: RewardModel, pairs: list[Pair]) -> float:
-    chosen = rm.score([(p.prompt, p.chosen) for p in pairs])
-    rejected = rm.score([(p.prompt, p.rejected) for p in pairs])
+def eval_accuracy(rm: RewardModel, pairs: list[Pair], threads: int) -> float:
+    """Held-out accuracy; evaluation is not part of the app's path, so it may use every core."""
+    update_threads = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        chosen = rm.score([(p.prompt, p.chosen) for p in pairs])
+        rejected = rm.score([(p.prompt, p.rejected) for p in pairs])
+    finally:
+        torch.set_num_threads(update_threads)
     return preference_accuracy(torch.tensor(chosen), torch.tensor(rejected))
 
 
@@ -51,7 +57,8 @@ def main(argv=None) -> int:
     parser.add_argument("--limit", type=int, default=None, help="stream at most N training pairs")
     parser.add_argument("--eval-every", type=int, default=100, help="evaluate every N pairs")
     parser.add_argument("--model", default="embedded")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="threads for updates (the trainer uses 1)")
+    parser.add_argument("--eval-threads", type=int, default=2, help="threads for evaluation")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default="bench/results/reward_online.json")
     args = parser.parse_args(argv)
@@ -74,14 +81,14 @@ def main(argv=None) -> int:
     rm = RewardModel(attach_reward_adapter(base, cfg.model, cfg.reward), tokenizer, cfg.reward)
     learner = OnlineRewardLearner(rm, cfg.reward, seed=args.seed)
 
-    curve = [{"pairs": 0, "eval_accuracy": eval_accuracy(rm, evaluation)}]
+    curve = [{"pairs": 0, "eval_accuracy": eval_accuracy(rm, evaluation, args.eval_threads)}]
     print(f"{'pairs':>6} {'eval_acc':>9} {'preq_acc':>9} {'recent50':>9} {'s/update':>9}")
     update_seconds = []
     started = time.time()
     for i, pair in enumerate(train, start=1):
         update_seconds.append(learner.observe(pair).seconds)
         if i % args.eval_every == 0 or i == len(train):
-            curve.append({"pairs": i, "eval_accuracy": eval_accuracy(rm, evaluation)})
+            curve.append({"pairs": i, "eval_accuracy": eval_accuracy(rm, evaluation, args.eval_threads)})
             m = learner.metrics.summary()
             print(f"{i:>6} {curve[-1]['eval_accuracy']:>9.3f} {m['prequential_accuracy']:>9.3f} "
                   f"{m['recent_accuracy']:>9.3f} {sum(update_seconds) / len(update_seconds):>9.2f}", flush=True)

@@ -32,6 +32,8 @@ log = logging.getLogger(__name__)
 VALUE_HEAD_FILE = "value_head.safetensors"
 REWARD_CHECKPOINT = "reward_model.safetensors"
 PAUSED_KEY = "training_paused"
+AUTO_ROLLBACK_MIN_VOTES = 20  # human votes between a version and its predecessor before judging it
+AUTO_ROLLBACK_MAX_WIN_RATE = 0.35  # "loses by a clear margin": about 2 of 3 votes against it
 CHECKPOINT_EVERY = 10  # reward updates between checkpoints: a crash loses at most this many (they are re-learned)
 
 
@@ -202,6 +204,23 @@ class TrainerWorker:
                 self.load_policy_version(latest)
                 self.parent = latest.name
 
+    def auto_rollback(self) -> str | None:
+        """Retire the version being trained on if people clearly prefer its predecessor; return the new parent."""
+        if not self.cfg.ppo.auto_rollback or self.parent == BASE_VERSION:
+            return None
+        for record in self.store.version_win_rates():
+            if record.newer == self.parent and record.total >= AUTO_ROLLBACK_MIN_VOTES \
+                    and record.win_rate <= AUTO_ROLLBACK_MAX_WIN_RATE:
+                self.registry.retire_after(record.older)
+                self.store.record_metric("rollback", self.ppo.iterations, {
+                    "retired": self.parent, "back_to": record.older, "win_rate": record.win_rate,
+                    "votes": record.total})
+                log.warning("auto-rollback: %s won %.0f%% of %d votes against %s", self.parent,
+                            100 * record.win_rate, record.total, record.older)
+                self.follow_rollback()
+                return self.parent
+        return None
+
     def step(self) -> str:
         """Do one unit of work: learn new votes (cheap, and what people see move), then PPO, alternating.
 
@@ -211,6 +230,7 @@ class TrainerWorker:
         if self.paused():
             return "paused"
         self.follow_rollback()
+        self.auto_rollback()
         ppo_due = self.ppo_ready() and self._last_step == "reward"
         if not ppo_due and self.learn_from_votes():
             self._last_step = "reward"

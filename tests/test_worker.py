@@ -245,3 +245,34 @@ def test_chat_yield_waits_while_the_chat_generates_but_not_forever():
     began = time.monotonic()
     ChatYield(None)()
     assert time.monotonic() - began < 0.05
+
+
+def human_votes(cfg: AppConfig, newer: str, older: str, wins: int, losses: int) -> None:
+    """Votes people cast on pairs of `newer` (left) against `older` (right)."""
+    with PreferenceStore(store_path(cfg.data_path)) as store:
+        for i in range(wins + losses):
+            pair_id = store.record_pair(conversation_id=f"h{i}", turn=0, messages=[{"role": "user", "content": "hi"}],
+                                        answer_a=f"new {i}", answer_b=f"old {i}", version_a=newer, version_b=older,
+                                        sampling={}, session_id="s", placement="newest_left")
+            store.record_vote(pair_id=pair_id, choice="a" if i < wins else "b", session_id="s")
+
+
+def test_auto_rollback_retires_a_version_people_clearly_reject(cfg):
+    cfg.ppo.auto_rollback = True
+    worker = TrainerWorker(cfg)
+    assert worker.step() == "reward" and worker.step() == "ppo" and worker.step() == "ppo"
+    assert worker.parent == "v0002"
+    human_votes(cfg, "v0002", "v0001", wins=6, losses=14)  # 30% over 20 votes: a clear loss
+    assert worker.auto_rollback() == "v0001"
+    assert [v.name for v in worker.registry.versions()] == ["v0001"]
+    assert worker.store.latest_metrics("rollback")[-1].values["retired"] == "v0002"
+
+
+def test_auto_rollback_waits_for_enough_votes_and_a_clear_margin(cfg):
+    cfg.ppo.auto_rollback = True
+    worker = TrainerWorker(cfg)
+    assert worker.step() == "reward" and worker.step() == "ppo" and worker.step() == "ppo"
+    human_votes(cfg, "v0002", "v0001", wins=2, losses=8)  # bad, but only 10 votes
+    assert worker.auto_rollback() is None
+    human_votes(cfg, "v0002", "v0001", wins=8, losses=2)  # now 10 of 20: no clear loss
+    assert worker.auto_rollback() is None and worker.parent == "v0002"
