@@ -25,7 +25,7 @@ from pathlib import Path
 
 import torch
 from peft import LoraConfig, PeftModel
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 
 from rlhf_online.generation import BASE_VERSION, Generator
 
@@ -187,7 +187,7 @@ def save_peft_adapter(model: PeftModel, adapter_name: str, folder: Path) -> None
         nested.rmdir()
 
 
-def _lora_state_for(weights: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
+def lora_state_for(weights: dict[str, torch.Tensor], adapter_name: str) -> dict[str, torch.Tensor]:
     """Map saved keys (`...q_proj.lora_A.weight`) to live parameter names (`...q_proj.lora_A.<name>.weight`)."""
     return {re.sub(r"\.(lora_[AB])\.weight$", rf".\1.{adapter_name}.weight", key): t for key, t in weights.items()}
 
@@ -284,7 +284,7 @@ class LiveAdapters:
     def _load(self, info, newest: bool = True) -> SwapEvent:
         config = LoraConfig.from_pretrained(str(info.path))
         config.inference_mode = True
-        weights = _lora_state_for(load_file(str(info.path / ADAPTER_WEIGHTS)), info.name)
+        weights = lora_state_for(load_file(str(info.path / ADAPTER_WEIGHTS)), info.name)
         started = time.perf_counter()
         dropped = []
         with self.generator.exclusive() as model:  # waits for the in-flight generation to finish

@@ -25,7 +25,7 @@ from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 from rlhf_online.config import PPOConfig, SamplingConfig
 from rlhf_online.models import POLICY_ADAPTER, lora_parameters
 from rlhf_online.rl_math import (clipped_policy_loss, clipped_value_loss, explained_variance, gae_advantages,
-                                 kl_k3, length_penalty, make_kl_controller, masked_mean, masked_whiten,
+                                 length_penalty, make_kl_controller, masked_mean, masked_whiten,
                                  per_token_rewards)
 
 COLD_START_PROMPTS = [
@@ -281,13 +281,6 @@ class PPOTrainer:
         if len(pool) < self.cfg.ppo_batch_size:
             pool += [[{"role": "user", "content": p}] for p in COLD_START_PROMPTS]
         return [self.rng.choice(pool) for _ in range(self.cfg.ppo_batch_size)]
-
-    def state(self) -> dict[str, torch.Tensor]:
-        return {f"value_head.{k}": v.detach().clone() for k, v in self.policy.value_head.state_dict().items()}
-
-    def mean_kl_k3(self, scored: Scored, mask: torch.Tensor) -> float:
-        """Reporting-only KL with the non-negative k3 estimator (k1 can dip below zero per sample)."""
-        return float(masked_mean(kl_k3(scored.old_logprobs, scored.ref_logprobs), mask))
 
 
 def _mask_through_first_eos(response: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:

@@ -17,7 +17,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf_online.adapters import (ADAPTER_WEIGHTS, AdapterRegistry, VersionInfo, _lora_state_for,
+from rlhf_online.adapters import (ADAPTER_WEIGHTS, AdapterRegistry, VersionInfo, lora_state_for,
                                   save_peft_adapter, version_number)
 from rlhf_online.config import AppConfig
 from rlhf_online.generation import BASE_VERSION
@@ -90,7 +90,7 @@ class TrainerWorker:
         return latest.name
 
     def load_policy_version(self, info: VersionInfo) -> None:
-        weights = _lora_state_for(load_file(str(info.path / ADAPTER_WEIGHTS)), POLICY_ADAPTER)
+        weights = lora_state_for(load_file(str(info.path / ADAPTER_WEIGHTS)), POLICY_ADAPTER)
         params = dict(self.peft.named_parameters())
         with torch.no_grad():
             for key, tensor in weights.items():
