@@ -3,7 +3,6 @@ reference log-probs everything else rests on."""
 
 import contextlib
 import math
-import warnings
 
 import pytest
 import torch
@@ -24,16 +23,8 @@ PROMPTS = [[{"role": "user", "content": "hello how are you today?"}],
            [{"role": "user", "content": "What is the capital of France?"}]]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    """One torch thread, as the trainer runs (see conftest)."""
-
-
-@pytest.fixture(autouse=True)
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+# One torch thread, as the trainer runs (see conftest); library deprecation warnings are noise here.
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("ignore")]
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,6 @@ import logging
 import re
 import threading
 import time
-import warnings
 from types import SimpleNamespace
 
 import pytest
@@ -26,16 +25,8 @@ VOTES = [("hello how are you today?", "I am fine, thank you. banana", "Paris."),
          ("What is two plus two?", "It is four. banana", "hello")]
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _one_thread(one_torch_thread):
-    """One torch thread, as the trainer runs (see conftest)."""
-
-
-@pytest.fixture(autouse=True)
-def quiet():
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        yield
+# One torch thread, as the trainer runs (see conftest); library deprecation warnings are noise here.
+pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("ignore")]
 
 
 def make_config(root, tiny_model_dir) -> AppConfig:
