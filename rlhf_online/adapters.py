@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import copy
 import json
 import logging
 import os
@@ -199,6 +200,9 @@ class SwapEvent:
     dropped: list[str] = field(default_factory=list)
 
 
+PLACEHOLDER_ADAPTER = "unserved-placeholder"
+
+
 class LiveAdapters:
     """Keeps the newest published versions loaded in the serving model and switches new requests to them.
 
@@ -207,8 +211,11 @@ class LiveAdapters:
     So the file is read outside the model lock, and under it we only `add_adapter` and copy the LoRA tensors.
     """
 
-    def __init__(self, generator: Generator, registry: AdapterRegistry, keep: int = 2):
+    def __init__(self, generator: Generator, registry: AdapterRegistry, keep: int = 2,
+                 lora_shape: LoraConfig | None = None):
         self.generator = generator
+        if lora_shape is not None:
+            self._wrap_for_adapters(lora_shape)
         self.registry = registry
         self.keep = keep
         self.loaded: list[str] = []  # served to new requests, oldest first
@@ -218,6 +225,20 @@ class LiveAdapters:
         self._pins: collections.Counter = collections.Counter()  # version -> requests using it
         self._unloading: list[str] = []  # no longer served, still in the model until their last request ends
         self._pins_lock = threading.Lock()
+
+    def _wrap_for_adapters(self, lora_shape: LoraConfig) -> None:
+        """Wrap the serving model in PEFT now, before it serves, so that every later swap is a cheap `add_adapter`.
+
+        Wrapping injects LoRA layers into every target module (2.2 s measured on the embedded model); done
+        lazily at the first publish, it held the model lock and stalled live chat for that long. The
+        placeholder adapter is never named in a request, so it changes no answer.
+        """
+        model = self.generator.model
+        if isinstance(model, PeftModel):
+            return
+        config = copy.deepcopy(lora_shape)
+        config.inference_mode = True
+        self.generator.model = PeftModel(model, config, adapter_name=PLACEHOLDER_ADAPTER).eval()
 
     def newest_pair(self) -> tuple[str, str]:
         """The versions a chat pair compares: newest against its predecessor (or the base)."""

@@ -12,7 +12,7 @@ from rlhf_online.adapters import AdapterRegistry, LiveAdapters
 from rlhf_online.arena import Arena
 from rlhf_online.config import AppConfig
 from rlhf_online.generation import Generator
-from rlhf_online.models import load_base_model, load_tokenizer, resolve_model_source
+from rlhf_online.models import load_base_model, load_tokenizer, lora_config, resolve_model_source
 from rlhf_online.store import PreferenceStore, store_path
 from rlhf_online.supervisor import TrainerSupervisor
 
@@ -48,7 +48,7 @@ def build_services(cfg: AppConfig, start_trainer: bool | None = None) -> Service
     tokenizer = load_tokenizer(source)
     base = load_base_model(source, cfg.model.quantization, for_training=False)
     generator = Generator(base.model, tokenizer, cfg.sampling)
-    live = LiveAdapters(generator, registry)
+    live = LiveAdapters(generator, registry, lora_shape=lora_config(cfg.model))
     try:
         live.refresh()
     except Exception:

@@ -236,3 +236,24 @@ def test_a_version_in_use_survives_a_swap_until_its_request_ends(registry, train
         assert len(generator.sample([prompt, prompt], [newest, previous])) == 2
     live.refresh()  # after the request, the next refresh drops it
     assert set(generator.model.peft_config) == {"v0002", "v0003"}
+
+
+def test_wrapping_at_startup_changes_no_answer_and_makes_the_first_swap_an_add(registry, trainer, generator,
+                                                                                 tokenizer):
+    batch = tokenizer(["hello how are you today?"], return_tensors="pt")
+    with torch.inference_mode():
+        unwrapped = generator.model(**batch).logits
+    live = LiveAdapters(generator, registry, lora_shape=models.lora_config(ModelConfig()))
+    wrapped = generator.model
+    assert isinstance(wrapped, PeftModel)
+    with torch.inference_mode():
+        base = wrapped(**batch, adapter_names=[PEFT_BASE]).logits
+    assert torch.allclose(base, unwrapped, atol=1e-5)
+    assert live.newest_pair() == (BASE_VERSION, BASE_VERSION)
+
+    publish(registry, trainer, seed=1)
+    live.refresh()
+    assert generator.model is wrapped  # the swap added an adapter to the wrapped model, it did not re-wrap it
+    assert live.newest_pair() == ("v0001", BASE_VERSION)
+    prompt = generator.build_prompt([{"role": "user", "content": "hello"}]).input_ids
+    assert len(generator.sample([prompt] * 2, ["v0001", BASE_VERSION], max_new_tokens=4)) == 2
