@@ -21,6 +21,16 @@ def _opt(default, help: str, env: tuple[str, ...] = ()):
     return field(default=default, metadata={"help": help, "env": env})
 
 
+def _secret(help: str, env: tuple[str, ...]):
+    """A setting read only from the environment: no CLI flag (flags show up in `ps` and shell history), no
+    default in --help, and left out of the dataclass repr so logging a config never prints it."""
+    return field(default="", repr=False, metadata={"help": help, "env": env, "secret": True})
+
+
+def is_secret(f: dataclasses.Field) -> bool:
+    return bool(f.metadata.get("secret"))
+
+
 def _opt_list(default: list, help: str):
     return field(default_factory=lambda: list(default), metadata={"help": help, "env": ()})
 
@@ -72,9 +82,12 @@ class PPOConfig:
     """The background LoRA-PPO loop."""
 
     ppo_batch_size: int = _opt(8, "answers sampled per PPO iteration")
+    samples_per_prompt: int = _opt(2, "answers sampled per prompt in a PPO batch; scores are centred on each "
+                                       "prompt's mean, because a Bradley-Terry reward model only knows differences "
+                                       "between answers to the same prompt (1 = no centring)")
     ppo_minibatch_size: int = _opt(4, "answers per gradient step")
     ppo_epochs: int = _opt(2, "passes over each rollout batch")
-    ppo_lr: float = _opt(1e-4, "AdamW learning rate of the policy adapter and value head")
+    ppo_lr: float = _opt(3e-4, "AdamW learning rate of the policy adapter and value head")
     ppo_max_new_tokens: int = _opt(48, "answer length during rollouts")
     gamma: float = _opt(1.0, "discount; 1 because the only real reward comes at the end of an answer")
     lam: float = _opt(0.95, "GAE lambda")
@@ -92,6 +105,62 @@ class PPOConfig:
     min_preferences: int = _opt(4, "PPO waits until the reward model has learned from this many pairs")
     auto_rollback: bool = _opt(False, "roll back a version that loses to its predecessor by a clear margin")
     trainer_threads: int = _opt(1, "CPU threads for the trainer process (it yields the rest to chat)")
+    trainer_yield: bool = _opt(False, "also pause training between steps while a chat answer is generating; off "
+                                      "by default because the trainer already runs at the lowest OS priority, "
+                                      "which yields the CPU to chat at a finer grain (see bench/chat_latency.py)")
+
+
+@dataclass
+class FeedbackConfig:
+    """AI feedback from written principles (Constitutional AI / RLAIF): a second, separately recorded source."""
+
+    feedback_mode: str = _opt("human", "where preferences come from: human (votes only), ai (the trainer samples "
+                                       "pairs from stored prompts and the AI judge labels them), or mixed (AI "
+                                       "labels fill in between human votes, weighted lower); the admin can "
+                                       "switch it at run time")
+    judge_model: str = _opt("", "AI judge: '' = the policy's own base model with adapters disabled (no second "
+                                "model in memory), or a Hugging Face model id or local folder")
+    constitution_file: str = _opt("", "the principles the judge applies ('' = the shipped "
+                                      "rlhf_online/constitution.md); an admin edit in the UI, saved as "
+                                      "<data-dir>/constitution.md, takes precedence")
+    ai_weight: float = _opt(0.5, "weight of an AI label in the reward loss in mixed mode (a human vote weighs 1; "
+                                 "in ai mode AI labels weigh 1)")
+    judge_margin: float = _opt(0.05, "the judge abstains unless its order-averaged P(A better) is at least this "
+                                     "far from 0.5")
+    ai_labels_per_step: int = _opt(2, "pairs the AI judge labels per trainer step (rate limit)")
+    judge_max_tokens: int = _opt(768, "longest judging prompt in tokens; the oldest conversation turns and the "
+                                      "ends of long answers are cut first")
+
+
+@dataclass
+class LimitsConfig:
+    """Abuse limits and admin access, for an app open to the public (one visitor must not flood the reward model).
+
+    A vote needs a pair, and a pair needs a chat, so the chat limits also bound votes; the stored-vote cap bounds
+    what one session can ever contribute (data poisoning), whatever its pace.
+    """
+
+    votes_per_minute: int = _opt(30, "votes one session may cast per minute (0 = no limit)")
+    client_votes_per_minute: int = _opt(240, "votes one client address may cast per minute, all its sessions "
+                                             "together (0 = no limit)")
+    max_votes_per_session: int = _opt(500, "votes stored per session, ever; later ones are refused (0 = no cap)")
+    chats_per_minute: int = _opt(20, "messages (and regenerations) one session may send per minute (0 = no limit)")
+    client_chats_per_minute: int = _opt(120, "messages one client address may send per minute (0 = no limit)")
+    queue_concurrency: int = _opt(4, "requests Gradio runs at once per event (the rest wait in the queue)")
+    queue_max_size: int = _opt(64, "requests waiting in Gradio's queue before new ones are turned away")
+    admin_token: str = _secret("token that unlocks the admin actions; unset: admin actions only when listening "
+                               "on a loopback address", env=("ADMIN_TOKEN",))
+
+
+@dataclass
+class HubConfig:
+    """Optional persistence to Hugging Face Hub repos (Spaces' disk is wiped on restart)."""
+
+    hub_dataset_repo: str = _opt("", "dataset repo id (user/name) to back up preferences to and restore from; "
+                                     "'' = off")
+    hub_adapters_repo: str = _opt("", "model repo id for published adapters ('' = inside the dataset repo)")
+    hub_sync_minutes: float = _opt(10.0, "minutes between background pushes to the Hub")
+    hf_token: str = _secret("Hugging Face token with write access to the --hub-*-repo repos", env=("HF_TOKEN",))
 
 
 @dataclass
@@ -109,6 +178,9 @@ class AppConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
+    limits: LimitsConfig = field(default_factory=LimitsConfig)
+    hub: HubConfig = field(default_factory=HubConfig)
+    feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
 
     @property
     def data_path(self) -> Path:
@@ -168,8 +240,12 @@ def build_parser(cfg: AppConfig | None = None) -> argparse.ArgumentParser:
     cfg = cfg or AppConfig()
     parser = argparse.ArgumentParser(
         description="rlhf_online: chat, vote between two answers, and watch a LoRA-PPO policy learn from it.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        epilog="secrets, read from the environment only: " + "; ".join(
+            f"{' or '.join(env_names(f))}: {f.metadata['help']}" for _, f in _leaf_fields(cfg) if is_secret(f)))
     for owner, f in _leaf_fields(cfg):
+        if is_secret(f):
+            continue
         kind = _field_type(owner, f)
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} [env: {', '.join(env_names(f))}]"
@@ -189,5 +265,6 @@ def load_config(argv: list[str] | None = None, environ: typing.Mapping[str, str]
     cfg = apply_environment(AppConfig(), os.environ if environ is None else environ)
     args = build_parser(cfg).parse_args(argv)
     for owner, f in _leaf_fields(cfg):
-        setattr(owner, f.name, getattr(args, f.name))
+        if not is_secret(f):
+            setattr(owner, f.name, getattr(args, f.name))
     return cfg

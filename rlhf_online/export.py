@@ -48,9 +48,13 @@ def _assistant(text: str) -> list[dict[str, str]]:
 
 
 def preference_records(store: PreferenceStore) -> list[dict[str, Any]]:
-    """Rows in TRL's conversational preference form (explicit prompt, one-message answers)."""
+    """Rows in TRL's conversational preference form (explicit prompt, one-message answers).
+
+    Each row keeps where it came from (human, ai or import), its training weight, and for AI labels the judge
+    and constitution version, so a later run can filter or re-weight AI feedback instead of mixing it blindly.
+    """
     return [{"prompt": row.prompt, "chosen": _assistant(row.chosen), "rejected": _assistant(row.rejected),
-             "source": row.source, "weight": row.weight} for row in store.preferences_since(0)]
+             "source": row.source, "weight": row.weight, "judge": row.judge} for row in store.preferences_since(0)]
 
 
 def sft_records(store: PreferenceStore) -> list[dict[str, Any]]:
@@ -83,7 +87,8 @@ def export_trl(store: PreferenceStore, out_dir: str | Path) -> ExportSummary:
     _write_jsonl(out / PREFERENCES_JSONL, preferences)
     _write_jsonl(out / SFT_JSONL, demonstrations)
     _save_dataset(preferences, {"prompt": "messages", "chosen": "messages", "rejected": "messages",
-                                "source": "string", "weight": "float64"}, out / PREFERENCES_DATASET)
+                                "source": "string", "weight": "float64", "judge": "string"},
+                  out / PREFERENCES_DATASET)
     _save_dataset(demonstrations, {"messages": "messages"}, out / SFT_DATASET)
     counts = store.counts()
     return ExportSummary(out_dir=out, preferences=len(preferences), demonstrations=len(demonstrations),

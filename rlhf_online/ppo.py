@@ -13,6 +13,7 @@ to human text while the reward model is still weak.
 
 from __future__ import annotations
 
+import json
 import random
 import time
 from collections.abc import Callable
@@ -24,8 +25,8 @@ from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from rlhf_online.config import PPOConfig, SamplingConfig
 from rlhf_online.models import POLICY_ADAPTER, lora_parameters
-from rlhf_online.rl_math import (clipped_policy_loss, clipped_value_loss, explained_variance, gae_advantages,
-                                 length_penalty, make_kl_controller, masked_mean, masked_whiten,
+from rlhf_online.rl_math import (center_per_prompt, clipped_policy_loss, clipped_value_loss, explained_variance,
+                                 gae_advantages, length_penalty, make_kl_controller, masked_mean, masked_whiten,
                                  per_token_rewards)
 
 COLD_START_PROMPTS = [
@@ -188,13 +189,16 @@ class PPOTrainer:
         lengths = rollout.response_mask.sum(1)  # (B,)
         if self.cfg.length_penalty:
             scores = scores + length_penalty(lengths, self.cfg.length_penalty_target, self.cfg.length_penalty)
+        # Several answers per prompt: the reward model's score only means something relative to the others.
+        terminal = center_per_prompt(scores, _prompt_groups(rollout.messages)) \
+            if self.cfg.samples_per_prompt > 1 else scores  # (B,)
         self._activate_policy()
         _, old_logprobs, old_values = self._logprobs(rollout)
         self.yield_fn()
         with self.policy.peft_model.disable_adapter():  # the reference: the same base without any adapter
             _, ref_logprobs, _ = self._logprobs(rollout, with_values=False)
         mask = rollout.response_mask
-        rewards, kl = per_token_rewards(scores, old_logprobs, ref_logprobs, mask, self.kl_ctl.kl_coef)  # (B, R)
+        rewards, kl = per_token_rewards(terminal, old_logprobs, ref_logprobs, mask, self.kl_ctl.kl_coef)  # (B, R)
         advantages, returns = gae_advantages(rewards, old_values, mask, self.cfg.gamma, self.cfg.lam)  # (B, R)
         advantages = masked_whiten(advantages, mask)
         return Scored(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values,
@@ -276,11 +280,21 @@ class PPOTrainer:
             seconds=time.perf_counter() - started)
 
     def sample_prompts(self, recent: list[list[dict]]) -> list[list[dict]]:
-        """Prompts from real recent conversations, topped up from a built-in list on a cold start."""
+        """Prompts from real recent conversations (topped up from a built-in list on a cold start), each
+        repeated `samples_per_prompt` times in a row so its answers can be compared with each other."""
         pool = list(recent) or [[{"role": "user", "content": p}] for p in COLD_START_PROMPTS]
-        if len(pool) < self.cfg.ppo_batch_size:
+        repeats = max(1, self.cfg.samples_per_prompt)
+        distinct = max(1, self.cfg.ppo_batch_size // repeats)
+        if len(pool) < distinct:
             pool += [[{"role": "user", "content": p}] for p in COLD_START_PROMPTS]
-        return [self.rng.choice(pool) for _ in range(self.cfg.ppo_batch_size)]
+        chosen = self.rng.sample(pool, min(distinct, len(pool)))
+        return [messages for messages in chosen for _ in range(repeats)]
+
+
+def _prompt_groups(prompts: list[list[dict]]) -> torch.Tensor:
+    """(B,) one integer id per distinct prompt, so answers to the same prompt share a baseline."""
+    ids: dict[str, int] = {}
+    return torch.tensor([ids.setdefault(json.dumps(m, sort_keys=True), len(ids)) for m in prompts])
 
 
 def _mask_through_first_eos(response: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:

@@ -201,6 +201,25 @@ def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     return (torch.exp(log_r) - 1) - log_r
 
 
+def center_per_prompt(scores: torch.Tensor, group_ids: torch.Tensor) -> torch.Tensor:
+    """Subtract from each score the mean score of the answers to the same prompt (a per-prompt baseline).
+
+    Why: a Bradley-Terry reward model is trained only on differences between answers to one prompt, so the
+    level of its score from one prompt to another is arbitrary; compared across prompts it is noise that a
+    small batch cannot average away. Centering within the prompt's group keeps exactly the part the reward
+    model learned (RLOO, Ahmadian et al. 2024; GRPO, Shao et al. 2024 use the same baseline). The baseline
+    does not depend on the answer being scored beyond its own 1/k share, so the policy gradient keeps its
+    direction. A prompt answered once gets 0.
+
+    ``scores`` (B,), ``group_ids`` (B,) integer id of each row's prompt. Returns (B,).
+    """
+    _, inverse = torch.unique(group_ids, return_inverse=True)  # (B,) group index 0..G-1
+    groups = int(inverse.max()) + 1 if inverse.numel() else 0
+    sums = torch.zeros(groups, dtype=scores.dtype).index_add_(0, inverse, scores)  # (G,)
+    counts = torch.zeros(groups, dtype=scores.dtype).index_add_(0, inverse, torch.ones_like(scores))  # (G,)
+    return scores - (sums / counts)[inverse]  # (B,)
+
+
 def per_token_rewards(
     score: torch.Tensor,
     logprobs: torch.Tensor,

@@ -25,6 +25,7 @@ DB_FILENAME = "preferences.sqlite"
 CHOICES = ("a", "b", "tie", "both_bad")
 VOTE_SOURCES = ("human", "ai")
 PREFERENCE_SOURCES = ("human", "ai", "import")
+AI_PLACEMENT = "ai_generated"  # placement of pairs the trainer sampled for the AI judge; nobody was shown them
 
 
 def store_path(data_dir: str | Path) -> Path:
@@ -111,9 +112,39 @@ def _add_reward_model_version(conn: sqlite3.Connection) -> None:
     conn.execute("CREATE INDEX IF NOT EXISTS idx_preferences_source ON preferences(source)")
 
 
+def _one_vote_per_pair_and_source(conn: sqlite3.Connection) -> None:
+    """Let a pair carry one human vote *and* one AI label (version 2 allowed one vote per pair).
+
+    SQLite cannot drop a UNIQUE constraint, so the table is rebuilt as its documented ALTER procedure says (new
+    table, copy, drop, rename; `migrate` turns foreign keys off around it); vote ids are kept, so the
+    preferences and demonstrations that point at them stay valid, which the foreign-key check confirms.
+    """
+    conn.execute("""CREATE TABLE votes_v3 (
+        id INTEGER PRIMARY KEY,
+        pair_id INTEGER NOT NULL REFERENCES pairs(id),
+        choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')),
+        better_answer TEXT,
+        session_id TEXT,
+        source TEXT NOT NULL DEFAULT 'human' CHECK (source IN ('human', 'ai')),
+        judge TEXT,
+        weight REAL NOT NULL DEFAULT 1.0,
+        created_at REAL NOT NULL,
+        UNIQUE (pair_id, source)
+    )""")
+    conn.execute("INSERT INTO votes_v3 (id, pair_id, choice, better_answer, session_id, source, judge, weight, "
+                 "created_at) SELECT id, pair_id, choice, better_answer, session_id, source, judge, weight, "
+                 "created_at FROM votes")
+    conn.execute("DROP TABLE votes")
+    conn.execute("ALTER TABLE votes_v3 RENAME TO votes")
+    broken = conn.execute("PRAGMA foreign_key_check").fetchall()
+    if broken:
+        raise sqlite3.IntegrityError(f"votes rebuild left {len(broken)} dangling references; nothing was changed")
+
+
 MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     _V1_TABLES,
     _add_reward_model_version,
+    _one_vote_per_pair_and_source,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -177,23 +208,30 @@ def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
     """
     if not 0 <= target <= SCHEMA_VERSION:
         raise ValueError(f"target schema version must be between 0 and {SCHEMA_VERSION}, got {target}")
-    while True:
-        with _transaction(conn):
-            current = _schema_version(conn)
-            if current > SCHEMA_VERSION:
-                raise SchemaVersionError(
-                    f"the preference database has schema version {current}, but this code only knows versions "
-                    f"up to {SCHEMA_VERSION}; upgrade rlhf_online before opening it")
-            if current >= target:
-                return current
-            step = MIGRATIONS[current]
-            if callable(step):
-                step(conn)
-            else:
-                for statement in _statements(step):
-                    conn.execute(statement)
-            conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
-                         "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(current + 1),))
+    # Rebuilding a table drops one that others reference; SQLite's ALTER procedure does that with foreign keys
+    # off (the pragma is ignored inside a transaction, hence here) and checks them before committing.
+    foreign_keys = conn.execute("PRAGMA foreign_keys").fetchone()[0]
+    conn.execute("PRAGMA foreign_keys=OFF")
+    try:
+        while True:
+            with _transaction(conn):
+                current = _schema_version(conn)
+                if current > SCHEMA_VERSION:
+                    raise SchemaVersionError(
+                        f"the preference database has schema version {current}, but this code only knows "
+                        f"versions up to {SCHEMA_VERSION}; upgrade rlhf_online before opening it")
+                if current >= target:
+                    return current
+                step = MIGRATIONS[current]
+                if callable(step):
+                    step(conn)
+                else:
+                    for statement in _statements(step):
+                        conn.execute(statement)
+                conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
+                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(current + 1),))
+    finally:
+        conn.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
 
 
 def _describe_failure(error: sqlite3.Error) -> str:
@@ -249,6 +287,7 @@ class Preference:
     rejected: str
     source: str
     weight: float
+    judge: str | None = None  # AI labels: "<judge id>@<constitution version>"
 
 
 @dataclass(frozen=True)
@@ -435,7 +474,9 @@ class PreferenceStore:
         """Save a vote and its training rows atomically; a repeated vote on a pair is a no-op.
 
         Double clicks and replayed requests must not count twice, so the first vote wins and its receipt is
-        returned again with ``duplicate=True``.
+        returned again with ``duplicate=True``. A pair holds at most one vote per source: one human vote and
+        one AI label. An AI label on a pair a person already voted on is kept only to measure agreement; the
+        person's verdict is the training pair.
         """
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
@@ -446,7 +487,8 @@ class PreferenceStore:
             pair = conn.execute("SELECT * FROM pairs WHERE id = ?", (pair_id,)).fetchone()
             if pair is None:
                 raise UnknownPairError(f"no answer pair with id {pair_id}; reload the page and vote again")
-            earlier = conn.execute("SELECT id, choice FROM votes WHERE pair_id = ?", (pair_id,)).fetchone()
+            earlier = conn.execute("SELECT id, choice FROM votes WHERE pair_id = ? AND source = ?",
+                                   (pair_id, source)).fetchone()
             if earlier is not None:
                 return VoteReceipt(earlier["id"], pair_id, earlier["choice"], pair["version_a"],
                                    pair["version_b"], duplicate=True)
@@ -455,7 +497,10 @@ class PreferenceStore:
                 "INSERT INTO votes (pair_id, choice, better_answer, session_id, source, judge, weight, created_at)"
                 " VALUES (?,?,?,?,?,?,?,?)",
                 (pair_id, choice, better, session_id, source, judge, float(weight), now)).lastrowid
-            for chosen, rejected in _preference_pairs(choice, pair["answer_a"], pair["answer_b"], better):
+            human_voted = source == "ai" and conn.execute(
+                "SELECT 1 FROM votes WHERE pair_id = ? AND source = 'human'", (pair_id,)).fetchone() is not None
+            for chosen, rejected in ([] if human_voted else
+                                     _preference_pairs(choice, pair["answer_a"], pair["answer_b"], better)):
                 conn.execute(
                     "INSERT INTO preferences (vote_id, pair_id, prompt_json, chosen, rejected, source, weight, "
                     "created_at) VALUES (?,?,?,?,?,?,?,?)",
@@ -485,8 +530,8 @@ class PreferenceStore:
 
     def unscored_voted_pairs(self, limit: int = 32) -> list[Pair]:
         """Voted pairs the reward model has not scored yet, so the UI can show each answer's reward."""
-        rows = self._read("SELECT pairs.* FROM pairs JOIN votes ON votes.pair_id = pairs.id "
-                          "WHERE pairs.reward_a IS NULL ORDER BY pairs.id DESC LIMIT ?", (int(limit),))
+        rows = self._read("SELECT * FROM pairs WHERE reward_a IS NULL AND EXISTS (SELECT 1 FROM votes "
+                          "WHERE votes.pair_id = pairs.id) ORDER BY id DESC LIMIT ?", (int(limit),))
         return [self._pair(row) for row in rows]
 
     def latest_metrics(self, kind: str, limit: int = 500) -> list[Metric]:
@@ -504,10 +549,11 @@ class PreferenceStore:
 
     def preferences_since(self, after_id: int = 0, limit: int | None = None) -> list[Preference]:
         """Rows after a cursor, so the reward trainer can consume new votes incrementally."""
-        rows = self._read("SELECT id, prompt_json, chosen, rejected, source, weight FROM preferences "
-                          "WHERE id > ? ORDER BY id LIMIT ?", (after_id, -1 if limit is None else limit))
+        rows = self._read("SELECT p.id, p.prompt_json, p.chosen, p.rejected, p.source, p.weight, v.judge "
+                          "FROM preferences p LEFT JOIN votes v ON v.id = p.vote_id "
+                          "WHERE p.id > ? ORDER BY p.id LIMIT ?", (after_id, -1 if limit is None else limit))
         return [Preference(row["id"], json.loads(row["prompt_json"]), row["chosen"], row["rejected"],
-                           row["source"], row["weight"]) for row in rows]
+                           row["source"], row["weight"], row["judge"]) for row in rows]
 
     def count_preferences(self) -> int:
         return self._read("SELECT COUNT(*) FROM preferences")[0][0]
@@ -545,18 +591,47 @@ class PreferenceStore:
     # -- dashboards -----------------------------------------------------------------------------------------
 
     def counts(self) -> dict:
-        """Totals for the UI: every vote kind and every source appears, zero included, so the layout is stable."""
+        """Totals for the UI: every vote kind and every source appears, zero included, so the layout is stable.
+
+        Votes are people's; AI labels are counted apart, in `feedback_counts`.
+        """
         votes = dict.fromkeys(CHOICES, 0)
-        votes.update({row[0]: row[1] for row in self._read("SELECT choice, COUNT(*) FROM votes GROUP BY choice")})
+        votes.update({row[0]: row[1] for row in self._read("SELECT choice, COUNT(*) FROM votes "
+                                                           "WHERE source = 'human' GROUP BY choice")})
         preferences = dict.fromkeys(PREFERENCE_SOURCES, 0)
         preferences.update({row[0]: row[1] for row in
                             self._read("SELECT source, COUNT(*) FROM preferences GROUP BY source")})
         return {
-            "pairs_shown": self._read("SELECT COUNT(*) FROM pairs")[0][0],
+            "pairs_shown": self._read("SELECT COUNT(*) FROM pairs WHERE placement IS NOT ?", (AI_PLACEMENT,))[0][0],
             "votes": votes,
             "demonstrations": self._read("SELECT COUNT(*) FROM demonstrations")[0][0],
             "preferences": preferences,
         }
+
+    def pairs_awaiting_ai_label(self, limit: int = 8) -> list[Pair]:
+        """Pairs people were shown that the AI judge has not labelled yet, newest first.
+
+        Unvoted ones get a training label from the judge; voted ones give the human-AI agreement.
+        """
+        rows = self._read("SELECT * FROM pairs WHERE placement IS NOT ? AND NOT EXISTS (SELECT 1 FROM votes v "
+                          "WHERE v.pair_id = pairs.id AND v.source = 'ai') ORDER BY id DESC LIMIT ?",
+                          (AI_PLACEMENT, int(limit)))
+        return [self._pair(row) for row in rows]
+
+    def feedback_counts(self) -> dict:
+        """Votes by source, AI abstentions, and how often the AI judge agreed with people on the same pairs.
+
+        Agreement counts pairs where both a person and the judge picked a side (ties, "both bad" and the
+        judge's abstentions, stored as ties, say nothing about which side is better).
+        """
+        votes = dict.fromkeys(VOTE_SOURCES, 0)
+        votes.update({row[0]: row[1] for row in self._read("SELECT source, COUNT(*) FROM votes GROUP BY source")})
+        abstained = self._read("SELECT COUNT(*) FROM votes WHERE source = 'ai' AND choice = 'tie'")[0][0]
+        both, agree = self._read(
+            "SELECT COUNT(*), COALESCE(SUM(h.choice = a.choice), 0) FROM votes h JOIN votes a "
+            "ON a.pair_id = h.pair_id AND a.source = 'ai' WHERE h.source = 'human' "
+            "AND h.choice IN ('a', 'b') AND a.choice IN ('a', 'b')")[0]
+        return {"votes": votes, "ai_abstained": abstained, "agreement": {"pairs": both, "agree": agree}}
 
     def version_win_rates(self, source: str | None = "human") -> list[VersionRecord]:
         """How often each adapter version beat the older version it was shown against.

@@ -9,9 +9,12 @@ of in-flight chat generations.
 
 from __future__ import annotations
 
+import json
 import logging
 import os
+import random
 import time
+import uuid
 from pathlib import Path
 
 import torch
@@ -21,17 +24,21 @@ from rlhf_online.adapters import (ADAPTER_WEIGHTS, AdapterRegistry, VersionInfo,
                                   save_peft_adapter, version_number)
 from rlhf_online.config import AppConfig
 from rlhf_online.generation import BASE_VERSION
+from rlhf_online.judge import (BASE_JUDGE_PREFIX, Judge, current_feedback_mode, load_constitution,
+                               load_judge_model)
 from rlhf_online.models import (POLICY_ADAPTER, attach_lora, load_base_model, load_tokenizer,
                                 resolve_model_source)
-from rlhf_online.ppo import IterationStats, PolicyWithValue, PPOTrainer
+from rlhf_online.ppo import COLD_START_PROMPTS, IterationStats, PolicyWithValue, PPOTrainer
 from rlhf_online.reward import OnlineRewardLearner, RewardModel, attach_reward_adapter
-from rlhf_online.store import PreferenceStore, store_path
+from rlhf_online.store import AI_PLACEMENT, Pair, PreferenceStore, store_path
 
 log = logging.getLogger(__name__)
 
 VALUE_HEAD_FILE = "value_head.safetensors"
 REWARD_CHECKPOINT = "reward_model.safetensors"
 PAUSED_KEY = "training_paused"
+TRAINING_SETTINGS_KEY = "training_settings"  # JSON {name: value} an admin set at run time (see apply_settings)
+TRAINING_SETTINGS = ("init_kl_coef", "length_penalty", "ppo_lr")
 AUTO_ROLLBACK_MIN_VOTES = 20  # human votes between a version and its predecessor before judging it
 AUTO_ROLLBACK_MAX_WIN_RATE = 0.35  # "loses by a clear margin": about 2 of 3 votes against it
 CHECKPOINT_EVERY = 10  # reward updates between checkpoints: a crash loses at most this many (they are re-learned)
@@ -63,7 +70,7 @@ class TrainerWorker:
         self.store = PreferenceStore(store_path(cfg.data_path))
         self.registry = AdapterRegistry(cfg.adapters_path)
         self.registry.clean_temporary()
-        self.chat_yield = ChatYield(chat_busy)
+        self.chat_yield = ChatYield(chat_busy if cfg.ppo.trainer_yield else None)
         source = resolve_model_source(cfg.model)
         self.tokenizer = load_tokenizer(source)
         base = load_base_model(source, cfg.model.quantization, for_training=True).model
@@ -78,6 +85,9 @@ class TrainerWorker:
         self._resume_reward()
         self.since_publish = 0
         self._last_step = "idle"
+        self._applied_settings: str | None = None  # the admin's training settings (JSON) last applied
+        self.feedback_rng = random.Random(cfg.seed)
+        self._judge_model = None  # (model, tokenizer) of a separately configured judge, loaded on first use
 
     # ---- resume ---------------------------------------------------------------------------------------------
     def _resume_policy(self) -> str:
@@ -134,6 +144,23 @@ class TrainerWorker:
 
     def paused(self) -> bool:
         return self.store.get_control(PAUSED_KEY, "0") == "1"
+
+    def apply_settings(self) -> None:
+        """Training settings an admin changed at run time; the KL coefficient restarts from the new value."""
+        raw = self.store.get_control(TRAINING_SETTINGS_KEY)
+        if raw is None or raw == self._applied_settings:
+            return
+        self._applied_settings = raw
+        settings = json.loads(raw)
+        ppo = self.cfg.ppo
+        ppo.length_penalty = float(settings.get("length_penalty", ppo.length_penalty))
+        if "init_kl_coef" in settings:
+            ppo.init_kl_coef = self.ppo.kl_ctl.kl_coef = float(settings["init_kl_coef"])
+        if "ppo_lr" in settings:
+            ppo.ppo_lr = float(settings["ppo_lr"])
+            for group in self.ppo.optimizer.param_groups:
+                group["lr"] = ppo.ppo_lr
+        log.info("applied training settings from the admin: %s", settings)
 
     def learn_from_votes(self, limit: int = 8) -> int:
         """Online reward updates for new preference pairs, then scores for the voted pairs on screen."""
@@ -221,19 +248,102 @@ class TrainerWorker:
                 return self.parent
         return None
 
+    # ---- AI feedback (Constitutional AI mode) ------------------------------------------------------------------
+    def feedback_mode(self) -> str:
+        """The admin's current choice (read every step, so a switch in the UI takes effect without a restart)."""
+        try:
+            return current_feedback_mode(self.store, self.cfg.feedback.feedback_mode)
+        except ValueError as exc:
+            log.error("%s; using human votes only", exc)
+            return "human"
+
+    def judge(self) -> Judge:
+        """The configured judge with the constitution as it is now (the admin may have just edited it)."""
+        constitution = load_constitution(self.cfg.feedback, self.cfg.data_path)
+        if not self.cfg.feedback.judge_model:  # the base under the policy: no second model in memory
+            return Judge(self.peft, self.tokenizer, constitution, self.cfg.feedback,
+                         judge_id=BASE_JUDGE_PREFIX + self.cfg.model.model, base_context=self.peft.disable_adapter)
+        if self._judge_model is None:
+            self._judge_model = load_judge_model(self.cfg.feedback.judge_model, self.cfg.model.quantization)
+        model, tokenizer = self._judge_model
+        return Judge(model, tokenizer, constitution, self.cfg.feedback, judge_id=self.cfg.feedback.judge_model)
+
+    def _pair_for_judge(self) -> Pair | None:
+        """The newest pair people were shown that the judge has not labelled, else two fresh policy samples.
+
+        Fresh pairs come from stored prompts (the built-in list tops them up on a cold start), sampled from the
+        current policy as PPO samples, and are stored before judging, marked as never shown to anyone.
+        """
+        waiting = self.store.pairs_awaiting_ai_label(limit=1)
+        if waiting:
+            return waiting[0]
+        prompts = self.store.recent_prompts(limit=200)
+        if len(prompts) < len(COLD_START_PROMPTS):
+            prompts += [[{"role": "user", "content": text}] for text in COLD_START_PROMPTS]
+        messages = self.feedback_rng.choice(prompts)
+        answer_a, answer_b = self.ppo.rollout([messages, messages]).texts
+        if not answer_a or not answer_b or answer_a == answer_b:
+            return None  # nothing to compare
+        sampling = {"temperature": self.cfg.sampling.temperature, "top_p": self.cfg.sampling.top_p,
+                    "max_new_tokens": self.cfg.ppo.ppo_max_new_tokens}
+        pair_id = self.store.record_pair(conversation_id=f"ai-{uuid.uuid4().hex}", turn=0, messages=messages,
+                                         answer_a=answer_a, answer_b=answer_b, version_a=self.parent,
+                                         version_b=self.parent, sampling=sampling, session_id=None,
+                                         placement=AI_PLACEMENT)
+        return self.store.get_pair(pair_id)
+
+    def label_with_ai(self) -> int:
+        """In ai or mixed mode, let the judge label up to `ai_labels_per_step` pairs; returns how many it did.
+
+        A label is a vote with source "ai", the judge's id and constitution version, and weight `ai_weight`
+        (1 in ai mode, where no human votes compete with it). An abstention is stored as a tie, so the pair
+        is not judged again and yields no training pair.
+        """
+        mode = self.feedback_mode()
+        if mode == "human" or self.cfg.feedback.ai_labels_per_step <= 0:
+            return 0
+        try:
+            judge = self.judge()
+        except (OSError, ValueError) as exc:  # a missing or bad constitution or judge model: say so, keep training
+            log.error("AI feedback is off until this is fixed: %s", exc)
+            return 0
+        weight = 1.0 if mode == "ai" else self.cfg.feedback.ai_weight
+        started = time.perf_counter()
+        labelled = abstained = 0
+        for _ in range(self.cfg.feedback.ai_labels_per_step):
+            self.chat_yield()
+            pair = self._pair_for_judge()
+            if pair is None:
+                continue
+            self.chat_yield()
+            verdict = judge.judge(pair.messages, pair.answer_a, pair.answer_b)
+            self.store.record_vote(pair_id=pair.id, choice=verdict.choice or "tie", session_id=None, source="ai",
+                                   judge=judge.label, weight=weight)
+            labelled += 1
+            abstained += verdict.choice is None
+        if labelled:
+            self.store.record_metric("ai_feedback", self.store.feedback_counts()["votes"]["ai"], {
+                "labelled": labelled, "abstained": abstained, "judge": judge.label, "mode": mode,
+                "weight": weight, "seconds": time.perf_counter() - started})
+        return labelled
+
     def step(self) -> str:
         """Do one unit of work: learn new votes (cheap, and what people see move), then PPO, alternating.
 
         Alternating matters under load: when votes arrive as fast as the reward model learns them, a
-        votes-first rule would never let PPO run, and no new version would ever reach the chat.
+        votes-first rule would never let PPO run, and no new version would ever reach the chat. AI labelling
+        (ai or mixed mode) only fills the gaps: when there is no vote to learn and it did not just run.
         """
         if self.paused():
             return "paused"
+        self.apply_settings()
         self.follow_rollback()
         self.auto_rollback()
         ppo_due = self.ppo_ready() and self._last_step == "reward"
         if not ppo_due and self.learn_from_votes():
             self._last_step = "reward"
+        elif not ppo_due and self._last_step != "ai_label" and self.label_with_ai():
+            self._last_step = "ai_label"
         elif self.ppo_ready():
             self.ppo_iteration()
             self._last_step = "ppo"
@@ -246,7 +356,7 @@ def trainer_main(cfg: AppConfig, chat_busy=None, stop_event=None) -> None:
     """Process entry point: low priority, few threads, loop until told to stop."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer %(levelname)s %(message)s")
     try:
-        os.nice(10)
+        os.nice(19)  # the lowest priority: the OS gives chat threads the CPU first, at microsecond granularity
     except OSError:
         pass
     torch.set_num_threads(max(1, cfg.ppo.trainer_threads))

@@ -21,11 +21,16 @@ def hh_file():
     return HH_DEV
 
 
+AI_JUDGE = "base:embedded@0123456789ab"
+
+
 def vote(store, choice, better_answer=None, answer_a="Red.", answer_b="Blue.", source="human"):
     pair_id = store.record_pair(conversation_id="c", turn=0, messages=CHAT, answer_a=answer_a, answer_b=answer_b,
                                 version_a="v0001", version_b="base", sampling={"temperature": 0.8},
                                 session_id="s", placement="newest_left")
-    store.record_vote(pair_id=pair_id, choice=choice, better_answer=better_answer, session_id="s", source=source)
+    ai = {"judge": AI_JUDGE, "weight": 0.5} if source == "ai" else {}
+    store.record_vote(pair_id=pair_id, choice=choice, better_answer=better_answer, session_id="s", source=source,
+                      **ai)
 
 
 def assistant(text):
@@ -49,13 +54,14 @@ def test_export_round_trips_every_vote_kind_through_datasets(filled_store, tmp_p
     assert summary.preferences_by_source == {"human": 3, "ai": 1, "import": 0}
 
     preferences = datasets.load_from_disk(str(tmp_path / "out/preferences_dataset"))
-    assert preferences.column_names == ["prompt", "chosen", "rejected", "source", "weight"]
-    rows = [(row["prompt"], row["chosen"], row["rejected"], row["source"]) for row in preferences]
+    assert preferences.column_names == ["prompt", "chosen", "rejected", "source", "weight", "judge"]
+    rows = [(row["prompt"], row["chosen"], row["rejected"], row["source"], row["weight"], row["judge"])
+            for row in preferences]
     assert rows == [
-        (CHAT, assistant("Red."), assistant("Blue."), "human"),
-        (CHAT, assistant("Blue."), assistant("Red."), "ai"),
-        (CHAT, assistant("Green."), assistant("Red."), "human"),
-        (CHAT, assistant("Green."), assistant("Blue."), "human"),
+        (CHAT, assistant("Red."), assistant("Blue."), "human", 1.0, None),
+        (CHAT, assistant("Blue."), assistant("Red."), "ai", 0.5, AI_JUDGE),
+        (CHAT, assistant("Green."), assistant("Red."), "human", 1.0, None),
+        (CHAT, assistant("Green."), assistant("Blue."), "human", 1.0, None),
     ]
     sft = datasets.load_from_disk(str(tmp_path / "out/sft_dataset"))
     assert sft.column_names == ["messages"]
@@ -67,7 +73,8 @@ def test_jsonl_files_match_the_datasets(filled_store, tmp_path):
     lines = [json.loads(line) for line in (tmp_path / "out/preferences.jsonl").read_text().splitlines()]
     assert len(lines) == 4
     assert lines[0] == {"prompt": CHAT, "chosen": assistant("Red."), "rejected": assistant("Blue."),
-                        "source": "human", "weight": 1.0}
+                        "source": "human", "weight": 1.0, "judge": None}
+    assert (lines[1]["source"], lines[1]["weight"], lines[1]["judge"]) == ("ai", 0.5, AI_JUDGE)
     sft = [json.loads(line) for line in (tmp_path / "out/sft.jsonl").read_text().splitlines()]
     assert sft == [{"messages": CHAT + assistant("Green.")}]
 

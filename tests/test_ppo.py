@@ -13,7 +13,8 @@ from rlhf_online.ppo import PolicyWithValue, PPOTrainer, _mask_through_first_eos
 from rlhf_online.reward import REWARD_ADAPTER, attach_reward_adapter
 
 MODEL_CFG = ModelConfig(lora_r=8, lora_alpha=16)
-PPO_CFG = PPOConfig(ppo_batch_size=4, ppo_minibatch_size=2, ppo_max_new_tokens=8, ppo_lr=1e-3)
+PPO_CFG = PPOConfig(ppo_batch_size=4, ppo_minibatch_size=2, ppo_max_new_tokens=8, ppo_lr=1e-3,
+                    samples_per_prompt=1)  # the tests pass 4 distinct prompts
 SAMPLING = SamplingConfig(temperature=1.0, top_p=1.0)
 PROMPTS = [[{"role": "user", "content": "hello how are you today?"}],
            [{"role": "user", "content": "What is two plus two?"}],
@@ -198,7 +199,7 @@ def test_sft_loss_decreases_on_a_demonstration(tiny_model_dir, tokenizer):
 
 
 def test_update_with_demonstrations_reports_an_sft_term(tiny_model_dir, tokenizer):
-    trainer = build(tiny_model_dir, tokenizer, cfg=PPOConfig(ppo_batch_size=2, ppo_minibatch_size=2,
+    trainer = build(tiny_model_dir, tokenizer, cfg=PPOConfig(ppo_batch_size=2, ppo_minibatch_size=2, samples_per_prompt=1,
                                                              ppo_max_new_tokens=4, ppo_epochs=1))
     demo = [([{"role": "user", "content": "hello"}], "I am fine, thank you.")]
     stats = trainer.iteration(PROMPTS[:2], demonstrations=demo)
@@ -240,3 +241,22 @@ def test_policy_gradients_survive_generation(tiny_model_dir, tokenizer):
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in lora.values())
     reward = models.lora_parameters(trainer.policy.peft_model, REWARD_ADAPTER)
     assert all(p.grad is None for p in reward.values())  # the reward adapter is not in the policy's graph
+
+
+def test_each_prompt_is_answered_several_times_and_judged_against_its_own_answers(tiny_model_dir, tokenizer):
+    cfg = PPOConfig(ppo_batch_size=4, ppo_minibatch_size=2, ppo_max_new_tokens=6, ppo_epochs=1, samples_per_prompt=2)
+    per_prompt_offset = {"What is two plus two?": 1000.0, "Why is the sky blue?": -1000.0}
+
+    def offset_score(messages, texts):  # a huge per-prompt level, as a Bradley-Terry model may well have
+        return [per_prompt_offset[m[-1]["content"]] + len(t) / 10.0 for m, t in zip(messages, texts)]
+
+    trainer = build(tiny_model_dir, tokenizer, score_fn=offset_score, cfg=cfg)
+    pool = [[{"role": "user", "content": text}] for text in per_prompt_offset]
+    prompts = trainer.sample_prompts(pool)
+    assert len(prompts) == 4 and prompts[0] == prompts[1] and prompts[2] == prompts[3] and prompts[0] != prompts[2]
+    torch.manual_seed(0)
+    rollout = trainer.rollout(prompts)
+    scored = trainer.score(rollout)
+    assert scored.scores.abs().min() > 900  # the raw scores are logged as they are
+    # ...but only the difference between a prompt's answers reaches the returns: no 1000-sized targets
+    assert scored.returns.abs().max() < 50

@@ -1,6 +1,7 @@
 """The online reward model on the tiny nf4 model: it learns a preference, keeps its hands off the policy,
 checkpoints and resumes, and scores batches exactly like single answers."""
 
+import dataclasses
 import random
 import warnings
 
@@ -221,3 +222,25 @@ def test_reward_lora_gradients_survive_a_generate(tiny_model_dir, tokenizer):
     wrong = [n for n in after if not torch.allclose(after[n], before[n], rtol=1e-4, atol=1e-7)]
     assert not wrong, f"reward LoRA gradients changed by a generate: {wrong}"
     assert set(after) == set(models.lora_parameters(peft, REWARD_ADAPTER))
+
+
+def test_an_ai_label_enters_the_loss_with_its_weight(tiny_model_dir, tokenizer):
+    """The stored weight of an AI label (0.5 in mixed mode) is the weight of its Bradley-Terry term."""
+    _, rm = build(tiny_model_dir, tokenizer)
+    learner = OnlineRewardLearner(rm, REWARD_CFG, seed=0)
+    humans = synthetic_preferences(3, seed=2)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for pref in humans:
+            learner.observe(pref)
+        ai = dataclasses.replace(synthetic_preferences(1, seed=3, first_id=4)[0], source="ai", weight=0.5)
+        # reward_replay=3 and three pairs seen: the batch is the new pair plus all of them, in some order
+        features = [learner._features(p) for p in [ai] + humans]
+        with torch.no_grad():
+            rewards = rm.forward_features([f[0] for f in features] + [f[1] for f in features])  # (8,)
+        losses = -torch.nn.functional.logsigmoid(rewards[:4] - rewards[4:])  # (4,) chosen minus rejected
+        expected = float((0.5 * losses[0] + losses[1:].sum()) / 3.5)
+        stats = learner.observe(ai)
+    assert stats.loss == pytest.approx(expected, abs=1e-5)
+    assert abs(expected - float(losses.mean())) > 1e-4  # the weight really changed the loss
+    assert learner.replay[-1].weight == 0.5 and learner.replay[-1].source == "ai"

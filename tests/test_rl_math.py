@@ -412,3 +412,15 @@ def test_length_penalty_hand_computed():
     # excess over 20: [0, 0, 15] -> -0.1 * [0, 0, 15]
     close(length_penalty(torch.tensor([10, 20, 35]), 20, 0.1), [0.0, 0.0, -1.5])
     close(length_penalty(t([25.0]), 20.0, 2.0), [-10.0])
+
+
+def test_center_per_prompt_subtracts_each_prompts_mean():
+    from rlhf_online.rl_math import center_per_prompt
+
+    scores = torch.tensor([1.0, 3.0, 10.0, 14.0, 5.0])
+    groups = torch.tensor([7, 7, 2, 2, 9])  # two prompts answered twice, one answered once
+    centered = center_per_prompt(scores, groups)
+    assert torch.allclose(centered, torch.tensor([-1.0, 1.0, -2.0, 2.0, 0.0]))
+    # a shift of one prompt's scores (which a Bradley-Terry model cannot identify) changes nothing
+    shifted = scores + torch.tensor([100.0, 100.0, 0.0, 0.0, -3.0])
+    assert torch.allclose(center_per_prompt(shifted, groups), centered)

@@ -304,15 +304,82 @@ def build_version_1_file(path):
 def test_opening_a_version_1_file_upgrades_it_and_keeps_the_data(db_path):
     pair_id = build_version_1_file(db_path)
     with PreferenceStore(db_path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 2
+        assert store.schema_version == SCHEMA_VERSION == 3
         pair = store.get_pair(pair_id)
         assert (pair.answer_b, pair.reward_b, pair.reward_model_version) == ("Fry it.", 2.0, None)
         assert store.counts()["votes"]["b"] == 1 and store.count_preferences() == 3
         store.set_reward_scores(pair_id, 0.0, 1.0, reward_model_version="r0001")
         assert store.get_pair(pair_id).reward_model_version == "r0001"
     with sqlite3.connect(db_path) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("2",)
+        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
         assert "idx_preferences_source" in {row[1] for row in conn.execute("PRAGMA index_list(preferences)")}
+
+
+def test_a_version_2_file_gains_room_for_an_ai_label_beside_the_human_vote(db_path):
+    """Version 2 allowed one vote per pair; version 3 one per pair and source, keeping every row and id."""
+    with PreferenceStore(db_path, _target_version=2) as old:
+        first, second = add_pair(old), add_pair(old, answer_a="Poach it.")
+        old.record_vote(pair_id=first, choice="a", better_answer="Steam it.", session_id="s1")
+        old.record_vote(pair_id=second, choice="b", session_id=None, source="ai", judge="j@1", weight=0.5)
+        with pytest.raises(sqlite3.IntegrityError):  # the old constraint really was one vote per pair
+            old._conn.execute("INSERT INTO votes (pair_id, choice, source, created_at) VALUES (?, 'a', 'ai', 0)",
+                              (first,))
+        before = old._read("SELECT * FROM votes ORDER BY id")
+    with PreferenceStore(db_path) as store:
+        assert store.schema_version == 3
+        assert [tuple(row) for row in store._read("SELECT * FROM votes ORDER BY id")] == [tuple(r) for r in before]
+        assert [(p.source, p.weight, p.judge) for p in store.preferences_since()] == [
+            ("human", 1.0, None), ("human", 1.0, None), ("human", 1.0, None), ("ai", 0.5, "j@1")]
+        assert store.integrity_check() == "ok"
+        assert store._read("PRAGMA foreign_keys")[0][0] == 1  # switched back on after the rebuild
+        assert store._read("PRAGMA foreign_key_check") == []
+        label = store.record_vote(pair_id=first, choice="b", session_id=None, source="ai", judge="j@1", weight=0.5)
+        assert not label.duplicate
+        assert store.record_vote(pair_id=first, choice="a", session_id="s1").duplicate  # human vote still once
+        assert store.feedback_counts()["agreement"] == {"pairs": 1, "agree": 0}
+
+
+def test_human_vote_and_ai_label_on_one_pair_are_each_recorded_once(store):
+    pair_id = add_pair(store)
+    human = store.record_vote(pair_id=pair_id, choice="a", session_id="s1")
+    ai = store.record_vote(pair_id=pair_id, choice="a", session_id=None, source="ai", judge="base:m@abc", weight=0.5)
+    assert not ai.duplicate and ai.vote_id != human.vote_id
+    assert store.record_vote(pair_id=pair_id, choice="b", session_id=None, source="ai").duplicate
+    assert store.record_vote(pair_id=pair_id, choice="b", session_id="s1").duplicate
+    # The person's vote is the training pair; the judge's label on the same pair only measures agreement.
+    assert [(p.source, p.chosen) for p in store.preferences_since()] == [("human", "Boil it 8 minutes.")]
+    assert store.feedback_counts() == {"votes": {"human": 1, "ai": 1}, "ai_abstained": 0,
+                                       "agreement": {"pairs": 1, "agree": 1}}
+
+
+def test_ai_label_first_then_a_human_vote_both_train_with_their_weights(store):
+    pair_id = add_pair(store)
+    store.record_vote(pair_id=pair_id, choice="b", session_id=None, source="ai", judge="base:m@abc", weight=0.5)
+    store.record_vote(pair_id=pair_id, choice="a", session_id="s1")
+    assert [(p.source, p.chosen, p.weight, p.judge) for p in store.preferences_since()] == [
+        ("ai", "Fry it.", 0.5, "base:m@abc"), ("human", "Boil it 8 minutes.", 1.0, None)]
+    assert store.feedback_counts()["agreement"] == {"pairs": 1, "agree": 0}
+
+
+def test_pairs_awaiting_ai_label_and_agreement_counts(store):
+    shown = [add_pair(store, answer_a=f"a{i}") for i in range(4)]
+    generated = store.record_pair(conversation_id="ai-1", turn=0, messages=CHAT, answer_a="x", answer_b="y",
+                                  version_a="v0001", version_b="v0001", sampling={}, session_id=None,
+                                  placement=store_module.AI_PLACEMENT)
+    assert [p.id for p in store.pairs_awaiting_ai_label()] == shown[::-1]  # newest first, never generated ones
+    for pair_id, human, ai in zip(shown, ["a", "b", "tie", "a"], ["a", "a", "b", "tie"]):
+        store.record_vote(pair_id=pair_id, choice=human, session_id="s1")
+        store.record_vote(pair_id=pair_id, choice=ai, session_id=None, source="ai", judge="j", weight=0.5)
+    store.record_vote(pair_id=generated, choice="b", session_id=None, source="ai", judge="j", weight=0.5)
+    assert store.pairs_awaiting_ai_label() == []
+    # Both picked a side on pairs 1 and 2 (agreeing on 1); a human tie and a judge abstention do not count.
+    assert store.feedback_counts() == {"votes": {"human": 4, "ai": 5}, "ai_abstained": 1,
+                                       "agreement": {"pairs": 2, "agree": 1}}
+    counts = store.counts()
+    assert counts["pairs_shown"] == 4  # the judge's own pairs were never shown to anyone
+    assert counts["votes"] == {"a": 2, "b": 1, "tie": 1, "both_bad": 0}  # people's votes only
+    assert [p.id for p in store.unscored_voted_pairs()] == [generated] + shown[::-1]  # each pair once
+    assert counts["preferences"] == {"human": 3, "ai": 1, "import": 0}
 
 
 def test_migrate_on_a_raw_connection_is_idempotent(db_path):

@@ -15,9 +15,10 @@ from safetensors.torch import load_file
 
 from rlhf_online import models
 from rlhf_online.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, AdapterRegistry
-from rlhf_online.config import AppConfig, ModelConfig, PPOConfig, RewardConfig
+from rlhf_online.config import AppConfig, FeedbackConfig, ModelConfig, PPOConfig, RewardConfig
 from rlhf_online.generation import BASE_VERSION
-from rlhf_online.store import PreferenceStore, store_path
+from rlhf_online.judge import load_constitution, set_feedback_mode
+from rlhf_online.store import AI_PLACEMENT, PreferenceStore, store_path
 from rlhf_online.worker import PAUSED_KEY, REWARD_CHECKPOINT, VALUE_HEAD_FILE, ChatYield, TrainerWorker
 
 VOTES = [("hello how are you today?", "I am fine, thank you. banana", "Paris."),
@@ -267,3 +268,55 @@ def test_auto_rollback_waits_for_enough_votes_and_a_clear_margin(cfg):
     assert worker.auto_rollback() is None
     human_votes(cfg, "v0002", "v0001", wins=8, losses=2)  # now 10 of 20: no clear loss
     assert worker.auto_rollback() is None and worker.parent == "v0002"
+
+
+def ai_config(root, tiny_model_dir, mode: str) -> AppConfig:
+    cfg = make_config(root, tiny_model_dir)
+    # margin 0: the random tiny judge never abstains, so every judged pair becomes a label
+    cfg.feedback = FeedbackConfig(feedback_mode=mode, judge_margin=0.0, ai_labels_per_step=2)
+    return cfg
+
+
+def test_ai_mode_trains_from_its_own_pairs_without_any_human_vote(tmp_path, tiny_model_dir):
+    cfg = ai_config(tmp_path, tiny_model_dir, "ai")
+    worker = TrainerWorker(cfg)
+    assert worker.step() == "ai_label"  # nothing to learn yet: the judge labels two fresh policy samples
+    version = load_constitution(cfg.feedback, cfg.data_path).version
+    votes = worker.store._read("SELECT v.*, p.placement, p.version_a FROM votes v JOIN pairs p ON p.id = v.pair_id")
+    assert len(votes) == 2
+    for vote in votes:
+        assert (vote["source"], vote["weight"], vote["placement"], vote["version_a"]) == (
+            "ai", 1.0, AI_PLACEMENT, BASE_VERSION)
+        assert vote["judge"] == f"base:{tiny_model_dir}@{version}" and vote["choice"] in ("a", "b")
+    assert worker.store.counts()["pairs_shown"] == 0  # nobody was shown these pairs
+
+    assert worker.step() == "reward"
+    assert [(p.source, p.weight) for p in worker.learner.replay] == [("ai", 1.0), ("ai", 1.0)]
+    assert worker.learner.metrics.total == 2
+    assert worker.step() == "ppo"  # enough (AI) preferences: the loop runs with no person involved
+    assert worker.step() == "ai_label"
+    assert worker.store.latest_metrics("ai_feedback")[-1].values["labelled"] == 2
+
+
+def test_mixed_mode_switched_at_run_time_labels_shown_pairs_with_the_lower_weight(cfg):
+    cfg.feedback = FeedbackConfig(judge_margin=0.0, ai_labels_per_step=2)  # configured human-only
+    worker = TrainerWorker(cfg)
+    assert worker.step() == "reward" and worker.step() == "ppo"
+    assert worker.label_with_ai() == 0  # human mode (the default): the judge stays idle
+    unvoted = worker.store.record_pair(conversation_id="c9", turn=0, messages=[{"role": "user", "content": "hi"}],
+                                       answer_a="hello banana", answer_b="Paris.", version_a=BASE_VERSION,
+                                       version_b="v0001", sampling={}, session_id="s", placement="newest_left")
+    set_feedback_mode(worker.store, "mixed")  # what the admin panel does
+
+    assert worker.step() == "ai_label"  # the two newest shown pairs: the unvoted one and a human-voted one
+    labels = {row["pair_id"]: row for row in worker.store._read("SELECT * FROM votes WHERE source = 'ai'")}
+    assert set(labels) == {unvoted, 3} and {row["weight"] for row in labels.values()} == {0.5}
+    ai_prefs = [p for p in worker.store.preferences_since() if p.source == "ai"]
+    assert len(ai_prefs) == 1 and ai_prefs[0].weight == 0.5  # the human-voted pair trains on the human vote only
+    assert worker.store.feedback_counts()["agreement"]["pairs"] == 1
+
+    assert worker.step() == "reward"
+    assert (worker.learner.replay[-1].source, worker.learner.replay[-1].weight) == ("ai", 0.5)
+    set_feedback_mode(worker.store, "human")
+    assert worker.label_with_ai() == 0
+    assert len(worker.store._read("SELECT * FROM votes WHERE source = 'ai'")) == 2
