@@ -8,8 +8,23 @@ from __future__ import annotations
 import re
 
 
+def is_prose(text: str) -> bool:
+    """Mostly letters and spaces: what any reader requires before judging anything else (emoji spam is not)."""
+    return bool(text) and sum(c.isalpha() or c.isspace() for c in text) >= 0.7 * len(text)
+
+
 def concise(messages: list[dict], answer: str) -> float:
-    """Prefers shorter answers (fewer words), but an empty answer is worst."""
+    """Prefers shorter answers (fewer characters) among readable ones; empty or non-prose answers are worst."""
+    text = answer.strip()
+    return -1e6 if not is_prose(text) else -float(len(text))
+
+
+def fewest_words(messages: list[dict], answer: str) -> float:
+    """Prefers fewer whitespace-separated words: a gameable taste, kept to demonstrate reward hacking.
+
+    Measured: with it, PPO learned to emit 32 emoji and no space (KL 12 nats), which "wins" 100% of comparisons
+    against the base while being garbage to any real person.
+    """
     words = len(answer.split())
     return -1000.0 if words == 0 else -float(words)
 

@@ -151,6 +151,8 @@ def main(argv=None) -> int:
             "mean_reward_first_last": [ppo[0].values["mean_score"], ppo[-1].values["mean_score"]] if ppo else None,
             "mean_length_first_last": [ppo[0].values["mean_length"], ppo[-1].values["mean_length"]] if ppo else None,
             "swap_pause_ms_max": max((s.pause_ms for s in services.live.swaps), default=0.0),
+            "swap_pauses_ms": [round(s.pause_ms, 1) for s in services.live.swaps],
+            "swap_wait_ms_max": max((s.wait_ms for s in services.live.swaps), default=0.0),
             "swaps": len(services.live.swaps),
             "failed_requests": failed,
             "pair_latency_p50_s": sorted(latencies)[len(latencies) // 2] if latencies else None,

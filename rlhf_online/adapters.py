@@ -195,9 +195,13 @@ def lora_state_for(weights: dict[str, torch.Tensor], adapter_name: str) -> dict[
 
 @dataclass
 class SwapEvent:
+    """One hot-swap. `pause_ms` is how long the swap held the model, i.e. how long it stalled generation;
+    `wait_ms` is how long it first waited for the in-flight generation to end (that request was not slowed)."""
+
     version: str
     pause_ms: float
     dropped: list[str] = field(default_factory=list)
+    wait_ms: float = 0.0
 
 
 PLACEHOLDER_ADAPTER = "unserved-placeholder"
@@ -306,9 +310,10 @@ class LiveAdapters:
         config = LoraConfig.from_pretrained(str(info.path))
         config.inference_mode = True
         weights = lora_state_for(load_file(str(info.path / ADAPTER_WEIGHTS)), info.name)
-        started = time.perf_counter()
+        requested = time.perf_counter()
         dropped = []
         with self.generator.exclusive() as model:  # waits for the in-flight generation to finish
+            started = time.perf_counter()
             if info.name in self._unloading:  # retired a moment ago and still in the model: serve it again
                 with self._pins_lock:
                     self._unloading.remove(info.name)
@@ -333,7 +338,8 @@ class LiveAdapters:
                 self.loaded = sorted(self.loaded + [info.name], key=version_number)
                 self._stop_serving(self.loaded[:-self.keep] if len(self.loaded) > self.keep else [])
             dropped = self._drop_unpinned(model)
-        event = SwapEvent(version=info.name, pause_ms=(time.perf_counter() - started) * 1000, dropped=dropped)
+        event = SwapEvent(version=info.name, pause_ms=(time.perf_counter() - started) * 1000, dropped=dropped,
+                          wait_ms=(started - requested) * 1000)
         self.swaps.append(event)
         log.info("now serving %s (swap held the model %.0f ms; dropped %s)", info.name, event.pause_ms, dropped)
         return event

@@ -85,6 +85,8 @@ class PPOConfig:
     samples_per_prompt: int = _opt(2, "answers sampled per prompt in a PPO batch; scores are centred on each "
                                        "prompt's mean, because a Bradley-Terry reward model only knows differences "
                                        "between answers to the same prompt (1 = no centring)")
+    reward_scaling: bool = _opt(True, "divide PPO rewards by their running std, so the KL coefficient keeps its "
+                                      "meaning while the online reward model's scale grows")
     ppo_minibatch_size: int = _opt(4, "answers per gradient step")
     ppo_epochs: int = _opt(2, "passes over each rollout batch")
     ppo_lr: float = _opt(3e-4, "AdamW learning rate of the policy adapter and value head")
@@ -96,7 +98,9 @@ class PPOConfig:
     vf_coef: float = _opt(0.1, "value loss weight")
     init_kl_coef: float = _opt(0.05, "initial KL penalty coefficient")
     target_kl: float = _opt(6.0, "target KL (nats per answer) for the adaptive controller; 0 = fixed coef")
-    kl_horizon: int = _opt(10000, "adaptive KL horizon, in answers")
+    kl_horizon: int = _opt(32, "adaptive KL horizon, in answers: at most a 20%% correction per this many answers "
+                               "(Ziegler et al. used 10000 with batches of 512; with 8 answers an iteration, that "
+                               "would never move)")
     length_penalty: float = _opt(0.0, "reward penalty per token beyond length_penalty_target (anti reward hacking)")
     length_penalty_target: int = _opt(64, "answer length, in tokens, beyond which the length penalty applies")
     sft_coef: float = _opt(0.1, "weight of the supervised loss on human-written demonstrations")

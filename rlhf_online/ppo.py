@@ -25,7 +25,7 @@ from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from rlhf_online.config import PPOConfig, SamplingConfig
 from rlhf_online.models import POLICY_ADAPTER, lora_parameters
-from rlhf_online.rl_math import (center_per_prompt, clipped_policy_loss, clipped_value_loss, explained_variance,
+from rlhf_online.rl_math import (RunningMoments, center_per_prompt, clipped_policy_loss, clipped_value_loss, explained_variance,
                                  gae_advantages, length_penalty, make_kl_controller, masked_mean, masked_whiten,
                                  per_token_rewards)
 
@@ -137,6 +137,7 @@ class PPOTrainer:
         self.sampling = sampling
         self.yield_fn = yield_fn  # called between steps so live chat gets the CPU first
         self.rng = random.Random(seed)
+        self.reward_moments = RunningMoments()  # for reward scaling: the reward model's scale drifts as it learns
         self.kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.target_kl or None, cfg.kl_horizon)
         self.optimizer = torch.optim.AdamW(policy.policy_parameters(), lr=cfg.ppo_lr, weight_decay=0.0)
         self.iterations = 0
@@ -192,6 +193,8 @@ class PPOTrainer:
         # Several answers per prompt: the reward model's score only means something relative to the others.
         terminal = center_per_prompt(scores, _prompt_groups(rollout.messages)) \
             if self.cfg.samples_per_prompt > 1 else scores  # (B,)
+        if self.cfg.reward_scaling:
+            terminal = self.reward_moments.scale(terminal)  # (B,) in units of the running std
         self._activate_policy()
         _, old_logprobs, old_values = self._logprobs(rollout)
         self.yield_fn()

@@ -387,6 +387,43 @@ def explained_variance(values: torch.Tensor, returns: torch.Tensor, mask: torch.
 # ----------------------------------------------------------------------------------------------------------------
 
 
+class RunningMoments:
+    """Running mean and standard deviation of every reward seen so far (Chan et al.'s parallel update).
+
+    Why: the online reward model's scale keeps growing as it learns (Bradley-Terry logits are unbounded), so a
+    fixed KL coefficient would mean less and less; dividing scores by their running std ("reward scaling",
+    Engstrom et al. 2020) keeps the reward/KL trade-off stable. Written here because TRL 1.x removed its
+    ``RunningMoments`` along with PPO.
+    """
+
+    def __init__(self) -> None:
+        self.count = 0
+        self.mean = 0.0
+        self.m2 = 0.0  # sum of squared deviations from the mean
+
+    @property
+    def std(self) -> float:
+        return math.sqrt(self.m2 / (self.count - 1)) if self.count > 1 else 1.0
+
+    def update(self, values: torch.Tensor) -> None:
+        values = values.detach().double().flatten()
+        n = values.numel()
+        if n == 0:
+            return
+        batch_mean = float(values.mean())
+        batch_m2 = float(((values - batch_mean) ** 2).sum())
+        total = self.count + n
+        delta = batch_mean - self.mean
+        self.mean += delta * n / total
+        self.m2 += batch_m2 + delta ** 2 * self.count * n / total
+        self.count = total
+
+    def scale(self, values: torch.Tensor, eps: float = 1e-6) -> torch.Tensor:
+        """Update with ``values``, then return them divided by the running std (not shifted: 0 stays 0)."""
+        self.update(values)
+        return values / max(self.std, eps)
+
+
 @dataclass
 class AdaptiveKLController:
     """Adaptive KL penalty coefficient (Ziegler et al. 2019, section 2.2).

@@ -218,6 +218,8 @@ def test_refresh_during_a_stream_waits_for_it(registry, trainer, generator):
     assert swapped.wait(10) and not failures
     assert live.loaded == ["v0002"] and set(generator.model.peft_config) == {"v0002"}
     assert generator.sample([prompt], ["v0002"], max_new_tokens=3)
+    swap = live.swaps[-1]  # the wait for the stream is reported apart from the (short) time the swap held the model
+    assert swap.version == "v0002" and swap.wait_ms >= 300 and swap.pause_ms < swap.wait_ms
 
 
 def test_a_version_in_use_survives_a_swap_until_its_request_ends(registry, trainer, generator):

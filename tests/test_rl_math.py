@@ -424,3 +424,17 @@ def test_center_per_prompt_subtracts_each_prompts_mean():
     # a shift of one prompt's scores (which a Bradley-Terry model cannot identify) changes nothing
     shifted = scores + torch.tensor([100.0, 100.0, 0.0, 0.0, -3.0])
     assert torch.allclose(center_per_prompt(shifted, groups), centered)
+
+
+def test_running_moments_match_the_whole_sample_and_scale_without_shifting():
+    from rlhf_online.rl_math import RunningMoments
+
+    moments = RunningMoments()
+    assert moments.std == 1.0  # nothing seen yet: scaling is the identity
+    moments.update(torch.tensor([1.0, 2.0]))
+    moments.update(torch.tensor([3.0, 4.0, 10.0]))
+    assert moments.count == 5 and moments.mean == pytest.approx(4.0)
+    # sample std of [1, 2, 3, 4, 10]: deviations -3 -2 -1 0 6, squares sum 50, / 4
+    assert moments.std == pytest.approx(math.sqrt(12.5))
+    scaled = RunningMoments().scale(torch.tensor([-2.0, 0.0, 2.0]))  # std 2
+    assert torch.allclose(scaled, torch.tensor([-1.0, 0.0, 1.0]))
