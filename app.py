@@ -23,8 +23,8 @@ def main(argv: list[str] | None = None) -> None:
     services = build_services(cfg)
     demo = build_app(services)
     try:
-        demo.queue(default_concurrency_limit=4, max_size=64).launch(server_name=cfg.host, server_port=cfg.port,
-                                                                     show_error=True)
+        demo.queue(default_concurrency_limit=cfg.limits.queue_concurrency, max_size=cfg.limits.queue_max_size).launch(
+            server_name=cfg.host, server_port=cfg.port, show_error=True)
     finally:
         services.close()
 

@@ -204,7 +204,16 @@ class SwapEvent:
     wait_ms: float = 0.0
 
 
-PLACEHOLDER_ADAPTER = "unserved-placeholder"
+SLOT_PREFIX = "slot-"  # PEFT adapter names of the serving model's pre-built adapter slots
+
+
+def _same_shape(config: LoraConfig, shape: LoraConfig) -> bool:
+    """Whether a version's tensors can be copied into a slot built from `shape` and mean the same thing."""
+    def key(c: LoraConfig):
+        layers = c.layers_to_transform
+        return (c.r, c.lora_alpha, frozenset(c.target_modules or ()), tuple(layers) if isinstance(layers, list)
+                else layers, c.use_rslora, c.use_dora, c.bias)
+    return key(config) == key(shape)
 
 
 class LiveAdapters:
@@ -212,16 +221,25 @@ class LiveAdapters:
 
     Why not `PeftModel.load_adapter`: it calls `state_dict()`, and on CPU that un-repacks bitsandbytes'
     4-bit weights in a way that leaves the base model producing garbage (measured with bitsandbytes 0.50.2).
-    So the file is read outside the model lock, and under it we only `add_adapter` and copy the LoRA tensors.
+    So the file is read outside the model lock, and under it we only copy LoRA tensors.
+
+    Why slots: injecting a new adapter (`add_adapter`) creates LoRA modules in every target layer, which held
+    the model for ~130 ms on 2 cores (up to 390 ms), stalling every chat for that long. Given `lora_shape`,
+    the serving model is built at start-up with `keep + 1` adapters of that shape ("slots": the served
+    versions plus one still finishing a request); a swap then copies the version's tensors into a free slot
+    and maps the version name to it. A version of another shape falls back to `add_adapter`.
     """
 
     def __init__(self, generator: Generator, registry: AdapterRegistry, keep: int = 2,
                  lora_shape: LoraConfig | None = None):
         self.generator = generator
-        if lora_shape is not None:
-            self._wrap_for_adapters(lora_shape)
         self.registry = registry
         self.keep = keep
+        self.lora_shape = lora_shape
+        self._slots: dict[str, str | None] = {}  # slot adapter name -> version it holds (None: free)
+        self._slot_params: dict[str, dict[str, torch.nn.Parameter]] = {}
+        if lora_shape is not None:
+            self._build_slots(lora_shape, keep + 1)
         self.loaded: list[str] = []  # served to new requests, oldest first
         self.swaps: list[SwapEvent] = []
         self._refresh_lock = threading.Lock()
@@ -230,19 +248,26 @@ class LiveAdapters:
         self._unloading: list[str] = []  # no longer served, still in the model until their last request ends
         self._pins_lock = threading.Lock()
 
-    def _wrap_for_adapters(self, lora_shape: LoraConfig) -> None:
-        """Wrap the serving model in PEFT now, before it serves, so that every later swap is a cheap `add_adapter`.
+    def _build_slots(self, lora_shape: LoraConfig, count: int) -> None:
+        """Wrap the serving model in PEFT with `count` empty adapter slots, before it serves anything.
 
-        Wrapping injects LoRA layers into every target module (2.2 s measured on the embedded model); done
-        lazily at the first publish, it held the model lock and stalled live chat for that long. The
-        placeholder adapter is never named in a request, so it changes no answer.
+        Done lazily at the first publish, wrapping held the model lock for 2.2 s on the embedded model. A free
+        slot is never named in a request (and its fresh lora_B is zero), so it changes no answer.
         """
         model = self.generator.model
         if isinstance(model, PeftModel):
             return
         config = copy.deepcopy(lora_shape)
         config.inference_mode = True
-        self.generator.model = PeftModel(model, config, adapter_name=PLACEHOLDER_ADAPTER).eval()
+        names = [f"{SLOT_PREFIX}{i}" for i in range(count)]
+        model = PeftModel(model, config, adapter_name=names[0])
+        for name in names[1:]:
+            model.add_adapter(name, copy.deepcopy(config))
+        self.generator.model = model.eval()
+        params = dict(model.named_parameters())
+        for name in names:
+            self._slots[name] = None
+            self._slot_params[name] = {key: p for key, p in params.items() if f".{name}." in key}
 
     def newest_pair(self) -> tuple[str, str]:
         """The versions a chat pair compares: newest against its predecessor (or the base)."""
@@ -271,7 +296,11 @@ class LiveAdapters:
             droppable = [n for n in self._unloading if self._pins[n] <= 0]
             self._unloading = [n for n in self._unloading if n not in droppable]
         for name in droppable:
-            model.delete_adapter(name)
+            slot = self.generator.adapter_aliases.pop(name, None)
+            if slot is not None:
+                self._slots[slot] = None  # free for the next version; its stale tensors are never served
+            else:
+                model.delete_adapter(name)
         return droppable
 
     def refresh(self) -> SwapEvent | None:
@@ -306,10 +335,39 @@ class LiveAdapters:
                 self._load(info, newest=False)
                 return
 
+    def _free_slot(self, config: LoraConfig, saved: dict[str, torch.Tensor]) -> tuple[str, dict] | None:
+        """A free slot this version fits exactly, with its tensors renamed to the slot's parameters."""
+        if self.lora_shape is None or not _same_shape(config, self.lora_shape):
+            return None
+        for slot, holder in self._slots.items():
+            if holder is None:
+                weights = lora_state_for(saved, slot)
+                if set(weights) == set(self._slot_params[slot]):
+                    return slot, weights
+                return None  # same shape but other tensors (e.g. another base): take the general path
+        return None
+
+    def _inject(self, model, info, config: LoraConfig, saved: dict[str, torch.Tensor]) -> tuple[object, dict]:
+        """The general path: a new PEFT adapter named after the version (call with the model held)."""
+        weights = lora_state_for(saved, info.name)
+        if not isinstance(model, PeftModel):
+            model = PeftModel(model, config, adapter_name=info.name)
+            self.generator.model = model
+        else:
+            model.add_adapter(info.name, config)
+        params = dict(model.named_parameters())
+        missing = [k for k in weights if k not in params]
+        if missing:
+            if len(model.peft_config) > 1:
+                model.delete_adapter(info.name)
+            raise CorruptAdapterError(f"{info.path}: {len(missing)} tensors do not match the base model")
+        model.eval()
+        return model, {key: params[key] for key in weights}
+
     def _load(self, info, newest: bool = True) -> SwapEvent:
         config = LoraConfig.from_pretrained(str(info.path))
         config.inference_mode = True
-        weights = lora_state_for(load_file(str(info.path / ADAPTER_WEIGHTS)), info.name)
+        saved = load_file(str(info.path / ADAPTER_WEIGHTS))
         requested = time.perf_counter()
         dropped = []
         with self.generator.exclusive() as model:  # waits for the in-flight generation to finish
@@ -319,21 +377,19 @@ class LiveAdapters:
                     self._unloading.remove(info.name)
                     self.loaded = sorted(self.loaded + [info.name], key=version_number)
                 return SwapEvent(version=info.name, pause_ms=0.0)
-            if not isinstance(model, PeftModel):
-                model = PeftModel(model, config, adapter_name=info.name)
-                self.generator.model = model
+            slot = self._free_slot(config, saved)
+            if slot is not None:
+                slot_name, weights = slot
+                targets = self._slot_params[slot_name]
             else:
-                model.add_adapter(info.name, config)
-            params = dict(model.named_parameters())
-            missing = [k for k in weights if k not in params]
-            if missing:
-                if len(model.peft_config) > 1:
-                    model.delete_adapter(info.name)
-                raise CorruptAdapterError(f"{info.path}: {len(missing)} tensors do not match the base model")
+                model, targets = self._inject(model, info, config, saved)
+                weights = lora_state_for(saved, info.name)
             with torch.no_grad():
                 for key, tensor in weights.items():
-                    params[key].copy_(tensor)
-            model.eval()
+                    targets[key].copy_(tensor)
+            if slot is not None:
+                self._slots[slot_name] = info.name
+                self.generator.adapter_aliases[info.name] = slot_name
             with self._pins_lock:  # new requests get the new version from here on
                 self.loaded = sorted(self.loaded + [info.name], key=version_number)
                 self._stop_serving(self.loaded[:-self.keep] if len(self.loaded) > self.keep else [])

@@ -17,9 +17,20 @@ from dataclasses import dataclass, field
 
 from rlhf_online.config import SamplingConfig
 from rlhf_online.generation import BASE_VERSION, Generator
+from rlhf_online.limits import Limits
 from rlhf_online.store import PreferenceStore, UnknownPairError
 
 CHOICES = ("a", "b", "tie", "both_bad")
+
+
+MAX_ROW_ID = 2 ** 63 - 1  # SQLite's largest INTEGER; a bigger id cannot exist (and would overflow the driver)
+
+
+def _clean_text(text: str | None) -> str:
+    """Text that SQLite and the tokenizer accept: no NUL bytes, no lone surrogates (JSON can carry "\\ud800",
+    which is not valid UTF-8 and would fail when stored), no surrounding whitespace."""
+    cleaned = (text or "").replace("\x00", "").encode("utf-8", "replace").decode("utf-8")
+    return cleaned.strip()
 
 
 class EmptyMessageError(ValueError):
@@ -61,7 +72,7 @@ class Arena:
 
     def __init__(self, store: PreferenceStore, generator: Generator, sampling: SamplingConfig,
                  pair_versions=None, chat_busy=None, seed: int | None = None,
-                 max_conversations: int = 10_000):
+                 max_conversations: int = 10_000, limits: Limits | None = None):
         self.store = store
         self.generator = generator
         self.sampling = sampling
@@ -70,6 +81,7 @@ class Arena:
         self.chat_busy = chat_busy
         self.rng = random.Random(seed)
         self.max_conversations = max_conversations
+        self.limits = limits  # applied to requests from the web (they name a client); internal callers are trusted
         self._conversations: OrderedDict[str, Conversation] = OrderedDict()
         self._lock = threading.Lock()
 
@@ -113,7 +125,7 @@ class Arena:
                 self.chat_busy.value -= 1
 
     def _clean_message(self, message: str) -> tuple[str, str | None]:
-        text = (message or "").replace("\x00", "").strip()
+        text = _clean_text(message)
         if not text:
             raise EmptyMessageError("Type a message first: empty messages are ignored.")
         if len(text) > self.sampling.max_message_chars:
@@ -121,18 +133,24 @@ class Arena:
                 f"Your message was cut to its first {self.sampling.max_message_chars} characters."
         return text, None
 
-    def chat(self, conversation_id: str | None, message: str, session_id: str = "") -> Iterator[PairUpdate]:
+    def chat(self, conversation_id: str | None, message: str, session_id: str = "",
+             client: str | None = None) -> Iterator[PairUpdate]:
         """Add a user message and stream a pair of answers to it."""
         text, notice = self._clean_message(message)
+        if self.limits is not None and client is not None:
+            self.limits.check_chat(session_id, client)
         conversation = self.conversation(conversation_id)
         conversation.pending_message = text
         yield from self._sample_pair(conversation, session_id, notice)
 
-    def regenerate(self, conversation_id: str, session_id: str = "") -> Iterator[PairUpdate]:
+    def regenerate(self, conversation_id: str, session_id: str = "",
+                   client: str | None = None) -> Iterator[PairUpdate]:
         """A fresh pair for the pending message (the old pair stays stored, unvoted)."""
         conversation = self.conversation(conversation_id)
         if conversation.pending_message is None:
             raise EmptyMessageError("Nothing to regenerate yet: send a message first.")
+        if self.limits is not None and client is not None:
+            self.limits.check_chat(session_id, client)
         yield from self._sample_pair(conversation, session_id, None)
 
     def _sample_pair(self, conversation: Conversation, session_id: str, notice: str | None) -> Iterator[PairUpdate]:
@@ -160,22 +178,26 @@ class Arena:
         return {"temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
                 "max_new_tokens": self.sampling.max_new_tokens}
 
-    def chat_to_end(self, conversation_id: str | None, message: str, session_id: str = "") -> PairUpdate:
+    def chat_to_end(self, conversation_id: str | None, message: str, session_id: str = "",
+                    client: str | None = None) -> PairUpdate:
         """Non-streaming form for the API and benchmarks."""
         update = None
-        for update in self.chat(conversation_id, message, session_id):
+        for update in self.chat(conversation_id, message, session_id, client):
             pass
         return update
 
     # ---- vote -----------------------------------------------------------------------------------------------
-    def vote(self, pair_id: int, choice: str, better_answer: str | None = None, session_id: str = "") -> VoteOutcome:
+    def vote(self, pair_id: int, choice: str, better_answer: str | None = None, session_id: str = "",
+             client: str | None = None) -> VoteOutcome:
         """Store the vote (committed before this returns), then continue the conversation with the winner."""
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {', '.join(CHOICES)}")
-        better_answer = (better_answer or "").replace("\x00", "").strip() or None
-        pair = self.store.get_pair(int(pair_id))
+        better_answer = _clean_text(better_answer)[:self.sampling.max_message_chars] or None
+        pair = self.store.get_pair(int(pair_id)) if 0 < int(pair_id) <= MAX_ROW_ID else None
         if pair is None:
             raise UnknownPairError(f"no pair with id {pair_id}")
+        if self.limits is not None and client is not None:
+            self.limits.check_vote(session_id, client)
         receipt = self.store.record_vote(pair_id=pair.id, choice=choice, better_answer=better_answer,
                                          session_id=session_id)
         continued = False

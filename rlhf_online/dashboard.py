@@ -95,6 +95,23 @@ def counts_markdown(counts: dict) -> str:
     return "\n".join(lines)
 
 
+FEEDBACK_MODE_LABELS = {"human": "human votes only", "ai": "AI judge only (automatic)",
+                        "mixed": "mixed: AI labels fill in, weighted lower"}
+
+
+def feedback_markdown(feedback: dict, mode: str, constitution_version: str | None) -> str:
+    """Where preferences come from: `feedback` is `PreferenceStore.feedback_counts()`."""
+    votes, agreement = feedback.get("votes", {}), feedback.get("agreement", {})
+    pairs, agree = agreement.get("pairs", 0), agreement.get("agree", 0)
+    rate = f"{agree}/{pairs} ({agree / pairs:.0%})" if pairs else "no pair labelled by both yet"
+    constitution = f"`{constitution_version}`" if constitution_version else "missing"
+    return "  \n".join([
+        f"**Feedback:** {FEEDBACK_MODE_LABELS.get(mode, mode)}; constitution {constitution}",
+        f"**Votes by source:** human {votes.get('human', 0)}, AI {votes.get('ai', 0)} "
+        f"({feedback.get('ai_abstained', 0)} abstained)",
+        f"**Human–AI agreement:** {rate}"])
+
+
 def reward_markdown(reward_metrics: Sequence[Any], ppo_metrics: Sequence[Any]) -> str:
     lines = []
     if reward_metrics:

@@ -80,6 +80,7 @@ class Generator:
         self.sampling = sampling
         self.lock = threading.Lock()
         self.end_of_turn_ids = self._end_of_turn_ids()
+        self.adapter_aliases: dict[str, str] = {}  # version -> the PEFT adapter (slot) holding it, see LiveAdapters
 
     def _end_of_turn_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}
@@ -122,7 +123,8 @@ class Generator:
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
     def _batch(self, prompts: Sequence[list[int]]) -> dict[str, torch.Tensor]:
-        return self.tokenizer.pad({"input_ids": list(prompts)}, padding=True, return_tensors="pt")
+        batch = self.tokenizer.pad({"input_ids": list(prompts)}, padding=True, return_tensors="pt")
+        return {key: tensor.to(self.model.device) for key, tensor in batch.items()}
 
     def _generate_kwargs(self, adapter_versions: Sequence[str], max_new_tokens: int | None) -> dict:
         kwargs = dict(do_sample=self.sampling.temperature > 0, temperature=self.sampling.temperature or None,
@@ -130,7 +132,7 @@ class Generator:
                       eos_token_id=self.end_of_turn_ids, pad_token_id=self.tokenizer.pad_token_id,
                       top_k=None)
         if isinstance(self.model, PeftModel):
-            kwargs["adapter_names"] = [to_peft_name(v) for v in adapter_versions]
+            kwargs["adapter_names"] = [to_peft_name(self.adapter_aliases.get(v, v)) for v in adapter_versions]
         elif any(v != BASE_VERSION for v in adapter_versions):
             raise KeyError(f"no adapters are loaded, cannot sample from {list(adapter_versions)}")
         return kwargs

@@ -97,7 +97,7 @@ class PolicyWithValue(torch.nn.Module):
         super().__init__()
         self.peft_model = peft_model
         base = peft_model.get_base_model()
-        self.value_head = torch.nn.Linear(base.config.hidden_size, 1)
+        self.value_head = torch.nn.Linear(base.config.hidden_size, 1, device=base.device)
         torch.nn.init.zeros_(self.value_head.weight)
         torch.nn.init.zeros_(self.value_head.bias)
 
@@ -145,6 +145,9 @@ class PPOTrainer:
                                       - {None, tokenizer.unk_token_id})
 
     # ---- rollout --------------------------------------------------------------------------------------------
+    def _device(self) -> torch.device:
+        return self.policy.value_head.weight.device
+
     def _activate_policy(self) -> None:
         self.policy.peft_model.set_adapter(POLICY_ADAPTER)
         for p in self.policy.policy_parameters():  # set_adapter freezes inactive adapters; keep ours trainable
@@ -162,7 +165,7 @@ class PPOTrainer:
         model = self.policy.peft_model
         model.eval()
         batch = self.tokenizer.pad({"input_ids": [self._prompt_ids(m) for m in prompts]}, padding=True,
-                                   padding_side="left", return_tensors="pt")
+                                   padding_side="left", return_tensors="pt").to(self._device())
         sequences = model.generate(
             **batch, do_sample=True, temperature=self.sampling.temperature, top_p=self.sampling.top_p, top_k=None,
             max_new_tokens=self.cfg.ppo_max_new_tokens, eos_token_id=self.end_of_turn_ids,
@@ -187,7 +190,7 @@ class PPOTrainer:
     def score(self, rollout: Rollout) -> Scored:
         """Reward-model scores, KL-shaped per-token rewards, and GAE advantages: the targets of the update."""
         scores = torch.tensor(self.score_fn(rollout.messages, rollout.texts), dtype=torch.float32)  # (B,)
-        lengths = rollout.response_mask.sum(1)  # (B,)
+        lengths = rollout.response_mask.sum(1).cpu()  # (B,)
         if self.cfg.length_penalty:
             scores = scores + length_penalty(lengths, self.cfg.length_penalty_target, self.cfg.length_penalty)
         # Several answers per prompt: the reward model's score only means something relative to the others.
@@ -195,6 +198,7 @@ class PPOTrainer:
             if self.cfg.samples_per_prompt > 1 else scores  # (B,)
         if self.cfg.reward_scaling:
             terminal = self.reward_moments.scale(terminal)  # (B,) in units of the running std
+        terminal = terminal.to(self._device())
         self._activate_policy()
         _, old_logprobs, old_values = self._logprobs(rollout)
         self.yield_fn()
@@ -217,6 +221,7 @@ class PPOTrainer:
                                           return_tensors="pt")
         answer_batch = self.tokenizer.pad({"input_ids": answers}, padding=True, padding_side="right",
                                           return_tensors="pt")
+        prompt_batch, answer_batch = prompt_batch.to(self._device()), answer_batch.to(self._device())
         rollout = Rollout(input_ids=torch.cat([prompt_batch["input_ids"], answer_batch["input_ids"]], 1),
                           attention_mask=torch.cat([prompt_batch["attention_mask"], answer_batch["attention_mask"]], 1),
                           response_mask=answer_batch["attention_mask"].float(),
@@ -236,7 +241,7 @@ class PPOTrainer:
             self.rng.shuffle(order)
             for start in range(0, batch_size, self.cfg.ppo_minibatch_size):
                 self.yield_fn()
-                mb = torch.tensor(order[start:start + self.cfg.ppo_minibatch_size])  # minibatch row indices
+                mb = torch.tensor(order[start:start + self.cfg.ppo_minibatch_size], device=self._device())  # rows
                 mask = rollout.response_mask[mb]  # (b, R)
                 logits, new_logprobs, new_values = self._logprobs(rollout, mb)
                 pg_loss, pg_stats = clipped_policy_loss(new_logprobs, scored.old_logprobs[mb],
@@ -302,7 +307,7 @@ def _prompt_groups(prompts: list[list[dict]]) -> torch.Tensor:
 
 def _mask_through_first_eos(response: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
     """(B, R) 1 for tokens up to and including the first end-of-turn, 0 after (generate pads finished rows)."""
-    is_eos = torch.isin(response, torch.tensor(eos_ids))  # (B, R)
+    is_eos = torch.isin(response, torch.tensor(eos_ids, device=response.device))  # (B, R)
     eos_before = torch.cumsum(is_eos.long(), dim=1) - is_eos.long()  # (B, R) EOS count strictly before t
     return (eos_before == 0).long()
 

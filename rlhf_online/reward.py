@@ -68,7 +68,7 @@ class RewardModel:
         self.tokenizer = tokenizer
         self.cfg = cfg
         hidden = peft_model.get_base_model().config.hidden_size
-        self.head = torch.nn.Linear(hidden, 1)
+        self.head = torch.nn.Linear(hidden, 1, device=peft_model.get_base_model().device)
         torch.nn.init.zeros_(self.head.weight)  # every answer scores 0 until a vote says otherwise
         torch.nn.init.zeros_(self.head.bias)
         for p in self.lora_parameters().values():
@@ -115,18 +115,22 @@ class RewardModel:
     def frozen_features(self, rows: list[list[int]]) -> list[torch.Tensor]:
         """Hidden states entering the first LoRA layer, one (len_i, H) fp16 tensor per row, cacheable forever."""
         batch = self.tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt")
+        device = self.trunk.embed_tokens.weight.device
         with self._reward_active():
-            hidden = self.trunk.embed_tokens(batch["input_ids"])  # (B, T, H)
-            hidden = self._run_layers(hidden, batch["attention_mask"], self.trunk.layers[:self.split_layer])
-        return [h[-len(r):].to(torch.float16) for h, r in zip(hidden, rows)]  # strip left padding
+            hidden = self.trunk.embed_tokens(batch["input_ids"].to(device))  # (B, T, H)
+            hidden = self._run_layers(hidden, batch["attention_mask"].to(device), self.trunk.layers[:self.split_layer])
+        # strip left padding; the cache lives in CPU memory whatever the device
+        return [h[-len(r):].to("cpu", torch.float16) for h, r in zip(hidden, rows)]
 
     def forward_features(self, features: list[torch.Tensor]) -> torch.Tensor:
         """(B,) scores from cached frozen features: only the top LoRA layers run, with gradients."""
         width = max(f.shape[0] for f in features)
-        hidden = torch.zeros(len(features), width, features[0].shape[1])  # (B, T, H) left-padded
-        attention_mask = torch.zeros(len(features), width, dtype=torch.long)  # (B, T)
+        embed = self.trunk.embed_tokens.weight  # the trunk's device and activation dtype (fp32 on CPU, bf16 on CUDA)
+        dtype = embed.dtype if embed.dtype.is_floating_point else torch.float32
+        hidden = torch.zeros(len(features), width, features[0].shape[1], device=embed.device, dtype=dtype)  # (B, T, H)
+        attention_mask = torch.zeros(len(features), width, dtype=torch.long, device=embed.device)  # (B, T)
         for i, f in enumerate(features):
-            hidden[i, width - f.shape[0]:] = f.float()
+            hidden[i, width - f.shape[0]:] = f.to(embed.device, dtype)
             attention_mask[i, width - f.shape[0]:] = 1
         with self._reward_active():
             hidden = self._run_layers(hidden, attention_mask, self.trunk.layers[self.split_layer:])
@@ -162,8 +166,8 @@ class RewardModel:
         return scores
 
     def state(self) -> dict[str, torch.Tensor]:
-        state = {f"lora.{k}": v.detach().clone() for k, v in self.lora_parameters().items()}
-        state.update({f"head.{k}": v.detach().clone() for k, v in self.head.state_dict().items()})
+        state = {f"lora.{k}": v.detach().cpu().clone() for k, v in self.lora_parameters().items()}
+        state.update({f"head.{k}": v.detach().cpu().clone() for k, v in self.head.state_dict().items()})
         return state
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
@@ -250,7 +254,7 @@ class OnlineRewardLearner:
             if step == 0:
                 margin_before = float((r_chosen[0] - r_rejected[0]).detach())
                 correct_before = 1.0 if margin_before > 0 else 0.5 if margin_before == 0 else 0.0
-            loss = bradley_terry_loss(r_chosen, r_rejected, weights)
+            loss = bradley_terry_loss(r_chosen, r_rejected, weights.to(rewards.device))
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.rm.parameters(), 1.0)

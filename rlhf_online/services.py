@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import logging
 import multiprocessing as mp
+import os
+import time
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 
@@ -12,9 +15,13 @@ from rlhf_online.adapters import AdapterRegistry, LiveAdapters
 from rlhf_online.arena import Arena
 from rlhf_online.config import AppConfig
 from rlhf_online.generation import Generator
+from rlhf_online.hardware import Hardware, detect, maybe_gpu_decorator
+from rlhf_online.hub_sync import HubSync
+from rlhf_online.limits import Limits, SessionVoteCounter
 from rlhf_online.models import load_base_model, load_tokenizer, lora_config, resolve_model_source
 from rlhf_online.store import PreferenceStore, store_path
 from rlhf_online.supervisor import TrainerSupervisor
+from rlhf_online.worker import REWARD_CHECKPOINT
 
 log = logging.getLogger(__name__)
 
@@ -29,25 +36,69 @@ class Services:
     arena: Arena
     supervisor: TrainerSupervisor | None
     quantization: str
+    limits: Limits | None = None
+    hardware: Hardware | None = None
+    hub: HubSync | None = None
+
+    @property
+    def training_notice(self) -> str | None:
+        """Why training is off when the config asked for it (ZeroGPU), for the page to show."""
+        return self.hardware.training_notice if self.hardware is not None and self.cfg.train else None
 
     def close(self) -> None:
         self.live.stop()
         if self.supervisor is not None:
             self.supervisor.stop()
+        if self.hub is not None:
+            self.hub.stop()
+        if self.limits is not None:
+            self.limits.close()
         self.store.close()
+
+    def reset_data(self) -> Path:
+        """Admin "reset data": move the database and reward checkpoints aside whole, start a fresh database.
+
+        The trainer is stopped first (its reward model and its cursor into the old votes would be wrong for the
+        new file) and restarted on the new one. Moving closed files within one folder is atomic, and nothing is
+        deleted: the returned folder holds the old data. A vote racing the reset either committed to the old
+        file (and is in the backup) or fails with an error; none is acknowledged and lost.
+        """
+        if self.supervisor is not None:
+            self.supervisor.stop()
+        if self.limits is not None:
+            self.limits.close()
+        self.store.close()
+        backup = self.cfg.data_path / "backups" / time.strftime("reset-%Y%m%d-%H%M%S")
+        backup.mkdir(parents=True, exist_ok=True)
+        path = store_path(self.cfg.data_path)
+        for name in (path.name, path.name + "-wal", path.name + "-shm", REWARD_CHECKPOINT,
+                     Path(REWARD_CHECKPOINT).with_suffix(".prev.safetensors").name):
+            if (self.cfg.data_path / name).exists():
+                os.replace(self.cfg.data_path / name, backup / name)
+        self.store = self.arena.store = PreferenceStore(path)
+        if self.supervisor is not None:
+            self.supervisor = TrainerSupervisor(self.cfg, self.arena.chat_busy)
+            self.supervisor.start()
+        log.warning("data reset by the admin: the previous database is in %s", backup)
+        return backup
 
 
 def build_services(cfg: AppConfig, start_trainer: bool | None = None) -> Services:
     """Load the serving model, open the store, hot-load the newest adapter, and start the trainer."""
     if cfg.sampling.torch_threads:
         torch.set_num_threads(cfg.sampling.torch_threads)
+    hardware = detect(os.environ, torch.cuda.is_available())
     cfg.data_path.mkdir(parents=True, exist_ok=True)
+    hub = HubSync.from_config(cfg)
+    if hub is not None:
+        hub.restore_at_start()  # before the store creates an empty file in its place
     store = PreferenceStore(store_path(cfg.data_path))
     registry = AdapterRegistry(cfg.adapters_path)
     source = resolve_model_source(cfg.model)  # converts the embedded GGUF once, before the trainer needs it
     tokenizer = load_tokenizer(source)
     base = load_base_model(source, cfg.model.quantization, for_training=False)
     generator = Generator(base.model, tokenizer, cfg.sampling)
+    generator.stream_pair = maybe_gpu_decorator(generator.stream_pair, os.environ)  # ZeroGPU: a GPU per call
     live = LiveAdapters(generator, registry, lora_shape=lora_config(cfg.model))
     try:
         live.refresh()
@@ -56,12 +107,18 @@ def build_services(cfg: AppConfig, start_trainer: bool | None = None) -> Service
     live.watch()
     chat_busy = mp.get_context("spawn").Value("i", 0)
     supervisor = None
-    if cfg.train if start_trainer is None else start_trainer:
+    want_training = cfg.train if start_trainer is None else start_trainer
+    if want_training and not hardware.can_train:
+        log.warning(hardware.training_notice)
+    elif want_training:
         supervisor = TrainerSupervisor(cfg, chat_busy)
         supervisor.start()
     else:
         log.info("background training is off (--no-train): serving and collecting votes only")
+    limits = Limits(cfg.limits, SessionVoteCounter(store_path(cfg.data_path)))
     arena = Arena(store, generator, cfg.sampling, pair_versions=live.pinned_pair, chat_busy=chat_busy,
-                  seed=cfg.seed or None)
+                  seed=cfg.seed or None, limits=limits)
+    if hub is not None:
+        hub.start()
     return Services(cfg=cfg, store=store, registry=registry, generator=generator, live=live, arena=arena,
-                    supervisor=supervisor, quantization=base.quantization)
+                    supervisor=supervisor, quantization=base.quantization, limits=limits, hardware=hardware, hub=hub)

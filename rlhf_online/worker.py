@@ -151,7 +151,13 @@ class TrainerWorker:
         if raw is None or raw == self._applied_settings:
             return
         self._applied_settings = raw
-        settings = json.loads(raw)
+        try:
+            settings = json.loads(raw)
+            if not isinstance(settings, dict):
+                raise ValueError("not a JSON object")
+        except ValueError as exc:  # never crash-loop the trainer on a bad setting: say so and keep the old ones
+            log.error("ignoring the admin's training settings %r: %s", raw, exc)
+            return
         ppo = self.cfg.ppo
         ppo.length_penalty = float(settings.get("length_penalty", ppo.length_penalty))
         if "init_kl_coef" in settings:
@@ -202,7 +208,7 @@ class TrainerWorker:
     def publish(self, stats: IterationStats) -> VersionInfo:
         def write(folder: Path) -> None:
             save_peft_adapter(self.peft, POLICY_ADAPTER, folder)
-            save_file({f"value_head.{k}": v.contiguous() for k, v in self.policy.value_head.state_dict().items()},
+            save_file({f"value_head.{k}": v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
                       str(folder / VALUE_HEAD_FILE))
 
         meta = {"parent": self.parent, "ppo_iteration": stats.iteration, "votes_seen": self.learner.metrics.total,

@@ -240,8 +240,8 @@ def test_a_version_in_use_survives_a_swap_until_its_request_ends(registry, train
     assert set(generator.model.peft_config) == {"v0002", "v0003"}
 
 
-def test_wrapping_at_startup_changes_no_answer_and_makes_the_first_swap_an_add(registry, trainer, generator,
-                                                                                 tokenizer):
+def test_slots_built_at_startup_change_no_answer_and_swaps_only_copy_tensors(registry, trainer, generator,
+                                                                              tokenizer, tiny_model_dir):
     batch = tokenizer(["hello how are you today?"], return_tensors="pt")
     with torch.inference_mode():
         unwrapped = generator.model(**batch).logits
@@ -253,9 +253,18 @@ def test_wrapping_at_startup_changes_no_answer_and_makes_the_first_swap_an_add(r
     assert torch.allclose(base, unwrapped, atol=1e-5)
     assert live.newest_pair() == (BASE_VERSION, BASE_VERSION)
 
-    publish(registry, trainer, seed=1)
-    live.refresh()
-    assert generator.model is wrapped  # the swap added an adapter to the wrapped model, it did not re-wrap it
-    assert live.newest_pair() == ("v0001", BASE_VERSION)
+    slots = set(wrapped.peft_config)
+    assert len(slots) == 3  # the two served versions plus one still finishing a request
+
     prompt = generator.build_prompt([{"role": "user", "content": "hello"}]).input_ids
-    assert len(generator.sample([prompt] * 2, ["v0001", BASE_VERSION], max_new_tokens=4)) == 2
+    for seed in (1, 2, 3, 4):  # more versions than slots: slots are reused as versions are dropped
+        info = publish(registry, trainer, seed=seed)
+        live.refresh()
+        assert generator.model is wrapped and set(wrapped.peft_config) == slots  # tensors copied, nothing injected
+        plain = PeftModel.from_pretrained(models.load_base_model(str(tiny_model_dir), "nf4").model, str(info.path))
+        with torch.inference_mode():
+            expected = plain.eval()(**batch).logits
+            served = wrapped(**batch, adapter_names=[generator.adapter_aliases[info.name]]).logits
+        assert torch.allclose(served, expected, atol=1e-3, rtol=1e-3), (served - expected).abs().max()
+        assert len(generator.sample([prompt] * 2, list(live.newest_pair()), max_new_tokens=4)) == 2
+    assert live.loaded == ["v0003", "v0004"] and set(generator.adapter_aliases) == {"v0003", "v0004"}

@@ -4,89 +4,13 @@ One app process serves both tests (startup is most of the cost: importing torch,
 test kills it with SIGKILL and starts a new one on the same data folder.
 """
 
-import os
-import signal
-import socket
 import sqlite3
-import subprocess
-import sys
-import time
 import urllib.request
-from pathlib import Path
 
 import pytest
 from gradio_client import Client
 
-REPO = Path(__file__).resolve().parent.parent
-STARTUP_TIMEOUT_S = 120
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-class RunningApp:
-    """`python app.py ...` on the tiny model; always stopped by the fixture, whatever the test did."""
-
-    def __init__(self, model_dir: Path, root: Path):
-        self.model_dir, self.root = model_dir, root
-        self.data_dir, self.adapters_dir = root / "data", root / "adapters"
-        self.process: subprocess.Popen | None = None
-        self.url = ""
-        self.starts = 0
-
-    @property
-    def db(self) -> Path:
-        return self.data_dir / "preferences.sqlite"
-
-    def start(self) -> None:
-        port = free_port()
-        self.starts += 1
-        self.log_path = self.root / f"app-{self.starts}.log"
-        env = {**os.environ, "HF_HUB_OFFLINE": "1", "TRANSFORMERS_OFFLINE": "1", "GRADIO_ANALYTICS_ENABLED": "False"}
-        env.pop("RLHF_ADMIN_TOKEN", None)
-        with open(self.log_path, "wb") as log:
-            self.process = subprocess.Popen(
-                [sys.executable, "app.py", "--model", str(self.model_dir), "--port", str(port), "--host", "127.0.0.1",
-                 "--data-dir", str(self.data_dir), "--adapters-dir", str(self.adapters_dir), "--no-train",
-                 "--max-new-tokens", "8"],
-                cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        self.url = f"http://127.0.0.1:{port}/"
-        deadline = time.monotonic() + STARTUP_TIMEOUT_S
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                pytest.fail(f"app exited with code {self.process.returncode}:\n{self.log_tail()}")
-            try:
-                with urllib.request.urlopen(self.url + "config", timeout=2) as response:
-                    if response.status == 200:
-                        return
-            except OSError:
-                time.sleep(0.5)
-        pytest.fail(f"app did not answer within {STARTUP_TIMEOUT_S} s:\n{self.log_tail()}")
-
-    def log_tail(self) -> str:
-        return self.log_path.read_text(errors="replace")[-3000:]
-
-    def kill9(self) -> None:
-        os.kill(self.process.pid, signal.SIGKILL)
-        self.process.wait(10)
-
-    def stop(self) -> None:
-        if self.process is None:
-            return
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                self.process.wait(10)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                self.process.wait(10)
-        try:  # helpers it started (multiprocessing's resource tracker) share its process group
-            os.killpg(self.process.pid, signal.SIGKILL)
-        except (ProcessLookupError, PermissionError):
-            pass
+from app_process import RunningApp, vote_rows
 
 
 @pytest.fixture(scope="module")
@@ -97,14 +21,6 @@ def app(tiny_model_dir, tmp_path_factory):
         yield running
     finally:
         running.stop()
-
-
-def vote_rows(db: Path, pair_id: int) -> list[tuple]:
-    conn = sqlite3.connect(db)
-    try:
-        return conn.execute("SELECT id, choice, better_answer FROM votes WHERE pair_id = ?", (pair_id,)).fetchall()
-    finally:
-        conn.close()
 
 
 def chat_and_vote(client: Client, choice: str, better: str = "") -> tuple[int, int]:

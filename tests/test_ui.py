@@ -1,6 +1,8 @@
 """UI and API handlers on the tiny model, called directly (no browser, no server)."""
 
+import json
 import sqlite3
+import zipfile
 from types import SimpleNamespace
 
 import gradio as gr
@@ -8,6 +10,7 @@ import pytest
 
 from rlhf_online import ui
 from rlhf_online.config import load_config
+from rlhf_online.judge import current_feedback_mode, load_constitution
 from rlhf_online.services import build_services
 from rlhf_online.store import StoreWriteError, store_path
 from rlhf_online.worker import PAUSED_KEY
@@ -154,11 +157,11 @@ def test_dashboard_refresh_and_pause(services, monkeypatch):
     outputs = ui.refresh_dashboard(services, ui.dashboard.VersionCache(services.registry))
     assert len(outputs) == 11 and "Pairs shown" in outputs[0]
     assert outputs[4]["visible"] is False  # no reward-hacking warning
-    monkeypatch.delenv(ui.ADMIN_TOKEN_ENV, raising=False)
+    monkeypatch.setattr(services.cfg.limits, "admin_token", "")  # no token, listening on 127.0.0.1: allowed
     assert "paused" in ui.set_paused_ui(services, True, "")
     assert services.store.get_control(PAUSED_KEY) == "1"
     assert "**paused**" in ui.refresh_dashboard(services, ui.dashboard.VersionCache(services.registry))[2]
-    monkeypatch.setenv(ui.ADMIN_TOKEN_ENV, "s3cret")
+    monkeypatch.setattr(services.cfg.limits, "admin_token", "s3cret")
     with pytest.raises(gr.Error, match="admin token"):
         ui.set_paused_ui(services, False, "wrong")
     assert services.store.get_control(PAUSED_KEY) == "1"
@@ -167,11 +170,12 @@ def test_dashboard_refresh_and_pause(services, monkeypatch):
 
 
 def test_rollback_retires_newer_versions_and_refreshes(monkeypatch):
-    monkeypatch.delenv(ui.ADMIN_TOKEN_ENV, raising=False)
+    monkeypatch.delenv("SPACE_ID", raising=False)
     calls = []
     registry = SimpleNamespace(versions=lambda: [SimpleNamespace(name="v0001"), SimpleNamespace(name="v0002")],
                                retire_after=lambda version: calls.append(("retire", version)) or ["v0002"])
-    fake = SimpleNamespace(registry=registry, live=SimpleNamespace(refresh=lambda: calls.append(("refresh",))))
+    fake = SimpleNamespace(registry=registry, live=SimpleNamespace(refresh=lambda: calls.append(("refresh",))),
+                           cfg=load_config([], environ={}))
     assert "retired `v0002`" in ui.rollback_ui(fake, "v0001", "")
     assert calls == [("retire", "v0001"), ("refresh",)]
     with pytest.raises(gr.Error, match="Unknown version"):
@@ -185,3 +189,170 @@ def test_build_app_exposes_exactly_the_named_endpoints(services):
     assert public == {"chat", "regenerate", "vote", "stats"}
     chatbot = next(block for block in demo.blocks.values() if isinstance(block, gr.Chatbot))
     assert chatbot.sanitize_html is True
+
+
+def test_feedback_markdown_shows_sources_and_agreement():
+    text = ui.dashboard.feedback_markdown({"votes": {"human": 12, "ai": 30}, "ai_abstained": 4,
+                                           "agreement": {"pairs": 8, "agree": 6}}, "mixed", "0123456789ab")
+    assert "mixed: AI labels fill in, weighted lower" in text and "`0123456789ab`" in text
+    assert "human 12, AI 30 (4 abstained)" in text and "6/8 (75%)" in text
+    empty = ui.dashboard.feedback_markdown({"votes": {"human": 0, "ai": 0}, "ai_abstained": 0,
+                                            "agreement": {"pairs": 0, "agree": 0}}, "human", None)
+    assert "human votes only" in empty and "no pair labelled by both yet" in empty and "missing" in empty
+
+
+def test_feedback_mode_and_constitution_are_admin_actions_shown_in_the_panel(services, monkeypatch):
+    monkeypatch.setattr(services.cfg.limits, "admin_token", "s3cret")
+    with pytest.raises(gr.Error, match="admin token"):
+        ui.set_feedback_mode_ui(services, "ai", "wrong")
+    with pytest.raises(gr.Error, match="admin token"):
+        ui.save_constitution_ui(services, "1. Be rude.", "")
+    assert current_feedback_mode(services.store, "human") == "human"
+    assert not (services.cfg.data_path / "constitution.md").exists()
+
+    assert "mixed" in ui.set_feedback_mode_ui(services, "mixed", "s3cret")
+    assert current_feedback_mode(services.store, "human") == "mixed"
+    with pytest.raises(gr.Error, match="feedback mode must be one of"):
+        ui.set_feedback_mode_ui(services, "robots", "s3cret")
+    message = ui.save_constitution_ui(services, "1. Be brief.\n2. Be kind.", "s3cret")
+    version = load_constitution(services.cfg.feedback, services.cfg.data_path).version
+    assert f"`{version}`" in message and "2 listed principles" in message
+    with pytest.raises(gr.Error, match="empty"):
+        ui.save_constitution_ui(services, "   ", "s3cret")
+    assert load_constitution(services.cfg.feedback, services.cfg.data_path).version == version
+
+    counts = ui.refresh_dashboard(services, ui.dashboard.VersionCache(services.registry))[0]
+    assert "Training pairs:" in counts and "Votes by source:" in counts and "Human–AI agreement" in counts
+    assert "mixed: AI labels fill in" in counts and f"`{version}`" in counts
+    ui.set_feedback_mode_ui(services, "human", "s3cret")
+    (services.cfg.data_path / "constitution.md").unlink()
+
+
+# ---- admin protection and actions -------------------------------------------------------------------------------
+
+ADMIN_ACTIONS = {
+    "pause": lambda s, token: ui.set_paused_ui(s, True, token),
+    "rollback": lambda s, token: ui.rollback_ui(s, "base", token),
+    "delete": lambda s, token: ui.delete_version_ui(s, "v0001", token),
+    "export": lambda s, token: ui.export_ui(s, token),
+    "reset": lambda s, token: ui.reset_data_ui(s, "RESET", token),
+    "settings": lambda s, token: ui.training_settings_ui(s, token, 0.1, 0.2, 1e-4),
+    "unlock": lambda s, token: ui.unlock_admin_ui(s, token),
+}
+
+
+@pytest.mark.parametrize("action", sorted(ADMIN_ACTIONS))
+def test_admin_actions_are_refused_on_the_server_without_the_token(services, monkeypatch, action):
+    """Hidden in the page is not enough: each handler refuses, and nothing changes."""
+    before = (services.store.get_control(PAUSED_KEY), services.store.get_control(ui.TRAINING_SETTINGS_KEY),
+              services.store.counts())
+    monkeypatch.setattr(services.cfg.limits, "admin_token", "s3cret")
+    for wrong in ("", "wrong", "s3cret "):
+        with pytest.raises(gr.Error, match="Wrong or missing admin token"):
+            ADMIN_ACTIONS[action](services, wrong)
+    monkeypatch.setattr(services.cfg.limits, "admin_token", "")
+    monkeypatch.setattr(services.cfg, "host", "0.0.0.0")  # reachable from other machines, and no token set
+    with pytest.raises(gr.Error, match="RLHF_ADMIN_TOKEN"):
+        ADMIN_ACTIONS[action](services, "")
+    monkeypatch.setattr(services.cfg, "host", "127.0.0.1")
+    monkeypatch.setenv("SPACE_ID", "someone/rlhf")  # a Space is public even though Gradio listens locally there
+    with pytest.raises(gr.Error, match="RLHF_ADMIN_TOKEN"):
+        ADMIN_ACTIONS[action](services, "")
+    after = (services.store.get_control(PAUSED_KEY), services.store.get_control(ui.TRAINING_SETTINGS_KEY),
+             services.store.counts())
+    assert after == before
+
+
+def test_unlock_shows_the_admin_controls_only_with_the_token(services, monkeypatch):
+    monkeypatch.setattr(services.cfg.limits, "admin_token", "s3cret")
+    controls, message = ui.unlock_admin_ui(services, "s3cret")
+    assert controls["visible"] is True and "unlocked" in message
+    demo = ui.build_app(services)
+    groups = [b for b in demo.blocks.values() if isinstance(b, gr.Group)]
+    assert any(group.visible is False for group in groups)  # the controls start hidden
+
+
+def test_training_settings_reach_the_control_table_and_bad_values_are_refused(services, monkeypatch):
+    monkeypatch.setattr(services.cfg.limits, "admin_token", "s3cret")
+    assert "ppo_lr = 0.0002" in ui.training_settings_ui(services, "s3cret", 0.1, 0.5, 2e-4)
+    assert json.loads(services.store.get_control(ui.TRAINING_SETTINGS_KEY)) == {
+        "init_kl_coef": 0.1, "length_penalty": 0.5, "ppo_lr": 2e-4}
+    for bad in ("abc", -1, float("nan")):
+        with pytest.raises(gr.Error, match="must be"):
+            ui.training_settings_ui(services, "s3cret", bad, 0.5, 2e-4)
+    assert json.loads(services.store.get_control(ui.TRAINING_SETTINGS_KEY))["init_kl_coef"] == 0.1
+
+
+def test_export_gives_a_zip_with_the_trl_files(services, monkeypatch):
+    monkeypatch.setattr(services.cfg.limits, "admin_token", "s3cret")
+    state = send(services)[-1][0]
+    ui.vote_ui(services, "a", state)
+    archive, message = ui.export_ui(services, "s3cret")
+    with zipfile.ZipFile(archive) as zipped:
+        names = zipped.namelist()
+        assert any(name.endswith(".jsonl") for name in names)
+        assert sum(1 for line in zipped.read("preferences.jsonl").splitlines() if line.strip()) >= 1
+    assert "preference pairs" in message
+
+
+def test_delete_version_removes_it_and_refuses_unknown_names(services, monkeypatch, tiny_model_dir):
+    from rlhf_online import models
+    from rlhf_online.adapters import save_peft_adapter
+
+    monkeypatch.setattr(services.cfg.limits, "admin_token", "s3cret")
+    trainer = models.attach_lora(models.load_base_model(str(tiny_model_dir), "nf4", for_training=True).model,
+                                 services.cfg.model)
+    info = services.registry.publish(lambda folder: save_peft_adapter(trainer, models.POLICY_ADAPTER, folder), {})
+    services.live.refresh()
+    assert info.name in services.live.loaded
+    with pytest.raises(gr.Error, match="Unknown version"):
+        ui.delete_version_ui(services, "base", "s3cret")
+    with pytest.raises(gr.Error, match="Unknown version"):
+        ui.delete_version_ui(services, "../data", "s3cret")
+    assert f"Deleted `{info.name}`" in ui.delete_version_ui(services, info.name, "s3cret")
+    assert not info.path.exists() and info.name not in services.live.loaded
+    assert services.registry.next_version_name() != info.name  # its number is never reused
+
+
+def test_reset_moves_the_database_aside_and_starts_fresh(tiny_model_dir, tmp_path):
+    cfg = load_config(["--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "data"), "--adapters-dir",
+                       str(tmp_path / "adapters"), "--no-train", "--max-new-tokens", "4"], environ={})
+    built = build_services(cfg, start_trainer=False)
+    try:
+        state = send(built)[-1][0]
+        ui.vote_ui(built, "b", state)
+        with pytest.raises(gr.Error, match="Type RESET"):
+            ui.reset_data_ui(built, "reset please", "")
+        assert built.store.counts()["votes"]["b"] == 1
+        message = ui.reset_data_ui(built, "RESET", "")
+        backup = next((cfg.data_path / "backups").iterdir())
+        assert str(backup) in message
+        with sqlite3.connect(backup / "preferences.sqlite") as conn:  # the old data, whole
+            assert conn.execute("SELECT choice FROM votes").fetchall() == [("b",)]
+            assert conn.execute("PRAGMA integrity_check").fetchone()[0] == "ok"
+        assert built.store.counts()["votes"]["b"] == 0
+        state = send(built)[-1][0]  # the app goes on with the fresh database
+        ui.vote_ui(built, "a", state)
+        assert built.store.counts()["votes"]["a"] == 1
+    finally:
+        built.close()
+
+
+def test_api_stats_report_swaps_and_trainer(services):
+    stats = ui.api_stats(services)
+    assert stats["swaps"] == len(services.live.swaps) and stats["trainer"] is None
+    assert stats["serving"] == list(services.live.loaded)
+
+
+@pytest.mark.parametrize("pair_id", [10 ** 30, -1, 0, "abc", 1.5, None])
+def test_out_of_range_and_malformed_pair_ids_are_clear_errors(services, pair_id):
+    with pytest.raises(gr.Error, match="Unknown answer pair|must be an integer"):
+        ui.api_vote(services, pair_id, "a")
+
+
+def test_lone_surrogates_and_nul_bytes_are_stored_cleanly(services):
+    state = send(services, "hi \ud800 there\x00")[-1][0]
+    assert db_rows(services, "SELECT messages_json FROM pairs WHERE id = ?", (state.pair_id,))[0][0].count("hi ? there")
+    ui.vote_ui(services, "both_bad", state, "better \udfff answer")
+    assert db_rows(services, "SELECT better_answer FROM votes WHERE pair_id = ?", (state.pair_id,)) == [
+        ("better ? answer",)]

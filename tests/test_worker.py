@@ -320,3 +320,14 @@ def test_mixed_mode_switched_at_run_time_labels_shown_pairs_with_the_lower_weigh
     set_feedback_mode(worker.store, "human")
     assert worker.label_with_ai() == 0
     assert len(worker.store._read("SELECT * FROM votes WHERE source = 'ai'")) == 2
+
+
+def test_training_settings_from_the_admin_reach_the_running_trainer(cfg):
+    from rlhf_online.worker import TRAINING_SETTINGS_KEY
+
+    worker = TrainerWorker(cfg)
+    worker.store.set_control(TRAINING_SETTINGS_KEY, json.dumps({"ppo_lr": 5e-5, "init_kl_coef": 0.3,
+                                                                "length_penalty": 0.02}))
+    worker.step()
+    assert all(group["lr"] == 5e-5 for group in worker.ppo.optimizer.param_groups)
+    assert worker.ppo.kl_ctl.kl_coef == 0.3 and worker.cfg.ppo.length_penalty == 0.02

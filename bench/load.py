@@ -1,0 +1,230 @@
+"""Load: N concurrent gradio_client users chat and vote against the real app (training on) for a bounded time.
+
+    python bench/load.py --users 8 --minutes 5 --out bench/results/load.json
+    python bench/load.py --url http://127.0.0.1:7860/ --users 4 --minutes 1    # attach to a running app
+
+Starts `python app.py` on a free port with its own temporary data and adapters folders (unless --url), then each
+user (its own Client, so its own session) loops: send a message, wait for both answers, vote. Reported:
+requests and failures (any exception), votes acknowledged (vote ids the app returned) against votes found in the
+SQLite file afterwards (they must be equal), p50/p95 time until both answers are complete, and the adapter
+swaps during the run. Speed targets live here, not in the tests.
+
+All simulated users come from 127.0.0.1, which the app would treat as one visitor; the per-client limits are
+therefore switched off for the launched app (the per-session ones stay on).
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import signal
+import socket
+import sqlite3
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from common import write_json
+
+REPO = Path(__file__).resolve().parents[1]
+PROMPTS = ["Why is the sky blue?", "Give me a tip for sleeping better.", "What is a good name for a cat?",
+           "Explain recursion in one sentence.", "How do I boil an egg?", "Write a haiku about rain.",
+           "What should I pack for a day hike?", "Is it better to rent or to buy a house?"]
+CHOICES = ("a", "b", "a", "b", "tie")  # mostly decisive votes, so the reward model has pairs to learn
+
+
+@dataclass
+class UserResult:
+    latencies: list[float] = field(default_factory=list)
+    requests: int = 0
+    failures: int = 0
+    vote_ids: list[int] = field(default_factory=list)
+    errors: list[str] = field(default_factory=list)
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen | None, timeout_s: float, log_path: Path | None) -> None:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if process is not None and process.poll() is not None:
+            raise SystemExit(f"the app exited with code {process.returncode}; see {log_path}")
+        try:
+            with urllib.request.urlopen(url + "config", timeout=2):
+                return
+        except OSError:
+            time.sleep(1)
+    raise SystemExit(f"the app did not answer within {timeout_s:.0f} s; see {log_path}")
+
+
+def start_app(args, root: Path) -> tuple[subprocess.Popen, str, Path]:
+    port = free_port()
+    log_path = root / "app.log"
+    command = [sys.executable, "app.py", "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
+               "--data-dir", str(root / "data"), "--adapters-dir", str(root / "adapters"),
+               "--max-new-tokens", str(args.max_new_tokens), "--client-chats-per-minute", "0",
+               "--client-votes-per-minute", "0", "--queue-max-size", str(max(64, 4 * args.users))]
+    if args.no_train:
+        command.append("--no-train")
+    env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
+    with open(log_path, "wb") as log:
+        process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
+                                   start_new_session=True)
+    return process, f"http://127.0.0.1:{port}/", log_path
+
+
+def stop_app(process: subprocess.Popen) -> None:
+    process.send_signal(signal.SIGTERM)
+    try:
+        process.wait(30)
+    except subprocess.TimeoutExpired:
+        pass
+    try:
+        os.killpg(process.pid, signal.SIGKILL)  # the trainer and helpers share the app's process group
+    except ProcessLookupError:
+        pass
+
+
+def run_user(url: str, index: int, deadline: float, result: UserResult) -> None:
+    from gradio_client import Client
+
+    client = Client(url, verbose=False, httpx_kwargs={"timeout": 600})
+    prompts = itertools.cycle(PROMPTS[index % len(PROMPTS):] + PROMPTS[:index % len(PROMPTS)])
+    choices = itertools.cycle(CHOICES)
+    while time.monotonic() < deadline:
+        try:
+            result.requests += 1
+            started = time.perf_counter()
+            _, pair_id, _, _ = client.predict("", next(prompts), api_name="/chat")
+            result.latencies.append(time.perf_counter() - started)
+            result.requests += 1
+            vote_id, _, _ = client.predict(pair_id, next(choices), "", api_name="/vote")
+            result.vote_ids.append(int(vote_id))
+        except Exception as exc:  # every failure counts; a sample of messages goes into the report
+            result.failures += 1
+            if len(result.errors) < 5:
+                result.errors.append(f"user {index}: {type(exc).__name__}: {str(exc)[:300]}")
+
+
+def stats(url: str) -> dict:
+    from gradio_client import Client
+
+    return Client(url, verbose=False).predict(api_name="/stats")
+
+
+def stored_votes(db: Path, vote_ids: list[int]) -> int:
+    """How many of the acknowledged vote ids are in the database file."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        found = 0
+        for start in range(0, len(vote_ids), 500):
+            chunk = vote_ids[start:start + 500]
+            found += conn.execute(f"SELECT COUNT(*) FROM votes WHERE id IN ({','.join('?' * len(chunk))})",
+                                  chunk).fetchone()[0]
+        return found
+    finally:
+        conn.close()
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=100, method="inclusive")[int(q) - 1]
+
+
+def main(argv: list[str] | None = None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--users", type=int, default=8)
+    parser.add_argument("--minutes", type=float, default=5.0)
+    parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--model", default="embedded")
+    parser.add_argument("--no-train", action="store_true", help="launch the app without the background trainer")
+    parser.add_argument("--url", default="", help="attach to a running app instead of launching one")
+    parser.add_argument("--db", default="", help="with --url: its preferences.sqlite, to count stored votes")
+    parser.add_argument("--startup-timeout", type=float, default=300)
+    parser.add_argument("--out", default="bench/results/load.json")
+    args = parser.parse_args(argv)
+
+    with tempfile.TemporaryDirectory(prefix="rlhf-load-") as tmp:
+        root = Path(tmp)
+        process, log_path = None, None
+        if args.url:
+            url, db = args.url.rstrip("/") + "/", Path(args.db) if args.db else None
+        else:
+            process, url, log_path = start_app(args, root)
+            db = root / "data" / "preferences.sqlite"
+        try:
+            wait_until_up(url, process, args.startup_timeout, log_path)
+            before = stats(url)
+            results = [UserResult() for _ in range(args.users)]
+            deadline = time.monotonic() + args.minutes * 60
+            threads = [threading.Thread(target=run_user, args=(url, i, deadline, results[i]), daemon=True)
+                       for i in range(args.users)]
+            began = time.monotonic()
+            for thread in threads:
+                thread.start()
+            for thread in threads:
+                thread.join()
+            elapsed = time.monotonic() - began
+            after = stats(url)
+        finally:
+            if process is not None:
+                stop_app(process)
+                app_log_tail = log_path.read_text(errors="replace")[-2000:]
+        vote_ids = [v for r in results for v in r.vote_ids]
+        if db is not None:
+            votes_stored = stored_votes(db, vote_ids)
+        else:  # attached without the file: the growth of the app's own count
+            votes_stored = sum(after["votes"].values()) - sum(before["votes"].values())
+        latencies = [x for r in results for x in r.latencies]
+        report = {
+            "users": args.users, "minutes": args.minutes, "elapsed_s": round(elapsed, 1),
+            "train": not args.no_train and not args.url, "model": args.model, "max_new_tokens": args.max_new_tokens,
+            "requests": sum(r.requests for r in results), "failures": sum(r.failures for r in results),
+            "chats_completed": len(latencies), "votes_acknowledged": len(vote_ids),
+            "votes_acknowledged_unique": len(set(vote_ids)), "votes_stored": votes_stored,
+            "p50_s": percentile(latencies, 50), "p95_s": percentile(latencies, 95),
+            "max_s": max(latencies) if latencies else None,
+            "swaps": after.get("swaps", 0) - before.get("swaps", 0), "serving_at_end": after.get("serving"),
+            "trainer_at_end": after.get("trainer"), "errors": [e for r in results for e in r.errors][:10],
+            "cpu_count": os.cpu_count(),
+        }
+        if process is not None and report["failures"]:
+            report["app_log_tail"] = app_log_tail
+    print_table(report)
+    write_json(args.out, report)
+    return report
+
+
+def print_table(report: dict) -> None:
+    rows = [("users", report["users"]), ("minutes", report["minutes"]), ("requests", report["requests"]),
+            ("failures", report["failures"]), ("votes acknowledged", report["votes_acknowledged"]),
+            ("votes stored", report["votes_stored"]),
+            ("p50 time to both answers (s)", _fmt(report["p50_s"])),
+            ("p95 time to both answers (s)", _fmt(report["p95_s"])), ("adapter swaps", report["swaps"])]
+    width = max(len(name) for name, _ in rows)
+    for name, value in rows:
+        print(f"{name:<{width}}  {value}")
+    for error in report["errors"]:
+        print("error:", error)
+
+
+def _fmt(value) -> str:
+    return "-" if value is None else f"{value:.2f}"
+
+
+if __name__ == "__main__":
+    main()
