@@ -28,15 +28,20 @@ def percentile(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))]
 
 
-def measure_pairs(services, prompts: list[list[dict]], think_seconds: float) -> list[float]:
-    latencies = []
+def measure_pairs(services, prompts: list[list[dict]], think_seconds: float) -> tuple[list[float], list[float]]:
+    """Send -> both answers complete, and that time per token of the longer answer (a pair takes as many decoding
+    steps as its longer answer): answers shorten as PPO trains, so raw latency alone would flatter training."""
+    latencies, per_token = [], []
     for messages in prompts:
         conversation = services.arena.start_conversation(messages[:-1])
         started = time.perf_counter()
-        services.arena.chat_to_end(conversation.id, messages[-1]["content"], "latency-bench")
+        update = services.arena.chat_to_end(conversation.id, messages[-1]["content"], "latency-bench")
         latencies.append(time.perf_counter() - started)
+        steps = max(len(services.generator.tokenizer(text, add_special_tokens=False)["input_ids"])
+                    for text in (update.answer_a, update.answer_b))
+        per_token.append(latencies[-1] / max(1, steps))
         time.sleep(think_seconds)
-    return latencies
+    return latencies, per_token
 
 
 def trainer_work(store) -> dict:
@@ -60,10 +65,11 @@ def run_phase(app_args: list[str], train: bool, prompts, seed_rows, think_second
             time.sleep(5.0)  # the trainer is now inside its first PPO iteration (reward first, then PPO)
         before = trainer_work(services.store)
         started = time.time()
-        latencies = measure_pairs(services, prompts, think_seconds)
+        latencies, per_token = measure_pairs(services, prompts, think_seconds)
         after = trainer_work(services.store)
         return {"train": train, "pairs": len(latencies), "p50_s": statistics.median(latencies),
                 "p95_s": percentile(latencies, 0.95), "mean_s": statistics.fmean(latencies),
+                "p50_ms_per_token": 1000 * statistics.median(per_token),
                 "seconds": time.time() - started,
                 "ppo_iterations_during": after["ppo_iterations"] - before["ppo_iterations"],
                 "reward_updates_during": after["reward_updates"] - before["reward_updates"]}
@@ -89,12 +95,13 @@ def main(argv=None) -> int:
               for train in (False, True)]
     off, on = phases
     result = {"off": off, "on": on, "p50_ratio": on["p50_s"] / off["p50_s"], "p95_ratio": on["p95_s"] / off["p95_s"],
+              "per_token_ratio": on["p50_ms_per_token"] / off["p50_ms_per_token"],
               "app_args": args.app_args, "think_seconds": args.think_seconds}
-    print(f"{'training':<10}{'pairs':>6}{'p50 s':>8}{'p95 s':>8}{'PPO iters':>10}{'RM updates':>11}")
+    print(f"{'training':<10}{'pairs':>6}{'p50 s':>8}{'p95 s':>8}{'ms/token':>9}{'PPO iters':>10}{'RM updates':>11}")
     for phase in phases:
         print(f"{'on' if phase['train'] else 'off':<10}{phase['pairs']:>6}{phase['p50_s']:>8.2f}{phase['p95_s']:>8.2f}"
-              f"{phase['ppo_iterations_during']:>10}{phase['reward_updates_during']:>11}")
-    print(json.dumps({k: result[k] for k in ("p50_ratio", "p95_ratio")}))
+              f"{phase['p50_ms_per_token']:>9.0f}{phase['ppo_iterations_during']:>10}{phase['reward_updates_during']:>11}")
+    print(json.dumps({k: result[k] for k in ("p50_ratio", "p95_ratio", "per_token_ratio")}))
     write_json(args.out, result)
     return 0
 
