@@ -347,9 +347,8 @@ class LiveAdapters:
                 return None  # same shape but other tensors (e.g. another base): take the general path
         return None
 
-    def _inject(self, model, info, config: LoraConfig, saved: dict[str, torch.Tensor]) -> tuple[object, dict]:
+    def _inject(self, model, info, config: LoraConfig, weights: dict[str, torch.Tensor]) -> tuple[object, dict]:
         """The general path: a new PEFT adapter named after the version (call with the model held)."""
-        weights = lora_state_for(saved, info.name)
         if not isinstance(model, PeftModel):
             model = PeftModel(model, config, adapter_name=info.name)
             self.generator.model = model
@@ -382,8 +381,8 @@ class LiveAdapters:
                 slot_name, weights = slot
                 targets = self._slot_params[slot_name]
             else:
-                model, targets = self._inject(model, info, config, saved)
                 weights = lora_state_for(saved, info.name)
+                model, targets = self._inject(model, info, config, weights)
             with torch.no_grad():
                 for key, tensor in weights.items():
                     targets[key].copy_(tensor)
