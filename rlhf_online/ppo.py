@@ -320,4 +320,4 @@ class _YieldEachToken:
 
     def __call__(self, input_ids, scores, **kwargs) -> torch.BoolTensor:
         self.yield_fn()
-        return torch.zeros(input_ids.shape[0], dtype=torch.bool)
+        return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)  # generate() ANDs it on-device

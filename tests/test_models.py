@@ -77,7 +77,7 @@ def test_unknown_quantization_is_rejected(tiny_model_dir):
 
 def test_lora_grads_survive_an_eval_generate_when_loaded_for_training(tiny_model_dir, tokenizer):
     model, lora = _policy(tiny_model_dir, for_training=True)
-    batch = tokenizer(["hello how are you today?"], return_tensors="pt")
+    batch = tokenizer(["hello how are you today?"], return_tensors="pt").to(model.device)
     before = _grads(model, lora, batch)
     _eval_generate(model, batch)
     after = _grads(model, lora, batch)
@@ -96,7 +96,7 @@ def test_trap_eval_forward_breaks_lora_grads_without_the_workaround(tiny_model_d
     xfails instead of failing: the workaround is then merely unnecessary.
     """
     model, lora = _policy(tiny_model_dir, for_training=False)
-    batch = tokenizer(["hello how are you today?"], return_tensors="pt")
+    batch = tokenizer(["hello how are you today?"], return_tensors="pt").to(model.device)
     before = _grads(model, lora, batch)  # train-mode forward: no repacking yet, correct gradients
     _eval_generate(model, batch)
     repacked = any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
@@ -112,7 +112,7 @@ def test_trap_eval_forward_breaks_lora_grads_without_the_workaround(tiny_model_d
 def test_disabling_repacking_after_a_forward_is_refused(tiny_model_dir, tokenizer):
     loaded = models.load_base_model(str(tiny_model_dir), "nf4")
     with torch.inference_mode():
-        loaded.model(**tokenizer(["hello"], return_tensors="pt"))
+        loaded.model(**tokenizer(["hello"], return_tensors="pt").to(loaded.model.device))
     if not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False)
                for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear4bit)):
         pytest.skip("this CPU has no AVX512-BF16: bitsandbytes does not repack")
@@ -128,7 +128,7 @@ def test_optimizer_step_changes_only_lora(tiny_model_dir, tokenizer):
     assert not any(p.requires_grad for p in models.base_parameters(model).values())
     optimizer = torch.optim.AdamW(lora.values(), lr=1e-2)
     model.train()
-    batch = tokenizer(["hello how are you today?"], return_tensors="pt")
+    batch = tokenizer(["hello how are you today?"], return_tensors="pt").to(model.device)
     model(**batch, labels=batch["input_ids"]).loss.backward()
     optimizer.step()
     for name, p in models.base_parameters(model).items():

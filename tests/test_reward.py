@@ -59,7 +59,7 @@ def snapshot(params) -> dict[str, torch.Tensor]:
 
 
 def policy_logits(peft, tokenizer) -> torch.Tensor:
-    batch = tokenizer(["hello how are you today? banana"], return_tensors="pt")
+    batch = tokenizer(["hello how are you today? banana"], return_tensors="pt").to(peft.device)
     peft.train()  # a train-mode forward: the training copy never repacks anyway, but keep the layout untouched
     with torch.no_grad():
         return peft(**batch).logits
@@ -210,7 +210,7 @@ def test_reward_lora_gradients_survive_a_generate(tiny_model_dir, tokenizer):
 
     before = grads()
     peft.eval()
-    batch = tokenizer(["hello how are you today?"], return_tensors="pt")
+    batch = tokenizer(["hello how are you today?"], return_tensors="pt").to(peft.device)
     with torch.inference_mode(), warnings.catch_warnings():
         warnings.simplefilter("ignore")
         peft.generate(**batch, max_new_tokens=4, do_sample=False, pad_token_id=tokenizer.pad_token_id)
