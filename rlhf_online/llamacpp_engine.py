@@ -141,7 +141,10 @@ class LlamaCppEngine(ChatEngine):
         return {"prompt": list(prompt_ids), "n_predict": max_new_tokens, "stream": True,
                 "temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
                 "top_k": 0, "min_p": 0.0,  # the same sampler as transformers' (llama.cpp's defaults add min_p)
-                "repeat_penalty": 1.0, "ignore_eos": ignore_end, "cache_prompt": True,
+                "repeat_penalty": 1.0, "ignore_eos": ignore_end,
+                # llama.cpp reuses a slot's cached prompt even when the request's adapters differ (measured: a
+                # version's answer changed after the base had used its slot), so the prompt is computed afresh
+                "cache_prompt": False,
                 "lora": state.lora(version)}
 
     def stream(self, prompt_ids: Sequence[list[int]], versions: Sequence[str], max_new_tokens: int | None = None,
@@ -197,21 +200,23 @@ class LlamaCppEngine(ChatEngine):
                     worker.join()
         yield StreamUpdate(texts=tuple(t.strip() for t in texts), finished=(True,) * rows)
 
-    def token_logprobs(self, prompt_ids: list[int], continuation: list[int], version: str,
-                       top_k: int = 400) -> list[float | None]:
+    def token_logprobs(self, prompt_ids: list[int], continuation: list[int], version: str, top_k: int = 400,
+                       slot: int | None = None) -> list[float | None]:
         """Teacher-forced log-probabilities of `continuation` after `prompt_ids` under `version`.
 
         llama.cpp's server reports log-probabilities of generated tokens only, so each position is one request
-        for one token over the prefix (the slot's prompt cache makes each cost one token) and the forced token
-        is looked up among the `top_k` most likely; None where it is not among them. For checks and
-        measurements (the GGUF adapter equivalence test, the sampler-trainer mismatch), not for serving.
+        for one token over the prefix, and the forced token is looked up among the `top_k` most likely; None
+        where it is not among them. The prefix is computed afresh each time (the prompt cache ignores adapters)
+        unless `slot` names a slot the caller uses for this version only: then each request costs one token.
+        For checks and measurements (the adapter equivalence test, sampler-trainer mismatch), not for serving.
         """
         out: list[float | None] = []
+        cache = {"cache_prompt": False} if slot is None else {"cache_prompt": True, "id_slot": slot}
         with self.states.using([version]) as state:
             for position, token in enumerate(continuation):
                 reply = state.server.handle_completions({
                     "prompt": list(prompt_ids) + list(continuation[:position]), "n_predict": 1, "temperature": 0.0,
-                    "n_probs": top_k, "cache_prompt": True, "lora": state.lora(version)})
+                    "n_probs": top_k, "lora": state.lora(version), **cache})
                 if "error" in reply:
                     raise RuntimeError(f"llama.cpp: {reply['error']}")
                 top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]

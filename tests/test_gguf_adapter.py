@@ -21,10 +21,11 @@ from rlhf_online.gguf_adapter import (GGUF_ADAPTER_FILE, AdapterConversionError,
 
 xllamacpp = pytest.importorskip("xllamacpp")
 
-# Stated tolerances (nats per token), measured margins in brackets (embedded model, lora_B ~ N(0, 0.1)):
-ADAPTED_MEAN_ABS = 0.15   # |log p_torch - log p_llama| with the adapter, mean over tokens [~0.07]
-EFFECT_CORR = 0.95        # correlation of the adapter's per-token effect [0.99 right; 0.86 mis-permuted]
-EFFECT_REL_ERR = 0.30     # mean |effect_torch - effect_llama| / mean |effect_torch| [~0.15 right; ~0.55 mis-permuted]
+# Stated tolerances (nats per token); in brackets what was measured over 3 runs with different adapters
+# (embedded model, lora_B ~ N(0, 0.1), adapter effect ~0.5 nats/token), right adapter / mis-permuted one:
+ADAPTED_MEAN_ABS = 0.15   # |log p_torch - log p_llama| with the adapter, mean over tokens [0.06-0.07 / 0.27-0.29]
+EFFECT_CORR = 0.95        # correlation of the adapter's per-token effect [0.98-0.99 / 0.82-0.86]
+EFFECT_REL_ERR = 0.30     # mean |effect_torch - effect_llama| / mean |effect_torch| [0.14-0.19 / 0.50-0.62]
 
 
 def test_rotary_permutation_is_the_one_llama_cpp_stores_q_and_k_with(embedded_source):
@@ -83,6 +84,7 @@ def published(embedded_source, tmp_path_factory):
     """A version with a clearly non-zero random LoRA on every attention projection, published as the trainer
     publishes (so the GGUF beside the PEFT folder is the one under test), plus the fp32 PyTorch model."""
     base = models.load_base_model(embedded_source, "fp32").model
+    torch.manual_seed(0)  # lora_A's initialisation: the same adapter (and margins) every run
     model = models.attach_lora(base, ModelConfig())
     generator = torch.Generator().manual_seed(0)
     with torch.no_grad():
@@ -100,7 +102,7 @@ def engine(embedded_source):
     from rlhf_online.llamacpp_engine import LlamaCppEngine
 
     engine = LlamaCppEngine(models.embedded_gguf_path(), models.load_tokenizer(embedded_source),
-                            SamplingConfig(), slots=1, ctx_per_slot=512)
+                            SamplingConfig(), slots=2, ctx_per_slot=512)
     yield engine
     engine.close()
 
@@ -124,8 +126,9 @@ def _agreement(engine, model, info, gguf_path) -> dict:
     answer = sampled[len(prompt):]
     torch_with = _torch_logprobs(model, sampled, len(prompt), adapter=True)
     torch_without = _torch_logprobs(model, sampled, len(prompt), adapter=False)
-    llama_with = np.array(engine.token_logprobs(prompt, answer, info.name), dtype=float)
-    llama_without = np.array(engine.token_logprobs(prompt, answer, "base"), dtype=float)
+    # one slot per adapter setting (a fresh server each time), so llama.cpp's prompt cache can be used
+    llama_with = np.array(engine.token_logprobs(prompt, answer, info.name, slot=0), dtype=float)
+    llama_without = np.array(engine.token_logprobs(prompt, answer, "base", slot=1), dtype=float)
     found = ~np.isnan(llama_with) & ~np.isnan(llama_without)
     assert found.mean() >= 0.9  # the forced tokens are among llama.cpp's top 400 almost always
     effect_torch = (torch_with - torch_without)[found]
