@@ -208,6 +208,7 @@ class LlamaCppEngine(ChatEngine):
         for one token over the prefix, and the forced token is looked up among the `top_k` most likely; None
         where it is not among them. The prefix is computed afresh each time (the prompt cache ignores adapters)
         unless `slot` names a slot the caller uses for this version only: then each request costs one token.
+        None also where the greedy token at that position ends the turn (llama.cpp then reports nothing).
         For checks and measurements (the adapter equivalence test, sampler-trainer mismatch), not for serving.
         """
         out: list[float | None] = []
@@ -219,7 +220,11 @@ class LlamaCppEngine(ChatEngine):
                     "n_probs": top_k, "lora": state.lora(version), **cache})
                 if "error" in reply:
                     raise RuntimeError(f"llama.cpp: {reply['error']}")
-                top = reply["choices"][0]["logprobs"]["content"][0]["top_logprobs"]
+                content = (reply["choices"][0].get("logprobs") or {}).get("content") or []
+                if not content:  # the greedy token ended the turn: llama.cpp reports no probabilities then
+                    out.append(None)
+                    continue
+                top = content[0]["top_logprobs"]
                 out.append(next((entry["logprob"] for entry in top if entry["id"] == token), None))
         return out
 

@@ -21,11 +21,11 @@ from rlhf_online.gguf_adapter import (GGUF_ADAPTER_FILE, AdapterConversionError,
 
 xllamacpp = pytest.importorskip("xllamacpp")
 
-# Stated tolerances (nats per token); in brackets what was measured over 3 runs with different adapters
-# (embedded model, lora_B ~ N(0, 0.1), adapter effect ~0.5 nats/token), right adapter / mis-permuted one:
-ADAPTED_MEAN_ABS = 0.15   # |log p_torch - log p_llama| with the adapter, mean over tokens [0.06-0.07 / 0.27-0.29]
-EFFECT_CORR = 0.95        # correlation of the adapter's per-token effect [0.98-0.99 / 0.82-0.86]
-EFFECT_REL_ERR = 0.30     # mean |effect_torch - effect_llama| / mean |effect_torch| [0.14-0.19 / 0.50-0.62]
+# Stated tolerances (nats per token); in brackets what was measured over 4 runs (different samples and adapters;
+# embedded model, lora_B ~ N(0, 0.1), adapter effect 0.5-0.8 nats/token), right adapter / mis-permuted one:
+ADAPTED_MEAN_ABS = 0.15   # |log p_torch - log p_llama| with the adapter, mean over tokens [0.06-0.07 / 0.27-0.33]
+EFFECT_CORR = 0.95        # correlation of the adapter's per-token effect [0.98-0.997 / 0.82-0.93]
+EFFECT_REL_ERR = 0.25     # mean |effect_torch - effect_llama| / mean |effect_torch| [0.08-0.19 / 0.38-0.62]
 
 
 def test_rotary_permutation_is_the_one_llama_cpp_stores_q_and_k_with(embedded_source):
