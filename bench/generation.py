@@ -195,8 +195,9 @@ def worker_engine(args) -> dict:
     started = time.perf_counter()
     tokenizer = models.load_tokenizer(source)
     serving = build_engine(cfg, args.worker_dtype, tokenizer, source, AdapterRegistry(args.versions_dir))
+    if hasattr(serving.live, "_load"):  # LiveAdapters serves newest vs base at start: load the predecessor first
+        serving.live._load(serving.live.registry.versions()[0])
     serving.live.refresh()
-    serving.live.refresh()  # LiveAdapters loads the newest first, then its predecessor
     load_s = time.perf_counter() - started
     engine, n = serving.engine, args.max_new_tokens
     assert serving.live.newest_pair() == ("v0002", "v0001"), serving.live.loaded
