@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from rlhf_online.config import load_config  # noqa: E402
+from rlhf_online.engine import EngineUnavailableError  # noqa: E402
 from rlhf_online.services import build_services  # noqa: E402
 from rlhf_online.ui import build_app  # noqa: E402
 
@@ -20,7 +21,10 @@ from rlhf_online.ui import build_app  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config(argv)
-    services = build_services(cfg)
+    try:
+        services = build_services(cfg)
+    except EngineUnavailableError as exc:  # a missing package or a wrong flag: say which flag, no traceback
+        raise SystemExit(f"cannot start: {exc}") from None
     demo = build_app(services)
     try:
         demo.queue(default_concurrency_limit=cfg.limits.queue_concurrency, max_size=cfg.limits.queue_max_size).launch(

@@ -1,6 +1,13 @@
-"""Generation benchmark: load time, time to first token, tokens/s and peak memory per base-weight format.
+"""Generation benchmark: the chat engines side by side, and the transformers engine per base-weight format.
 
-For each of fp32, bf16 and nf4 (a serving copy, as the chat server loads it) this measures, in one run:
+Engines (`--engines llamacpp,transformers`, the default), each in its own subprocess, serving the same two
+published LoRA versions (random adapters, published as the trainer publishes them, so llama.cpp gets the GGUF
+written beside the PEFT folder): `ttft_s` (first token of a pair from two versions), `single_tok_s` (one answer),
+`pair_wall_s` (a pair from the base), `pair_two_versions_wall_s` (a pair, answer A from v0002 and B from v0001,
+as the chat serves it), `peak_rss_mb`. Written under "engines" in the JSON. transformers = today's serving path
+(bitsandbytes NF4 of the dequantized GGUF, PEFT slots); llamacpp = the shipped Q4_1 GGUF as is.
+
+With `--dtypes fp32,bf16,nf4`, also for each of fp32, bf16 and nf4 (a serving copy, as the chat server loads it) this measures, in one run:
 
 * cold load: the embedded GGUF converted into a fresh, empty cache folder, then loaded in that format;
 * cached load: the converted folder loaded again (every start after the first);
@@ -13,7 +20,8 @@ RSS peaks are process-wide, so every format (and its cold load) runs in its own 
 forced to `--max-new-tokens` tokens (`min_new_tokens`) so every format decodes the same number of tokens; the
 actual count is reported. Generation goes through the app's own `Generator.stream` and model loaders.
 
-    python bench/generation.py --out result.json --model embedded --max-new-tokens 64 --repeats 3
+    python bench/generation.py --out bench/results/generation.json --max-new-tokens 64 --repeats 3
+    python bench/generation.py --out result.json --engines "" --dtypes fp32,bf16,nf4   # formats only
 """
 
 from __future__ import annotations
@@ -67,24 +75,23 @@ class _ForcedLength:
 
     min_new_tokens = 0
 
-    def _generate_kwargs(self, adapter_versions, max_new_tokens):
-        kwargs = super()._generate_kwargs(adapter_versions, max_new_tokens)
+    def _generate_kwargs(self, adapter_versions, max_new_tokens, ignore_end=False):
+        kwargs = super()._generate_kwargs(adapter_versions, max_new_tokens, ignore_end)
         kwargs["min_new_tokens"] = self.min_new_tokens
         return kwargs
 
 
 def _timed_stream(generator, prompt_ids, versions, max_new_tokens) -> dict:
+    """One streamed generation, every row forced to `max_new_tokens` tokens (the engines' `ignore_end`)."""
     started = time.perf_counter()
     first = None
-    steps = 0
     update = None
-    for update in generator.stream(prompt_ids, versions, max_new_tokens):
+    for update in generator.stream(prompt_ids, versions, max_new_tokens, ignore_end=True):
         if first is None:
             first = time.perf_counter()
-        if not all(update.finished):
-            steps += 1
     end = time.perf_counter()
     rows = len(prompt_ids)
+    steps = max_new_tokens  # forced length; llama.cpp streams text pieces, not one update per token
     return {"ttft_s": first - started, "wall_s": end - started, "tokens_per_row": steps, "rows": rows,
             "tok_s": steps * rows / (end - started),
             "decode_tok_s": (steps - 1) * rows / (end - first) if steps > 1 and end > first else 0.0,
@@ -152,13 +159,77 @@ def worker_serve(args) -> dict:
     return result
 
 
+def publish_two_versions(root: Path, model: str) -> Path:
+    """Two random LoRA versions in a registry folder, published as the trainer publishes them."""
+    import torch
+
+    from rlhf_online import models
+    from rlhf_online.adapters import AdapterRegistry, save_peft_adapter
+    from rlhf_online.config import ModelConfig
+
+    cfg = ModelConfig(model=model)
+    base = models.load_base_model(models.resolve_model_source(cfg), "fp32").model
+    torch.manual_seed(0)
+    policy = models.attach_lora(base, cfg)
+    registry = AdapterRegistry(root)
+    for _ in range(2):
+        with torch.no_grad():
+            for name, param in policy.named_parameters():
+                if "lora_B" in name:
+                    param.normal_(0, 0.002)
+        registry.publish(lambda folder: save_peft_adapter(policy, models.POLICY_ADAPTER, folder), {})
+    return root
+
+
+def worker_engine(args) -> dict:
+    """Start an engine as the app does (engine.build_engine) with the two versions loaded, then time it."""
+    import torch
+
+    from rlhf_online import models
+    from rlhf_online.adapters import AdapterRegistry
+    from rlhf_online.config import load_config
+    from rlhf_online.engine import build_engine
+
+    cfg = load_config(["--model", args.model, "--engine", args.worker_dtype], environ={})
+    source = models.resolve_model_source(cfg.model)
+    started = time.perf_counter()
+    tokenizer = models.load_tokenizer(source)
+    serving = build_engine(cfg, args.worker_dtype, tokenizer, source, AdapterRegistry(args.versions_dir))
+    if hasattr(serving.live, "_load"):  # LiveAdapters serves newest vs base at start: load the predecessor first
+        serving.live._load(serving.live.registry.versions()[0])
+    serving.live.refresh()
+    load_s = time.perf_counter() - started
+    engine, n = serving.engine, args.max_new_tokens
+    assert serving.live.newest_pair() == ("v0002", "v0001"), serving.live.loaded
+    prompt = engine.build_prompt(PROMPT).input_ids
+    torch.manual_seed(0)
+
+    def timed(rows, versions):  # noqa: E306
+        return lambda: _timed_stream(engine, [prompt] * rows, versions, n)
+
+    result = {"engine": engine.name, "weights": serving.weights, "load_s": load_s, "prompt_tokens": len(prompt),
+              "threads": getattr(engine, "threads", torch.get_num_threads())}
+    result["single"] = _best_run(timed(1, ["v0002"]), args.repeats)
+    result["pair_base"] = _best_run(timed(2, [BASE, BASE]), args.repeats)
+    result["pair"] = _best_run(timed(2, ["v0002", "v0001"]), args.repeats)
+    result.update(ttft_s=result["pair"]["ttft_s"], single_tok_s=result["single"]["tok_s"],
+                  pair_wall_s=result["pair_base"]["wall_s"], pair_two_versions_wall_s=result["pair"]["wall_s"],
+                  peak_rss_mb=peak_rss_mb(), sample_answer=result["pair"]["sample"])
+    engine.close()
+    return result
+
+
+BASE = "base"
+
+
 # ------------------------------------------------------------------------------------------------ parent
 
 
 def run_worker(args, mode: str, dtype: str) -> dict:
     with tempfile.NamedTemporaryFile(suffix=".json") as out:
         cmd = [sys.executable, __file__, "--worker", mode, "--worker-dtype", dtype, "--worker-out", out.name,
-               "--model", args.model, "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats)]
+               "--model", args.model, "--max-new-tokens", str(args.max_new_tokens), "--repeats", str(args.repeats),
+               "--versions-dir", str(getattr(args, "versions_dir", "") or "")]
         load_before = os.getloadavg()[0]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
@@ -167,6 +238,16 @@ def run_worker(args, mode: str, dtype: str) -> dict:
         result = json.loads(Path(out.name).read_text())
     result[f"{mode}_loadavg_1m_before"] = load_before
     return result
+
+
+def print_engine_table(engines: dict, n: int) -> None:
+    print(f"{'engine':<13} {'weights':<10} {'load s':>6} {'TTFT s':>7} {'1 ans tok/s':>11} {'base pair s':>11} "
+          f"{'2-version pair s':>16} {'peak RSS MB':>11}")
+    for name, r in engines.items():
+        print(f"{name:<13} {r['weights']:<10} {r['load_s']:>6.2f} {r['ttft_s']:>7.3f} {r['single_tok_s']:>11.1f} "
+              f"{r['pair_wall_s']:>11.2f} {r['pair_two_versions_wall_s']:>16.2f} {r['peak_rss_mb']:>11.0f}")
+    print(f"(best of the repeats, medians in the JSON; answers forced to {n} tokens; pair = 2 answers to one "
+          f"prompt; TTFT = first token of a 2-version pair)")
 
 
 def print_table(results: dict, n: int) -> None:
@@ -192,15 +273,18 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="embedded", help="'embedded', a hub id or a local model folder")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length, in tokens")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (after a warm-up)")
-    parser.add_argument("--dtypes", default=",".join(DTYPES), help="comma-separated formats to measure")
+    parser.add_argument("--engines", default="llamacpp,transformers", help="comma-separated engines to compare")
+    parser.add_argument("--dtypes", default="", help="also measure the transformers engine per base format "
+                                                     f"(comma-separated, e.g. {','.join(DTYPES)})")
+    parser.add_argument("--versions-dir", default="", help=argparse.SUPPRESS)
     parser.add_argument("--skip-cold", action="store_true", help="skip the cold (convert from GGUF) load")
-    parser.add_argument("--worker", choices=["cold", "serve"], help=argparse.SUPPRESS)
+    parser.add_argument("--worker", choices=["cold", "serve", "engine"], help=argparse.SUPPRESS)
     parser.add_argument("--worker-dtype", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
 
     if args.worker:
-        result = (worker_cold if args.worker == "cold" else worker_serve)(args)
+        result = {"cold": worker_cold, "serve": worker_serve, "engine": worker_engine}[args.worker](args)
         Path(args.worker_out).write_text(json.dumps(result))
         return
 
@@ -212,8 +296,15 @@ def main(argv=None) -> None:
         print(f"warning: load average {os.getloadavg()[0]:.1f}: other processes will skew these timings",
               file=sys.stderr)
     started = time.time()
+    engines = {}
+    with tempfile.TemporaryDirectory(prefix="bench-versions-") as versions_dir:
+        if args.engines:
+            args.versions_dir = str(publish_two_versions(Path(versions_dir) / "adapters", args.model))
+        for name in filter(None, args.engines.split(",")):
+            engines[name] = run_worker(args, "engine", name)
+            print(f"engine {name}: done ({time.time() - started:.0f} s)", file=sys.stderr)
     results = {}
-    for dtype in args.dtypes.split(","):
+    for dtype in filter(None, args.dtypes.split(",")):
         result = {} if args.skip_cold or args.model != models.EMBEDDED else run_worker(args, "cold", dtype)
         result.update(run_worker(args, "serve", dtype))
         results[dtype] = result
@@ -230,11 +321,16 @@ def main(argv=None) -> None:
                     "python": platform.python_version(), "torch": torch.__version__,
                     "transformers": transformers.__version__, "peft": peft.__version__,
                     "bitsandbytes": bitsandbytes.__version__, "loadavg_1m_end": os.getloadavg()[0]},
+        "engines": engines,
         "results": results,
         "total_s": time.time() - started,
     }
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(report, indent=2))
-    print_table(results, args.max_new_tokens)
+    if engines:
+        print_engine_table(engines, args.max_new_tokens)
+    if results:
+        print_table(results, args.max_new_tokens)
     print(f"wrote {args.out}")
 
 

@@ -77,6 +77,8 @@ def start_app(args, root: Path) -> tuple[subprocess.Popen, str, Path]:
                "--client-votes-per-minute", "0", "--queue-max-size", str(max(64, 4 * args.users))]
     if args.no_train:
         command.append("--no-train")
+    if args.engine:
+        command += ["--engine", args.engine]
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -117,6 +119,20 @@ def run_user(url: str, index: int, deadline: float, result: UserResult) -> None:
                 result.errors.append(f"user {index}: {type(exc).__name__}: {str(exc)[:300]}")
 
 
+def served_engine(args) -> str:
+    """The engine the launched app serves with (`auto` resolved as the app resolves it)."""
+    if args.url:
+        return args.engine or "unknown (attached to a running app)"
+    import torch
+
+    sys.path.insert(0, str(REPO))
+    from rlhf_online.config import load_config
+    from rlhf_online.engine import choose_engine
+
+    flags = ["--model", args.model] + (["--engine", args.engine] if args.engine else [])
+    return choose_engine(load_config(flags, environ={}), torch.cuda.is_available())
+
+
 def stats(url: str) -> dict:
     from gradio_client import Client
 
@@ -152,6 +168,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--no-train", action="store_true", help="launch the app without the background trainer")
+    parser.add_argument("--engine", default="", help="the launched app's --engine (default: its own default, auto)")
     parser.add_argument("--url", default="", help="attach to a running app instead of launching one")
     parser.add_argument("--db", default="", help="with --url: its preferences.sqlite, to count stored votes")
     parser.add_argument("--startup-timeout", type=float, default=300)
@@ -193,6 +210,7 @@ def main(argv: list[str] | None = None) -> dict:
         report = {
             "users": args.users, "minutes": args.minutes, "elapsed_s": round(elapsed, 1),
             "train": not args.no_train and not args.url, "model": args.model, "max_new_tokens": args.max_new_tokens,
+            "engine": served_engine(args),
             "requests": sum(r.requests for r in results), "failures": sum(r.failures for r in results),
             "chats_completed": len(latencies), "votes_acknowledged": len(vote_ids),
             "votes_acknowledged_unique": len(set(vote_ids)), "votes_stored": votes_stored,
@@ -210,7 +228,8 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 def print_table(report: dict) -> None:
-    rows = [("users", report["users"]), ("minutes", report["minutes"]), ("requests", report["requests"]),
+    rows = [("engine", report["engine"]), ("users", report["users"]), ("minutes", report["minutes"]),
+            ("requests", report["requests"]),
             ("failures", report["failures"]), ("votes acknowledged", report["votes_acknowledged"]),
             ("votes stored", report["votes_stored"]),
             ("p50 time to both answers (s)", _fmt(report["p50_s"])),

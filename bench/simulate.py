@@ -85,6 +85,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-only", action="store_true",
                         help="skip voting; only run the final comparison on an existing --workdir")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--engine", default="auto", help="the chat engine: auto, llamacpp, transformers, openai")
     parser.add_argument("--out", default="bench/results/simulate.json")
     parser.add_argument("app_args", nargs="*", help="extra app flags after --, e.g. -- --max-new-tokens 48")
     args = parser.parse_args(argv)
@@ -95,7 +96,7 @@ def main(argv=None) -> int:
     held_out, chat_prompts = prompts[:args.eval_prompts], prompts[args.eval_prompts:]
     workdir = Path(args.workdir or tempfile.mkdtemp(prefix="rlhf-sim-"))
     cfg = load_config(["--data-dir", str(workdir / "data"), "--adapters-dir", str(workdir / "adapters"),
-                       "--seed", str(args.seed), *args.app_args], environ={})
+                       "--seed", str(args.seed), "--engine", args.engine, *args.app_args], environ={})
     torch.manual_seed(args.seed)
     services = build_services(cfg, start_trainer=not args.eval_only)
     started = time.time()
@@ -138,6 +139,7 @@ def main(argv=None) -> int:
         reward = services.store.latest_metrics("reward", limit=1)
         result = {
             "oracle": args.oracle,
+            "engine": services.engine.name,
             "votes": votes,
             "versions_published": len(services.registry.versions()),
             "newest_version": newest,

@@ -2,7 +2,8 @@
 
 A version is a folder `adapters/vNNNN/` holding a plain PEFT adapter (`adapter_config.json`,
 `adapter_model.safetensors`, loadable by `PeftModel.from_pretrained` on the same base), the PPO value head,
-and `meta.json`. It is written under a temporary name and renamed into place, so a reader sees either no
+`meta.json`, and, for a Llama-family base, the same adapter converted for llama.cpp (`adapter_model.gguf`,
+see gguf_adapter.py; the PEFT files stay the canonical artefact). It is written under a temporary name and renamed into place, so a reader sees either no
 folder or a complete one; a folder that fails validation anyway (a disk error, a hand edit) is skipped with a
 logged error and the last good version keeps serving.
 """
@@ -140,6 +141,7 @@ class AdapterRegistry:
         tmp = Path(tempfile.mkdtemp(prefix=f".{name}.tmp-", dir=self.root))
         try:
             write_adapter(tmp)
+            write_gguf_beside(tmp)
             full_meta = {**meta, "version": name, "published_at": time.time()}
             (tmp / META_FILE).write_text(json.dumps(full_meta, indent=2))
             _fsync_tree(tmp)
@@ -176,6 +178,29 @@ class AdapterRegistry:
         """Remove temp folders left by a publisher that crashed mid-write."""
         for path in self.root.glob(".v*.tmp-*"):
             shutil.rmtree(path, ignore_errors=True)
+
+
+def write_gguf_beside(folder: Path) -> Path | None:
+    """Add the llama.cpp GGUF form of the PEFT adapter in `folder`, when its base is a local Llama-family folder.
+
+    Best effort: the PEFT files are canonical, and the llama.cpp engine converts a version that lacks the file
+    when it loads it, so a failure here is logged, not fatal.
+    """
+    from rlhf_online.gguf_adapter import ROTARY_ARCHITECTURES, BaseShape, convert_peft_folder
+
+    try:
+        base_path = json.loads((folder / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path") or ""
+        base_config = Path(base_path).expanduser() / "config.json"
+        if not base_config.is_file():
+            return None
+        shape = BaseShape.from_hf_config(json.loads(base_config.read_text()))
+        if shape.architecture not in ROTARY_ARCHITECTURES:
+            return None
+        return convert_peft_folder(folder, shape)
+    except Exception:
+        log.exception("could not write the GGUF form of the adapter in %s (the llama.cpp engine will convert it "
+                      "when it loads the version)", folder)
+        return None
 
 
 def save_peft_adapter(model: PeftModel, adapter_name: str, folder: Path) -> None:

@@ -65,6 +65,22 @@ class SamplingConfig:
 
 
 @dataclass
+class EngineConfig:
+    """Which engine samples the chat's answers (see rlhf_online/engine.py)."""
+
+    engine: str = _opt("auto", "auto (llamacpp for a GGUF model on CPU, else transformers), llamacpp (the 4-bit GGUF "
+                               "as is, via the xllamacpp package), transformers (bitsandbytes NF4, any model, "
+                               "GPUs), or openai (an OpenAI-compatible server at --engine-url serving LoRA "
+                               "adapters by name: vLLM --enable-lora, or llama.cpp's server)")
+    engine_url: str = _opt("", "base URL of the OpenAI-compatible server for --engine openai, e.g. "
+                               "http://127.0.0.1:8000")
+    engine_threads: int = _opt(0, "CPU threads of the llama.cpp engine (0 = all cores)")
+    engine_slots: int = _opt(0, "llama.cpp slots, i.e. answers decoded at once (0 = 2 x --queue-concurrency: "
+                                "every running chat needs two)")
+    engine_api_key: str = _secret("API key for the --engine openai server", env=("OPENAI_API_KEY",))
+
+
+@dataclass
 class RewardConfig:
     """The online Bradley-Terry reward model."""
 
@@ -180,6 +196,7 @@ class AppConfig:
     seed: int = _opt(0, "random seed")
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    serve: EngineConfig = field(default_factory=EngineConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)
     ppo: PPOConfig = field(default_factory=PPOConfig)
     limits: LimitsConfig = field(default_factory=LimitsConfig)

@@ -1,7 +1,12 @@
 """Sampling answers: two at once, streamed token by token, each row from its own adapter version.
 
-A pair is one batched `generate` call with PEFT's per-row `adapter_names`, so "answer A from version n,
-answer B from version n-1" costs one forward pass per token rather than two.
+`ChatEngine` is what the arena, the benchmarks and the trainer sample through: build a prompt from messages,
+stream a pair (each answer from its own version), sample a batch. Engines: `Generator` here (transformers,
+bitsandbytes NF4, any model, GPUs), `llamacpp_engine.LlamaCppEngine` (the shipped 4-bit GGUF as is; the CPU
+default) and `openai_engine.OpenAIEngine` (any OpenAI-compatible server); `engine.build_engine` picks one.
+
+In `Generator`, a pair is one batched `generate` call with PEFT's per-row `adapter_names`, so "answer A from
+version n, answer B from version n-1" costs one forward pass per token rather than two.
 """
 
 from __future__ import annotations
@@ -66,34 +71,13 @@ class _StopOnEvent(StoppingCriteria):
         return torch.full((input_ids.shape[0],), self.event.is_set(), dtype=torch.bool, device=input_ids.device)
 
 
-class Generator:
-    """Owns the serving model; one generation runs at a time, which also makes adapter swaps safe.
+class ChatEngine:
+    """Chat prompts from messages (one chat template and context budget for every engine) and the sampling
+    calls built on an engine's `stream`. Subclasses set `tokenizer`, `sampling`, `name` and implement `stream`."""
 
-    PEFT's per-row adapter selection installs forward hooks for the duration of a call, so two concurrent
-    `generate` calls on one model would interfere. On 2 CPU cores a second concurrent call would not be
-    faster anyway; the Gradio queue holds waiting requests.
-    """
-
-    def __init__(self, model, tokenizer, sampling: SamplingConfig):
-        self.model = model
-        self.tokenizer = tokenizer
-        self.sampling = sampling
-        self.lock = threading.Lock()
-        self.end_of_turn_ids = self._end_of_turn_ids()
-        self.adapter_aliases: dict[str, str] = {}  # version -> the PEFT adapter (slot) holding it, see LiveAdapters
-
-    def _end_of_turn_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
-            ids.add(im_end)
-        return sorted(i for i in ids if i is not None)
-
-    @contextlib.contextmanager
-    def exclusive(self):
-        """Hold the model between generations (adapter load and unload)."""
-        with self.lock:
-            yield self.model
+    name = "engine"
+    tokenizer = None
+    sampling: SamplingConfig
 
     def build_prompt(self, messages: Sequence[dict], budget: int | None = None) -> Prompt:
         """Apply the chat template, dropping the oldest turns (never the last message) to fit the budget."""
@@ -122,15 +106,71 @@ class Generator:
         out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
         return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
+    def stream(self, prompt_ids: Sequence[list[int]], versions: Sequence[str], max_new_tokens: int | None = None,
+               ignore_end: bool = False) -> Iterator[StreamUpdate]:
+        """Yield every row's text so far after each new token until all rows end their turn; row i is sampled
+        from `versions[i]`. `ignore_end` makes every row run to `max_new_tokens` (benchmarks)."""
+        raise NotImplementedError
+
+    def stream_pair(self, prompt: Prompt, versions: tuple[str, str],
+                    max_new_tokens: int | None = None) -> Iterator[StreamUpdate]:
+        return self.stream([prompt.input_ids, prompt.input_ids], versions, max_new_tokens)
+
+    def sample(self, prompt_ids: Sequence[list[int]], adapter_versions: Sequence[str],
+               max_new_tokens: int | None = None) -> list[str]:
+        """Non-streaming convenience: the final texts."""
+        update = None
+        for update in self.stream(prompt_ids, adapter_versions, max_new_tokens):
+            pass
+        return list(update.texts)
+
+    def close(self) -> None:
+        """Release what the engine holds (servers, threads); the transformers engine holds nothing to close."""
+
+
+class Generator(ChatEngine):
+    """The transformers engine. Owns the serving model; one generation runs at a time, which also makes
+    adapter swaps safe.
+
+    PEFT's per-row adapter selection installs forward hooks for the duration of a call, so two concurrent
+    `generate` calls on one model would interfere. On 2 CPU cores a second concurrent call would not be
+    faster anyway; the Gradio queue holds waiting requests.
+    """
+
+    name = "transformers"
+
+    def __init__(self, model, tokenizer, sampling: SamplingConfig):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.sampling = sampling
+        self.lock = threading.Lock()
+        self.end_of_turn_ids = self._end_of_turn_ids()
+        self.adapter_aliases: dict[str, str] = {}  # version -> the PEFT adapter (slot) holding it, see LiveAdapters
+
+    def _end_of_turn_ids(self) -> list[int]:
+        ids = {self.tokenizer.eos_token_id}
+        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
+        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
+            ids.add(im_end)
+        return sorted(i for i in ids if i is not None)
+
+    @contextlib.contextmanager
+    def exclusive(self):
+        """Hold the model between generations (adapter load and unload)."""
+        with self.lock:
+            yield self.model
+
     def _batch(self, prompts: Sequence[list[int]]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer.pad({"input_ids": list(prompts)}, padding=True, return_tensors="pt")
         return {key: tensor.to(self.model.device) for key, tensor in batch.items()}
 
-    def _generate_kwargs(self, adapter_versions: Sequence[str], max_new_tokens: int | None) -> dict:
+    def _generate_kwargs(self, adapter_versions: Sequence[str], max_new_tokens: int | None,
+                         ignore_end: bool = False) -> dict:
+        max_new_tokens = max_new_tokens or self.sampling.max_new_tokens
         kwargs = dict(do_sample=self.sampling.temperature > 0, temperature=self.sampling.temperature or None,
-                      top_p=self.sampling.top_p, max_new_tokens=max_new_tokens or self.sampling.max_new_tokens,
+                      top_p=self.sampling.top_p, max_new_tokens=max_new_tokens,
                       eos_token_id=self.end_of_turn_ids, pad_token_id=self.tokenizer.pad_token_id,
-                      top_k=None)
+                      top_k=None, min_new_tokens=max_new_tokens if ignore_end else None)
         if isinstance(self.model, PeftModel):
             kwargs["adapter_names"] = [to_peft_name(self.adapter_aliases.get(v, v)) for v in adapter_versions]
         elif any(v != BASE_VERSION for v in adapter_versions):
@@ -138,7 +178,7 @@ class Generator:
         return kwargs
 
     def stream(self, prompt_ids: Sequence[list[int]], adapter_versions: Sequence[str],
-               max_new_tokens: int | None = None) -> Iterator[StreamUpdate]:
+               max_new_tokens: int | None = None, ignore_end: bool = False) -> Iterator[StreamUpdate]:
         """Yield the decoded text of every row after each new token, until all rows end their turn.
 
         `generate` runs in its own thread holding the model lock; the caller may iterate from any thread
@@ -146,7 +186,7 @@ class Generator:
         generation stop at its next token so an abandoned stream never keeps the model.
         """
         batch = self._batch(prompt_ids)
-        kwargs = self._generate_kwargs(adapter_versions, max_new_tokens)
+        kwargs = self._generate_kwargs(adapter_versions, max_new_tokens, ignore_end)
         rows = len(prompt_ids)
         streamer = _BatchStreamer()
         stop = threading.Event()
@@ -184,18 +224,6 @@ class Generator:
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
-
-    def stream_pair(self, prompt: Prompt, versions: tuple[str, str],
-                    max_new_tokens: int | None = None) -> Iterator[StreamUpdate]:
-        return self.stream([prompt.input_ids, prompt.input_ids], versions, max_new_tokens)
-
-    def sample(self, prompt_ids: Sequence[list[int]], adapter_versions: Sequence[str],
-               max_new_tokens: int | None = None) -> list[str]:
-        """Non-streaming convenience: the final texts."""
-        update = None
-        for update in self.stream(prompt_ids, adapter_versions, max_new_tokens):
-            pass
-        return list(update.texts)
 
 
 def to_peft_name(version: str) -> str:

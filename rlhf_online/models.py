@@ -70,11 +70,19 @@ def convert_gguf(gguf: Path, out_dir: Path) -> Path:
     return out_dir
 
 
+def gguf_model_file(cfg: ModelConfig) -> Path | None:
+    """The GGUF file behind the configured model (the embedded one or a `.gguf` path), or None."""
+    if cfg.model == EMBEDDED:
+        return embedded_gguf_path()
+    path = Path(cfg.model).expanduser()
+    return path if path.suffix == ".gguf" and path.is_file() else None
+
+
 def resolve_model_source(cfg: ModelConfig) -> str:
     """A path or hub id that `from_pretrained` can load with a quantization config."""
-    if cfg.model != EMBEDDED:
+    gguf = gguf_model_file(cfg)
+    if gguf is None:
         return cfg.model
-    gguf = embedded_gguf_path()
     cached = Path(cfg.cache_dir).expanduser() / gguf.stem
     if not (cached / "config.json").is_file():
         log.info("converting %s once into %s", gguf.name, cached)

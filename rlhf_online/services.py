@@ -14,11 +14,12 @@ import torch
 from rlhf_online.adapters import AdapterRegistry, LiveAdapters
 from rlhf_online.arena import Arena
 from rlhf_online.config import AppConfig
-from rlhf_online.generation import Generator
-from rlhf_online.hardware import Hardware, detect, maybe_gpu_decorator
+from rlhf_online.engine import build_engine, choose_engine
+from rlhf_online.generation import ChatEngine
+from rlhf_online.hardware import Hardware, detect
 from rlhf_online.hub_sync import HubSync
 from rlhf_online.limits import Limits, SessionVoteCounter
-from rlhf_online.models import load_base_model, load_tokenizer, lora_config, resolve_model_source
+from rlhf_online.models import load_tokenizer, resolve_model_source
 from rlhf_online.store import PreferenceStore, store_path
 from rlhf_online.supervisor import TrainerSupervisor
 from rlhf_online.worker import REWARD_CHECKPOINT
@@ -31,8 +32,8 @@ class Services:
     cfg: AppConfig
     store: PreferenceStore
     registry: AdapterRegistry
-    generator: Generator
-    live: LiveAdapters
+    generator: ChatEngine  # the serving engine (name kept: benchmarks and the UI know it by it)
+    live: LiveAdapters  # or served_versions.ServedVersions, with the same face
     arena: Arena
     supervisor: TrainerSupervisor | None
     quantization: str
@@ -45,8 +46,13 @@ class Services:
         """Why training is off when the config asked for it (ZeroGPU), for the page to show."""
         return self.hardware.training_notice if self.hardware is not None and self.cfg.train else None
 
+    @property
+    def engine(self) -> ChatEngine:
+        return self.generator
+
     def close(self) -> None:
         self.live.stop()
+        self.generator.close()
         if self.supervisor is not None:
             self.supervisor.stop()
         if self.hub is not None:
@@ -88,6 +94,7 @@ def build_services(cfg: AppConfig, start_trainer: bool | None = None) -> Service
     if cfg.sampling.torch_threads:
         torch.set_num_threads(cfg.sampling.torch_threads)
     hardware = detect(os.environ, torch.cuda.is_available())
+    engine_name = choose_engine(cfg, torch.cuda.is_available())  # fails fast, naming the flag, before any load
     cfg.data_path.mkdir(parents=True, exist_ok=True)
     hub = HubSync.from_config(cfg)
     if hub is not None:
@@ -96,10 +103,8 @@ def build_services(cfg: AppConfig, start_trainer: bool | None = None) -> Service
     registry = AdapterRegistry(cfg.adapters_path)
     source = resolve_model_source(cfg.model)  # converts the embedded GGUF once, before the trainer needs it
     tokenizer = load_tokenizer(source)
-    base = load_base_model(source, cfg.model.quantization, for_training=False)
-    generator = Generator(base.model, tokenizer, cfg.sampling)
-    generator.stream_pair = maybe_gpu_decorator(generator.stream_pair, os.environ)  # ZeroGPU: a GPU per call
-    live = LiveAdapters(generator, registry, lora_shape=lora_config(cfg.model))
+    serving = build_engine(cfg, engine_name, tokenizer, source, registry)
+    generator, live = serving.engine, serving.live
     try:
         live.refresh()
     except Exception:
@@ -121,4 +126,4 @@ def build_services(cfg: AppConfig, start_trainer: bool | None = None) -> Service
     if hub is not None:
         hub.start()
     return Services(cfg=cfg, store=store, registry=registry, generator=generator, live=live, arena=arena,
-                    supervisor=supervisor, quantization=base.quantization, limits=limits, hardware=hardware, hub=hub)
+                    supervisor=supervisor, quantization=serving.weights, limits=limits, hardware=hardware, hub=hub)

@@ -46,6 +46,8 @@ def test_votes_train_publish_and_hot_swap(cfg):
         assert all(torch.isfinite(torch.tensor(float(v))) for k, v in ppo[-1].values.items()
                    if isinstance(v, float))
 
+        assert services.engine.name == "llamacpp"  # the CPU default for the embedded GGUF
+        assert (cfg.adapters_path / "v0001" / "adapter_model.gguf").is_file()  # written at publish time
         swap = services.live.refresh()
         assert swap is not None and swap.version == "v0001"
         assert services.live.newest_pair() == ("v0001", BASE_VERSION)

@@ -1,0 +1,143 @@
+"""The llama.cpp engine on the real embedded GGUF: pairs from two versions, hot-swap, failed builds, concurrency.
+
+Greedy sampling makes "each answer comes from its own version" checkable: a row of a pair must equal that
+version's answer sampled alone. Published versions are random LoRA adapters, published as the trainer does.
+"""
+
+import logging
+import threading
+import time
+
+import pytest
+import torch
+
+from rlhf_online import models
+from rlhf_online.adapters import AdapterRegistry, save_peft_adapter
+from rlhf_online.config import ModelConfig, SamplingConfig
+from rlhf_online.generation import BASE_VERSION
+from rlhf_online.served_versions import ServedVersions
+
+pytest.importorskip("xllamacpp")
+
+GREEDY = SamplingConfig(temperature=0.0, max_new_tokens=12)
+QUESTION = [{"role": "user", "content": "What is basil?"}]
+
+
+@pytest.fixture(scope="module")
+def trainer(embedded_source):
+    """A policy adapter on the fp32 base, only to publish versions from."""
+    base = models.load_base_model(embedded_source, "fp32").model
+    return models.attach_lora(base, ModelConfig())
+
+
+def publish(registry: AdapterRegistry, trainer, seed: int):
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, param in models.lora_parameters(trainer, models.POLICY_ADAPTER).items():
+            if "lora_B" in name:
+                param.copy_(torch.randn(param.shape, generator=generator) * 0.1)
+    return registry.publish(lambda folder: save_peft_adapter(trainer, models.POLICY_ADAPTER, folder), {})
+
+
+@pytest.fixture
+def engine(embedded_source):
+    from rlhf_online.llamacpp_engine import LlamaCppEngine
+
+    engine = LlamaCppEngine(models.embedded_gguf_path(), models.load_tokenizer(embedded_source), GREEDY, slots=4,
+                            ctx_per_slot=512)
+    yield engine
+    engine.close()
+
+
+@pytest.fixture
+def served(engine, tmp_path):
+    return ServedVersions(engine, AdapterRegistry(tmp_path / "adapters"), keep=2)
+
+
+def test_each_answer_of_a_pair_comes_from_its_own_version(engine, served, trainer):
+    publish(served.registry, trainer, seed=1)
+    assert served.refresh().version == "v0001"
+    assert served.loaded == ["v0001"] and served.newest_pair() == ("v0001", BASE_VERSION)
+    prompt = engine.build_prompt(QUESTION)
+    alone_new = engine.sample([prompt.input_ids], ["v0001"])[0]
+    alone_base = engine.sample([prompt.input_ids], [BASE_VERSION])[0]
+    assert alone_new and alone_base and alone_new != alone_base  # the adapter changes the answer
+    update = None
+    for update in engine.stream_pair(prompt, ("v0001", BASE_VERSION)):
+        assert len(update.texts) == 2
+    assert update.texts == (alone_new, alone_base)
+    assert all(update.finished)
+    # llama.cpp's prompt cache ignores adapters: a slot the base just used must not change the version's answer
+    assert engine.sample([prompt.input_ids], ["v0001"])[0] == alone_new
+    with pytest.raises(KeyError, match="not loaded"):
+        engine.sample([prompt.input_ids], ["v0099"])
+
+
+def test_swap_mid_request_finishes_on_the_old_version_and_new_requests_get_the_new(engine, served, trainer):
+    publish(served.registry, trainer, seed=1)
+    served.refresh()
+    prompt = engine.build_prompt(QUESTION).input_ids
+    expected = engine.sample([prompt], ["v0001"], max_new_tokens=40)[0]
+
+    with served.pinned_pair() as pair:
+        assert pair == ("v0001", BASE_VERSION)
+        stream = engine.stream([prompt], ["v0001"], max_new_tokens=40, ignore_end=True)
+        first = next(stream)
+        assert not first.finished[0]
+        publish(served.registry, trainer, seed=2)
+        swap = served.refresh()  # built while the request runs on the old state
+        assert swap.version == "v0002" and swap.dropped == []
+        assert served.loaded == ["v0001", "v0002"] and served.newest_pair() == ("v0002", "v0001")
+        assert len(engine.states._old) == 1  # the old state lives on for the running request
+        *_, last = stream
+    assert last.texts[0].startswith(expected)  # the same greedy answer the old version gave, undisturbed
+    assert engine.states._old == []  # released once the request and the pin ended
+    publish(served.registry, trainer, seed=3)
+    swap = served.refresh()
+    assert swap.dropped == ["v0001"] and served.loaded == ["v0002", "v0003"]
+    assert all(engine.sample([prompt, prompt], ["v0003", "v0002"]))
+
+
+def test_a_failed_build_keeps_the_current_versions_serving(engine, served, trainer, caplog):
+    publish(served.registry, trainer, seed=1)
+    served.refresh()
+    broken = publish(served.registry, trainer, seed=2)
+    (broken.path / "adapter_model.gguf").write_bytes(b"GGUF but not really")
+    with caplog.at_level(logging.ERROR):
+        assert served.refresh() is None
+    assert "could not build" in caplog.text and "v0002" in caplog.text
+    assert served.loaded == ["v0001"]
+    assert served.refresh() is None and len(served.swaps) == 1  # not retried until the registry changes
+    prompt = engine.build_prompt(QUESTION)
+    *_, last = engine.stream_pair(prompt, served.newest_pair())
+    assert all(last.texts)
+
+
+def test_a_rollback_serves_the_remaining_versions(engine, served, trainer):
+    for seed in (1, 2):
+        publish(served.registry, trainer, seed=seed)
+    served.refresh()
+    assert served.loaded == ["v0001", "v0002"]
+    served.registry.retire_after("v0001")
+    swap = served.refresh()
+    assert swap.dropped == ["v0002"] and served.loaded == ["v0001"]
+
+
+def test_concurrent_pairs_are_generated_at_the_same_time(engine):
+    """Two users' pairs (4 rows on 4 slots) are decoded together: each stream gets tokens before the other ends."""
+    prompt = engine.build_prompt(QUESTION)
+    spans = {}
+
+    def user(name: str):
+        times = []
+        for _ in engine.stream([prompt.input_ids] * 2, [BASE_VERSION] * 2, max_new_tokens=24, ignore_end=True):
+            times.append(time.perf_counter())
+        spans[name] = (times[0], times[-1])
+
+    threads = [threading.Thread(target=user, args=(name,)) for name in "ab"]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    (a_first, a_last), (b_first, b_last) = spans["a"], spans["b"]
+    assert a_first < b_last and b_first < a_last  # the two streams overlap in time
