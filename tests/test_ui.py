@@ -8,12 +8,12 @@ from types import SimpleNamespace
 import gradio as gr
 import pytest
 
-from rlhf_online import ui
+from rlhf_online import admin_ui, ui
 from rlhf_online.config import load_config
 from rlhf_online.judge import current_feedback_mode, load_constitution
 from rlhf_online.services import build_services
 from rlhf_online.store import StoreWriteError, store_path
-from rlhf_online.worker import PAUSED_KEY
+from rlhf_online.worker import PAUSED_KEY, TRAINING_SETTINGS_KEY
 
 
 @pytest.fixture(scope="module")
@@ -158,14 +158,14 @@ def test_dashboard_refresh_and_pause(services, monkeypatch):
     assert len(outputs) == 11 and "Pairs shown" in outputs[0]
     assert outputs[4]["visible"] is False  # no reward-hacking warning
     monkeypatch.setattr(services.cfg.limits, "admin_token", "")  # no token, listening on 127.0.0.1: allowed
-    assert "paused" in ui.set_paused_ui(services, True, "")
+    assert "paused" in admin_ui.set_paused_ui(services, True, "")
     assert services.store.get_control(PAUSED_KEY) == "1"
     assert "**paused**" in ui.refresh_dashboard(services, ui.dashboard.VersionCache(services.registry))[2]
     monkeypatch.setattr(services.cfg.limits, "admin_token", "s3cret")
     with pytest.raises(gr.Error, match="admin token"):
-        ui.set_paused_ui(services, False, "wrong")
+        admin_ui.set_paused_ui(services, False, "wrong")
     assert services.store.get_control(PAUSED_KEY) == "1"
-    assert "resumed" in ui.set_paused_ui(services, False, "s3cret")
+    assert "resumed" in admin_ui.set_paused_ui(services, False, "s3cret")
     assert services.store.get_control(PAUSED_KEY) == "0"
 
 
@@ -176,10 +176,10 @@ def test_rollback_retires_newer_versions_and_refreshes(monkeypatch):
                                retire_after=lambda version: calls.append(("retire", version)) or ["v0002"])
     fake = SimpleNamespace(registry=registry, live=SimpleNamespace(refresh=lambda: calls.append(("refresh",))),
                            cfg=load_config([], environ={}))
-    assert "retired `v0002`" in ui.rollback_ui(fake, "v0001", "")
+    assert "retired `v0002`" in admin_ui.rollback_ui(fake, "v0001", "")
     assert calls == [("retire", "v0001"), ("refresh",)]
     with pytest.raises(gr.Error, match="Unknown version"):
-        ui.rollback_ui(fake, "v0009", "")
+        admin_ui.rollback_ui(fake, "v0009", "")
 
 
 def test_build_app_exposes_exactly_the_named_endpoints(services):
@@ -204,47 +204,47 @@ def test_feedback_markdown_shows_sources_and_agreement():
 def test_feedback_mode_and_constitution_are_admin_actions_shown_in_the_panel(services, monkeypatch):
     monkeypatch.setattr(services.cfg.limits, "admin_token", "s3cret")
     with pytest.raises(gr.Error, match="admin token"):
-        ui.set_feedback_mode_ui(services, "ai", "wrong")
+        admin_ui.set_feedback_mode_ui(services, "ai", "wrong")
     with pytest.raises(gr.Error, match="admin token"):
-        ui.save_constitution_ui(services, "1. Be rude.", "")
+        admin_ui.save_constitution_ui(services, "1. Be rude.", "")
     assert current_feedback_mode(services.store, "human") == "human"
     assert not (services.cfg.data_path / "constitution.md").exists()
 
-    assert "mixed" in ui.set_feedback_mode_ui(services, "mixed", "s3cret")
+    assert "mixed" in admin_ui.set_feedback_mode_ui(services, "mixed", "s3cret")
     assert current_feedback_mode(services.store, "human") == "mixed"
     with pytest.raises(gr.Error, match="feedback mode must be one of"):
-        ui.set_feedback_mode_ui(services, "robots", "s3cret")
-    message = ui.save_constitution_ui(services, "1. Be brief.\n2. Be kind.", "s3cret")
+        admin_ui.set_feedback_mode_ui(services, "robots", "s3cret")
+    message = admin_ui.save_constitution_ui(services, "1. Be brief.\n2. Be kind.", "s3cret")
     version = load_constitution(services.cfg.feedback, services.cfg.data_path).version
     assert f"`{version}`" in message and "2 listed principles" in message
     with pytest.raises(gr.Error, match="empty"):
-        ui.save_constitution_ui(services, "   ", "s3cret")
+        admin_ui.save_constitution_ui(services, "   ", "s3cret")
     assert load_constitution(services.cfg.feedback, services.cfg.data_path).version == version
 
     counts = ui.refresh_dashboard(services, ui.dashboard.VersionCache(services.registry))[0]
     assert "Training pairs:" in counts and "Votes by source:" in counts and "Human–AI agreement" in counts
     assert "mixed: AI labels fill in" in counts and f"`{version}`" in counts
-    ui.set_feedback_mode_ui(services, "human", "s3cret")
+    admin_ui.set_feedback_mode_ui(services, "human", "s3cret")
     (services.cfg.data_path / "constitution.md").unlink()
 
 
 # ---- admin protection and actions -------------------------------------------------------------------------------
 
 ADMIN_ACTIONS = {
-    "pause": lambda s, token: ui.set_paused_ui(s, True, token),
-    "rollback": lambda s, token: ui.rollback_ui(s, "base", token),
-    "delete": lambda s, token: ui.delete_version_ui(s, "v0001", token),
-    "export": lambda s, token: ui.export_ui(s, token),
-    "reset": lambda s, token: ui.reset_data_ui(s, "RESET", token),
-    "settings": lambda s, token: ui.training_settings_ui(s, token, 0.1, 0.2, 1e-4),
-    "unlock": lambda s, token: ui.unlock_admin_ui(s, token),
+    "pause": lambda s, token: admin_ui.set_paused_ui(s, True, token),
+    "rollback": lambda s, token: admin_ui.rollback_ui(s, "base", token),
+    "delete": lambda s, token: admin_ui.delete_version_ui(s, "v0001", token),
+    "export": lambda s, token: admin_ui.export_ui(s, token),
+    "reset": lambda s, token: admin_ui.reset_data_ui(s, "RESET", token),
+    "settings": lambda s, token: admin_ui.training_settings_ui(s, token, 0.1, 0.2, 1e-4),
+    "unlock": lambda s, token: admin_ui.unlock_admin_ui(s, token),
 }
 
 
 @pytest.mark.parametrize("action", sorted(ADMIN_ACTIONS))
 def test_admin_actions_are_refused_on_the_server_without_the_token(services, monkeypatch, action):
     """Hidden in the page is not enough: each handler refuses, and nothing changes."""
-    before = (services.store.get_control(PAUSED_KEY), services.store.get_control(ui.TRAINING_SETTINGS_KEY),
+    before = (services.store.get_control(PAUSED_KEY), services.store.get_control(TRAINING_SETTINGS_KEY),
               services.store.counts())
     monkeypatch.setattr(services.cfg.limits, "admin_token", "s3cret")
     for wrong in ("", "wrong", "s3cret "):
@@ -258,14 +258,14 @@ def test_admin_actions_are_refused_on_the_server_without_the_token(services, mon
     monkeypatch.setenv("SPACE_ID", "someone/rlhf")  # a Space is public even though Gradio listens locally there
     with pytest.raises(gr.Error, match="RLHF_ADMIN_TOKEN"):
         ADMIN_ACTIONS[action](services, "")
-    after = (services.store.get_control(PAUSED_KEY), services.store.get_control(ui.TRAINING_SETTINGS_KEY),
+    after = (services.store.get_control(PAUSED_KEY), services.store.get_control(TRAINING_SETTINGS_KEY),
              services.store.counts())
     assert after == before
 
 
 def test_unlock_shows_the_admin_controls_only_with_the_token(services, monkeypatch):
     monkeypatch.setattr(services.cfg.limits, "admin_token", "s3cret")
-    controls, message = ui.unlock_admin_ui(services, "s3cret")
+    controls, message = admin_ui.unlock_admin_ui(services, "s3cret")
     assert controls["visible"] is True and "unlocked" in message
     demo = ui.build_app(services)
     groups = [b for b in demo.blocks.values() if isinstance(b, gr.Group)]
@@ -274,20 +274,20 @@ def test_unlock_shows_the_admin_controls_only_with_the_token(services, monkeypat
 
 def test_training_settings_reach_the_control_table_and_bad_values_are_refused(services, monkeypatch):
     monkeypatch.setattr(services.cfg.limits, "admin_token", "s3cret")
-    assert "ppo_lr = 0.0002" in ui.training_settings_ui(services, "s3cret", 0.1, 0.5, 2e-4)
-    assert json.loads(services.store.get_control(ui.TRAINING_SETTINGS_KEY)) == {
+    assert "ppo_lr = 0.0002" in admin_ui.training_settings_ui(services, "s3cret", 0.1, 0.5, 2e-4)
+    assert json.loads(services.store.get_control(TRAINING_SETTINGS_KEY)) == {
         "init_kl_coef": 0.1, "length_penalty": 0.5, "ppo_lr": 2e-4}
     for bad in ("abc", -1, float("nan")):
         with pytest.raises(gr.Error, match="must be"):
-            ui.training_settings_ui(services, "s3cret", bad, 0.5, 2e-4)
-    assert json.loads(services.store.get_control(ui.TRAINING_SETTINGS_KEY))["init_kl_coef"] == 0.1
+            admin_ui.training_settings_ui(services, "s3cret", bad, 0.5, 2e-4)
+    assert json.loads(services.store.get_control(TRAINING_SETTINGS_KEY))["init_kl_coef"] == 0.1
 
 
 def test_export_gives_a_zip_with_the_trl_files(services, monkeypatch):
     monkeypatch.setattr(services.cfg.limits, "admin_token", "s3cret")
     state = send(services)[-1][0]
     ui.vote_ui(services, "a", state)
-    archive, message = ui.export_ui(services, "s3cret")
+    archive, message = admin_ui.export_ui(services, "s3cret")
     with zipfile.ZipFile(archive) as zipped:
         names = zipped.namelist()
         assert any(name.endswith(".jsonl") for name in names)
@@ -306,10 +306,10 @@ def test_delete_version_removes_it_and_refuses_unknown_names(services, monkeypat
     services.live.refresh()
     assert info.name in services.live.loaded
     with pytest.raises(gr.Error, match="Unknown version"):
-        ui.delete_version_ui(services, "base", "s3cret")
+        admin_ui.delete_version_ui(services, "base", "s3cret")
     with pytest.raises(gr.Error, match="Unknown version"):
-        ui.delete_version_ui(services, "../data", "s3cret")
-    assert f"Deleted `{info.name}`" in ui.delete_version_ui(services, info.name, "s3cret")
+        admin_ui.delete_version_ui(services, "../data", "s3cret")
+    assert f"Deleted `{info.name}`" in admin_ui.delete_version_ui(services, info.name, "s3cret")
     assert not info.path.exists() and info.name not in services.live.loaded
     assert services.registry.next_version_name() != info.name  # its number is never reused
 
@@ -322,9 +322,9 @@ def test_reset_moves_the_database_aside_and_starts_fresh(tiny_model_dir, tmp_pat
         state = send(built)[-1][0]
         ui.vote_ui(built, "b", state)
         with pytest.raises(gr.Error, match="Type RESET"):
-            ui.reset_data_ui(built, "reset please", "")
+            admin_ui.reset_data_ui(built, "reset please", "")
         assert built.store.counts()["votes"]["b"] == 1
-        message = ui.reset_data_ui(built, "RESET", "")
+        message = admin_ui.reset_data_ui(built, "RESET", "")
         backup = next((cfg.data_path / "backups").iterdir())
         assert str(backup) in message
         with sqlite3.connect(backup / "preferences.sqlite") as conn:  # the old data, whole
