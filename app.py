@@ -13,6 +13,7 @@ import os
 os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from rlhf_online.config import load_config  # noqa: E402
+from rlhf_online.lifecycle import ShutdownSignals  # noqa: E402
 from rlhf_online.services import build_services  # noqa: E402
 from rlhf_online.ui import build_app  # noqa: E402
 
@@ -20,6 +21,7 @@ from rlhf_online.ui import build_app  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config(argv)
+    shutdown = ShutdownSignals(cfg.shutdown_timeout_s).install()  # SIGTERM/SIGINT: close everything below, bounded
     services = build_services(cfg)
     demo = build_app(services)
     try:
@@ -27,6 +29,8 @@ def main(argv: list[str] | None = None) -> None:
             server_name=cfg.host, server_port=cfg.port, show_error=True)
     finally:
         services.close()
+        shutdown.done()
+        logging.getLogger("app").info("shut down cleanly")
 
 
 if __name__ == "__main__":

@@ -178,6 +178,8 @@ class AppConfig:
     train: bool = _opt(True, "run the background reward-model and PPO trainer (--no-train: only serve and "
                              "collect votes)")
     seed: int = _opt(0, "random seed")
+    shutdown_timeout_s: float = _opt(12.0, "seconds a SIGTERM/SIGINT shutdown may take (trainer stop, final reward "
+                                           "checkpoint, final Hub push) before the app exits anyway")
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     reward: RewardConfig = field(default_factory=RewardConfig)

@@ -46,9 +46,10 @@ class Services:
         return self.hardware.training_notice if self.hardware is not None and self.cfg.train else None
 
     def close(self) -> None:
+        """Stop serving, stop the trainer (it saves the reward model), push to the Hub a last time, close files."""
         self.live.stop()
         if self.supervisor is not None:
-            self.supervisor.stop()
+            self.supervisor.stop(timeout_s=self.cfg.shutdown_timeout_s / 2)
         if self.hub is not None:
             self.hub.stop()
         if self.limits is not None:
