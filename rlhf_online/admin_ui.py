@@ -9,10 +9,9 @@ can reach the server). With `ui.py`, the only modules that import Gradio.
 import contextlib
 import functools
 import hmac
-import ipaddress
 import json
 import logging
-import os
+import secrets
 import shutil
 import tempfile
 import time
@@ -25,7 +24,6 @@ import gradio as gr
 from rlhf_online import dashboard
 from rlhf_online.export import export_trl
 from rlhf_online.generation import BASE_VERSION
-from rlhf_online.hardware import on_spaces
 from rlhf_online.judge import current_feedback_mode, load_constitution, save_constitution, set_feedback_mode
 from rlhf_online.store import StoreWriteError
 from rlhf_online.worker import PAUSED_KEY, TRAINING_SETTINGS, TRAINING_SETTINGS_KEY
@@ -63,31 +61,31 @@ def _constitution(services):
         return None
 
 
-def _listens_locally(host: str) -> bool:
-    if host == "localhost":
-        return True
-    try:
-        return ipaddress.ip_address(host).is_loopback
-    except ValueError:
-        return False
+def ensure_admin_token(cfg, announce=print) -> str:
+    """The admin token: the configured one, or else one generated now and printed once to the console.
+
+    As Jupyter does: a server with no token configured used to allow admin actions when it listened on
+    loopback, but a share link, a notebook host that turns sharing on by itself, an SSH tunnel or a reverse proxy
+    on the same machine all reach a loopback server. So an admin action always needs a token, and whoever can
+    read this process's output (the person who started it) has it. A configured token is never printed.
+    """
+    if not cfg.limits.admin_token:
+        cfg.limits.admin_token = secrets.token_urlsafe(24)
+        announce(f"Admin token for this run (generated, as no {ADMIN_TOKEN_ENV} is set; set one to choose your "
+                 f"own): {cfg.limits.admin_token}", flush=True)
+    return cfg.limits.admin_token
 
 
 def _require_admin(services, token: str) -> None:
-    """Every admin handler calls this first: the page hiding a button stops nobody who calls the endpoint.
-
-    With a token configured, it is required. Without one, admin actions are open only when the server listens
-    on a loopback address outside Spaces: then everyone who can reach it is on this machine (a developer).
-    A server reachable from other machines without a token refuses them all, and says how to enable them.
-    """
+    """Every admin handler calls this first: the page hiding a button stops nobody who calls the endpoint
+    (hidden events stay callable by fn_index through Gradio's queue). No configured token means no admin
+    action at all (`ensure_admin_token` makes sure the app always has one)."""
     expected = services.cfg.limits.admin_token
-    if expected:
-        if not hmac.compare_digest((token or "").encode(), expected.encode()):
-            raise gr.Error("Wrong or missing admin token.", title="Not allowed", print_exception=False)
-        return
-    if not _listens_locally(services.cfg.host) or on_spaces(os.environ):
-        raise gr.Error(f"Admin actions are disabled: this server is reachable from other machines and no admin "
-                       f"token is set. Set the {ADMIN_TOKEN_ENV} secret (environment variable) and restart.",
+    if not expected:
+        raise gr.Error(f"Admin actions are disabled: no admin token is set. Set {ADMIN_TOKEN_ENV} and restart.",
                        title="Not allowed", print_exception=False)
+    if not hmac.compare_digest((token or "").encode(), expected.encode()):
+        raise gr.Error("Wrong or missing admin token.", title="Not allowed", print_exception=False)
 
 
 def unlock_admin_ui(services, token: str) -> tuple:
@@ -199,9 +197,12 @@ class AdminPanel:
 
 
 def build_admin_panel(services) -> AdminPanel:
-    """The "Admin" accordion and its events; call inside the page's Blocks context."""
+    """The "Admin" accordion and its events; call inside the page's Blocks context.
+
+    Each event has an explicit (private) name, so a log or a test can tell which hidden event is which.
+    """
+    ensure_admin_token(services.cfg)
     bind = functools.partial
-    private = {"api_visibility": "private"}
     with gr.Accordion("Admin", open=False):
         token = gr.Textbox(label="Admin token", type="password")
         unlock = gr.Button("Unlock admin actions")
@@ -227,15 +228,23 @@ def build_admin_panel(services) -> AdminPanel:
                                                   "(the old one is kept as a backup)")
             reset_button = gr.Button("Reset data", variant="stop")
 
-    pause.click(bind(set_paused_ui, services, True), [token], admin_status, **private)
-    resume.click(bind(set_paused_ui, services, False), [token], admin_status, **private)
-    rollback.click(bind(rollback_ui, services), [rollback_to, token], admin_status, **private)
-    unlock.click(bind(unlock_admin_ui, services), [token], [admin_controls, admin_status], **private)
-    delete_button.click(bind(delete_version_ui, services), [rollback_to, token], admin_status, **private)
-    save_settings.click(bind(training_settings_ui, services), [token, *settings], admin_status, **private)
-    export_button.click(bind(export_ui, services), [token], [export_file, admin_status], **private)
-    reset_button.click(bind(reset_data_ui, services), [reset_confirmation, token], admin_status, **private)
-    feedback_mode.input(bind(set_feedback_mode_ui, services), [feedback_mode, token], admin_status, **private)
-    save_constitution_button.click(bind(save_constitution_ui, services), [constitution_box, token], admin_status,
-                                   **private)
+    events = [  # (trigger, handler, inputs, outputs, name)
+        (pause.click, bind(set_paused_ui, services, True), [token], admin_status, "admin_pause"),
+        (resume.click, bind(set_paused_ui, services, False), [token], admin_status, "admin_resume"),
+        (rollback.click, bind(rollback_ui, services), [rollback_to, token], admin_status, "admin_rollback"),
+        (unlock.click, bind(unlock_admin_ui, services), [token], [admin_controls, admin_status], "admin_unlock"),
+        (delete_button.click, bind(delete_version_ui, services), [rollback_to, token], admin_status,
+         "admin_delete_version"),
+        (save_settings.click, bind(training_settings_ui, services), [token, *settings], admin_status,
+         "admin_training_settings"),
+        (export_button.click, bind(export_ui, services), [token], [export_file, admin_status], "admin_export"),
+        (reset_button.click, bind(reset_data_ui, services), [reset_confirmation, token], admin_status,
+         "admin_reset_data"),
+        (feedback_mode.input, bind(set_feedback_mode_ui, services), [feedback_mode, token], admin_status,
+         "admin_feedback_mode"),
+        (save_constitution_button.click, bind(save_constitution_ui, services), [constitution_box, token],
+         admin_status, "admin_save_constitution"),
+    ]
+    for trigger, handler, inputs, outputs, name in events:
+        trigger(handler, inputs, outputs, api_name=name, api_visibility="private")
     return AdminPanel(rollback_to=rollback_to)

@@ -1,19 +1,24 @@
 """The Gradio app: chat, compare two answers labelled only A and B, vote, and watch training in a side panel.
 
-With `admin_ui.py` (the admin panel), the only modules that import Gradio. Every handler is a module-level function taking `services` (bound with
-functools.partial) plus its inputs and returning plain values, so it can be tested without a browser.
+With `admin_ui.py` (the admin panel), the only modules that import Gradio. Every handler is a module-level function
+taking `services` (bound with functools.partial) plus its inputs and returning plain values, so it can be tested
+without a browser.
 
 Named API endpoints (gradio_client), all also usable by benchmarks:
 
 - ``/chat`` (conversation_id: str, "" for a new conversation; message: str)
-  -> (conversation_id: str, pair_id: int, answer_a: str, answer_b: str). Streams; intermediate updates carry
-  pair_id -1, the final one the stored pair's id (``Client.predict`` returns the final one).
-- ``/vote`` (pair_id: int, choice: "a" | "b" | "tie" | "both_bad", better_answer: str, "" for none)
+  -> (conversation_id: str, pair_token: str, answer_a: str, answer_b: str). Streams; intermediate updates carry
+  pair_token "", the final one the stored pair's token (``Client.predict`` returns the final one).
+- ``/vote`` (pair_token: str, choice: "a" | "b" | "tie" | "both_bad", better_answer: str, "" for none)
   -> (vote_id: int, version_a: str, version_b: str). A repeated vote on a pair is recorded once; the
   first vote's receipt comes back again.
+
+A pair token is unguessable and works only in the session (browser tab, or ``gradio_client.Client``) that the pair
+was shown to; conversation ids likewise belong to the session that started them.
 - ``/regenerate`` (conversation_id: str) -> like ``/chat``: a fresh pair for the message awaiting a vote.
 - ``/stats`` () -> dict: ``PreferenceStore.counts()`` (pairs_shown, votes by choice, demonstrations,
-  preferences by source), plus ``swaps`` (adapter versions hot-loaded since start), ``serving`` and ``trainer``.
+  preferences by source), plus ``swaps`` (adapter versions hot-loaded since start), ``serving``, ``trainer`` and
+  ``conversations_open`` (conversations held in memory).
 
 Anyone may chat and vote, within the limits of ``limits.Limits``. Admin actions (pause, rollback, delete, export,
 reset, training settings...) live in ``admin_ui`` and check the admin token on the server in every handler.
@@ -24,6 +29,7 @@ Bad input raises ``gr.Error`` with a message a person can act on; nothing else b
 import contextlib
 import functools
 import logging
+import os
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -33,9 +39,9 @@ import pandas as pd
 
 from rlhf_online import dashboard
 from rlhf_online.admin_ui import _constitution, _feedback_mode, build_admin_panel
-from rlhf_online.arena import CHOICES, MAX_ROW_ID, EmptyMessageError
+from rlhf_online.arena import CHOICES, MAX_TOKEN_CHARS, EmptyMessageError
 from rlhf_online.generation import BASE_VERSION
-from rlhf_online.limits import LimitExceededError, client_key
+from rlhf_online.limits import LimitExceededError, client_key, trusted_proxy_count
 from rlhf_online.store import StoreWriteError, UnknownPairError
 from rlhf_online.worker import PAUSED_KEY
 
@@ -51,7 +57,7 @@ class SessionState:
 
     session_id: str = ""
     conversation_id: str = ""
-    pair_id: int | None = None
+    pair_token: str | None = None  # the pair on screen, awaiting a vote
     answers: tuple[str, str] = ("", "")
 
 
@@ -70,8 +76,8 @@ def _friendly_errors() -> Iterator[None]:
     except LimitExceededError as error:
         raise gr.Error(str(error), title="Slow down", print_exception=False) from error
     except UnknownPairError as error:
-        raise gr.Error(f"Unknown answer pair ({error}). Reload the page and try again.", title="Unknown pair",
-                       print_exception=False) from error
+        raise gr.Error(f"Unknown answer pair ({error}). You can vote only on answers shown to you; reload the page "
+                       "and try again.", title="Unknown pair", print_exception=False) from error
     except StoreWriteError as error:
         # logged, not printed by Gradio: logging survives a full disk under its own file, Gradio's print does not
         log.error("%s", error)
@@ -81,26 +87,21 @@ def _friendly_errors() -> Iterator[None]:
         raise gr.Error(str(error), title="Invalid input", print_exception=False) from error
 
 
-def _parse_pair_id(pair_id) -> int:
-    try:
-        value = int(pair_id)
-        if value != float(pair_id):
-            raise ValueError
-    except (TypeError, ValueError, OverflowError):
-        raise gr.Error(f"pair_id must be an integer, got {str(pair_id)[:40]!r}", title="Invalid input",
-                       print_exception=False) from None
-    if not 0 < value <= MAX_ROW_ID:
-        raise gr.Error(f"Unknown answer pair (no pair with id {value}). Reload the page and try again.",
-                       title="Unknown pair", print_exception=False)
-    return value
+def _parse_pair_token(pair_token) -> str:
+    """A pair token as /chat returned it; anything else (a row id, a number, a long string) names no pair."""
+    if not isinstance(pair_token, str) or not 0 < len(pair_token.strip()) <= MAX_TOKEN_CHARS:
+        raise gr.Error(f"Unknown answer pair ({str(pair_token)[:40]!r} is not a pair token from /chat). Reload the "
+                       "page and try again.", title="Unknown pair", print_exception=False)
+    return pair_token.strip()
 
 
-def _client(request: gr.Request | None) -> str | None:
+def _client(request: gr.Request | None, services=None) -> str | None:
     """The visitor's address for the per-client limits; None for direct calls (tests, no web request)."""
     if request is None:
         return None
     host = request.client.host if request.client is not None else None
-    return client_key(host, dict(request.headers))
+    proxies = trusted_proxy_count(services.cfg.limits, os.environ) if services is not None else 0
+    return client_key(host, dict(request.headers), proxies)
 
 
 def _parse_choice(choice) -> str:
@@ -113,11 +114,11 @@ def _parse_choice(choice) -> str:
 
 # ---- chat tab handlers (outputs: state, chatbot, answer A, answer B, status, better-answer box, message) --------
 
-def _history(services, conversation_id: str, pending: str | None = None) -> list[dict]:
+def _history(services, state: SessionState, pending: str | None = None) -> list[dict]:
     """The settled conversation for gr.Chatbot (messages format), plus the message awaiting a vote."""
-    if not conversation_id:
+    conversation = services.arena.find(state.conversation_id, state.session_id)
+    if conversation is None:
         return []
-    conversation = services.arena.conversation(conversation_id)
     shown = [{"role": m["role"], "content": m["content"]} for m in conversation.history
              if m.get("role") in ("user", "assistant")]
     pending = pending if pending is not None else conversation.pending_message
@@ -125,16 +126,16 @@ def _history(services, conversation_id: str, pending: str | None = None) -> list
 
 
 def _stream_turn(services, state: SessionState, updates: Iterator) -> Iterator[tuple]:
-    state = replace(state, pair_id=None, answers=("", ""))
+    state = replace(state, pair_token=None, answers=("", ""))
     cleared = False  # empty the message box once, so a message typed while answers stream is kept
     with _friendly_errors():
         for update in updates:
             state = replace(state, conversation_id=update.conversation_id)
             status = update.notice or ("" if update.done else "Writing two answers…")
             if update.done:
-                state = replace(state, pair_id=update.pair_id, answers=(update.answer_a, update.answer_b))
+                state = replace(state, pair_token=update.pair_token, answers=(update.answer_a, update.answer_b))
                 status = " ".join(filter(None, [update.notice, "Which answer is better?"]))
-            yield (state, _history(services, state.conversation_id), update.answer_a, update.answer_b, status,
+            yield (state, _history(services, state), update.answer_a, update.answer_b, status,
                    update.answer_a if update.done else gr.skip(), gr.skip() if cleared else "")
             cleared = True
 
@@ -143,19 +144,20 @@ def chat_ui(services, state: SessionState, message: str, request: gr.Request = N
     """Send a message and stream a new pair of answers."""
     state = _ensure_session(state)
     yield from _stream_turn(services, state, services.arena.chat(state.conversation_id, message, state.session_id,
-                                                                 _client(request)))
+                                                                 _client(request, services)))
 
 
 def regenerate_ui(services, state: SessionState, request: gr.Request = None) -> Iterator[tuple]:
     """Sample a fresh pair for the message awaiting a vote (the old pair stays stored, unvoted)."""
     state = _ensure_session(state)
     yield from _stream_turn(services, state, services.arena.regenerate(state.conversation_id, state.session_id,
-                                                                       _client(request)))
+                                                                       _client(request, services)))
 
 
 def new_conversation_ui(services, state: SessionState) -> tuple:
-    state = replace(_ensure_session(state), conversation_id=services.arena.new_conversation().id, pair_id=None,
-                    answers=("", ""))
+    """Forget the conversation on screen; the next message starts a new one (nothing is created until then, so
+    this cannot be used to fill the server's conversation cache)."""
+    state = replace(_ensure_session(state), conversation_id="", pair_token=None, answers=("", ""))
     return state, [], "", "", "New conversation: type a message.", "", ""
 
 
@@ -166,17 +168,18 @@ def vote_ui(services, choice: str, state: SessionState, better_answer: str = "",
     The four vote buttons bind `choice` with functools.partial; "Submit better answer" passes the radio's choice.
     """
     state = _ensure_session(state)
-    if state.pair_id is None:
+    if not state.pair_token:
         raise gr.Error("There are no answers to vote on yet: send a message first.", title="Nothing to vote on",
                        print_exception=False)
     choice = _parse_choice(choice)
     with _friendly_errors():
-        outcome = services.arena.vote(state.pair_id, choice, better_answer, state.session_id, _client(request))
+        outcome = services.arena.vote(state.pair_token, choice, better_answer, state.session_id,
+                                      _client(request, services))
     pair = services.store.get_pair(outcome.pair_id)
     reveal = dashboard.reveal_markdown(outcome.vote_id, outcome.version_a, outcome.version_b, outcome.duplicate,
                                        pair.reward_a if pair else None, pair.reward_b if pair else None)
-    state = replace(state, pair_id=None, answers=("", ""))
-    return state, _history(services, state.conversation_id), "", "", reveal, "", gr.skip()
+    state = replace(state, pair_token=None, answers=("", ""))
+    return state, _history(services, state), "", "", reveal, "", gr.skip()
 
 
 # ---- API endpoints ----------------------------------------------------------------------------------------------
@@ -185,21 +188,21 @@ def api_chat(services, conversation_id: str, message: str, session_id: str = "ap
              client: str | None = None) -> Iterator[tuple]:
     with _friendly_errors():
         for update in services.arena.chat(conversation_id or None, message, session_id, client):
-            yield (update.conversation_id, update.pair_id if update.done else -1, update.answer_a, update.answer_b)
+            yield (update.conversation_id, update.pair_token if update.done else "", update.answer_a, update.answer_b)
 
 
 def api_regenerate(services, conversation_id: str, session_id: str = "api",
                    client: str | None = None) -> Iterator[tuple]:
     with _friendly_errors():
         for update in services.arena.regenerate(conversation_id, session_id, client):
-            yield (update.conversation_id, update.pair_id if update.done else -1, update.answer_a, update.answer_b)
+            yield (update.conversation_id, update.pair_token if update.done else "", update.answer_a, update.answer_b)
 
 
-def api_vote(services, pair_id, choice: str, better_answer: str = "", session_id: str = "api",
+def api_vote(services, pair_token, choice: str, better_answer: str = "", session_id: str = "api",
              client: str | None = None) -> tuple:
-    pair_id, choice = _parse_pair_id(pair_id), _parse_choice(choice)
+    pair_token, choice = _parse_pair_token(pair_token), _parse_choice(choice)
     with _friendly_errors():
-        outcome = services.arena.vote(pair_id, choice, better_answer or None, session_id, client)
+        outcome = services.arena.vote(pair_token, choice, better_answer or None, session_id, client)
     return outcome.vote_id, outcome.version_a, outcome.version_b
 
 
@@ -207,6 +210,7 @@ def api_stats(services) -> dict:
     """Counts, plus what a load test needs to see the app learning under it: swaps and the trainer's state."""
     status = services.supervisor.status if services.supervisor is not None else None
     return {**services.store.counts(), "swaps": len(services.live.swaps), "serving": list(services.live.loaded),
+            "conversations_open": services.arena.open_conversations,
             "trainer": None if status is None else {"alive": status.alive, "starts": status.starts}}
 
 
@@ -247,15 +251,17 @@ def _feedback_summary(services) -> str:
 
 def _typed_api(services):
     """gr.api derives each endpoint's schema from type hints, so the partials get thin typed wrappers."""
-    def chat(conversation_id: str, message: str, request: gr.Request) -> tuple[str, int, str, str]:
-        yield from api_chat(services, conversation_id, message, f"api:{request.session_hash}", _client(request))
+    def chat(conversation_id: str, message: str, request: gr.Request) -> tuple[str, str, str, str]:
+        yield from api_chat(services, conversation_id, message, f"api:{request.session_hash}",
+                            _client(request, services))
 
-    def regenerate(conversation_id: str, request: gr.Request) -> tuple[str, int, str, str]:
-        yield from api_regenerate(services, conversation_id, f"api:{request.session_hash}", _client(request))
+    def regenerate(conversation_id: str, request: gr.Request) -> tuple[str, str, str, str]:
+        yield from api_regenerate(services, conversation_id, f"api:{request.session_hash}",
+                                  _client(request, services))
 
-    def vote(pair_id: int, choice: str, better_answer: str, request: gr.Request) -> tuple[int, str, str]:
-        return api_vote(services, pair_id, choice, better_answer, f"api:{request.session_hash}",
-                        _client(request))
+    def vote(pair_token: str, choice: str, better_answer: str, request: gr.Request) -> tuple[int, str, str]:
+        return api_vote(services, pair_token, choice, better_answer, f"api:{request.session_hash}",
+                        _client(request, services))
 
     def stats() -> dict:
         return api_stats(services)

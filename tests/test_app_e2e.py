@@ -25,7 +25,7 @@ def app(tiny_model_dir, tmp_path_factory):
 
 def chat_and_vote(client: Client, choice: str, better: str = "") -> tuple[int, int]:
     conversation_id, pair_id, answer_a, answer_b = client.predict("", "Hello, how are you?", api_name="/chat")
-    assert conversation_id and pair_id > 0
+    assert conversation_id and isinstance(pair_id, str) and len(pair_id) >= 20  # an unguessable token
     assert isinstance(answer_a, str) and isinstance(answer_b, str)
     vote_id, version_a, version_b = client.predict(pair_id, choice, better, api_name="/vote")
     assert vote_id > 0 and (version_a, version_b) == ("base", "base")
@@ -43,7 +43,7 @@ def test_chat_vote_reaches_sqlite(app):
     with pytest.raises(Exception, match="Type a message first"):
         client.predict("", "   ", api_name="/chat")
     with pytest.raises(Exception, match="Unknown answer pair"):
-        client.predict(10 ** 9, "a", "", api_name="/vote")
+        client.predict("1", "a", "", api_name="/vote")  # a row id is not a pair token
     assert client.predict(pair_id, "a", "", api_name="/vote")[0] == vote_id  # a repeated vote counts once
     assert vote_rows(app.db, pair_id) == [(vote_id, "b", "A better answer, written by hand.")]
     with urllib.request.urlopen(app.url, timeout=10) as response:
@@ -64,4 +64,4 @@ def test_acknowledged_vote_survives_kill_9(app):
     restarted = Client(app.url, verbose=False)
     assert restarted.predict(api_name="/stats")["votes"]["a"] >= 1
     pair_id_2, _ = chat_and_vote(restarted, "tie")  # and the restarted app keeps collecting votes
-    assert pair_id_2 > pair_id
+    assert pair_id_2 != pair_id and vote_rows(app.db, pair_id_2)[0][1] == "tie"
