@@ -12,17 +12,13 @@ import hmac
 import json
 import logging
 import secrets
-import shutil
-import tempfile
-import time
 from collections.abc import Iterator
 from dataclasses import dataclass
-from pathlib import Path
 
 import gradio as gr
 
 from rlhf_online import dashboard
-from rlhf_online.export import export_trl
+from rlhf_online.export import export_zip
 from rlhf_online.generation import BASE_VERSION
 from rlhf_online.judge import current_feedback_mode, load_constitution, save_constitution, set_feedback_mode
 from rlhf_online.store import StoreWriteError
@@ -149,13 +145,10 @@ def delete_version_ui(services, version: str, token: str) -> str:
 
 
 def export_ui(services, token: str) -> tuple:
-    """A zip of the TRL preference and SFT exports, for download (written to a temporary folder Gradio serves)."""
+    """A zip of the TRL preference and SFT exports, for download (temporary: see `export.export_zip`)."""
     _require_admin(services, token)
-    folder = Path(tempfile.mkdtemp(prefix="rlhf-export-"))
-    summary = export_trl(services.store, folder / "export")
-    archive = shutil.make_archive(str(folder / f"rlhf_online-export-{time.strftime('%Y%m%d-%H%M%S')}"), "zip",
-                                  folder / "export")
-    return archive, summary.describe().capitalize() + "."
+    archive, summary = export_zip(services.store)
+    return str(archive), summary.describe().capitalize() + "."
 
 
 def reset_data_ui(services, confirmation: str, token: str) -> str:

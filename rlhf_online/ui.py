@@ -273,7 +273,9 @@ def _typed_api(services):
 def build_app(services) -> gr.Blocks:
     bind = functools.partial
     private = {"api_visibility": "private"}
-    with gr.Blocks(title="rlhf_online: chat, vote, watch it learn") as demo:
+    # delete_cache: Gradio copies every file it serves (the admin's exports) into its cache and keeps them
+    # forever otherwise; this removes copies older than 10 minutes, every 10 minutes, and all of them at shutdown
+    with gr.Blocks(title="rlhf_online: chat, vote, watch it learn", delete_cache=(600, 600)) as demo:
         state = gr.State(SessionState())
         gr.Markdown("## Chat, pick the better answer, and watch the model learn from your votes\n"
                     "Two model versions answer each message; their sides are shuffled, so you see only **A** and "

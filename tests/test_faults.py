@@ -144,6 +144,24 @@ def test_invalid_utf8_and_lone_surrogates_get_an_error_or_a_clean_text(app):
     assert client.predict("", "still fine?", api_name="/chat")[1]
 
 
+def test_oversized_request_bodies_are_refused_before_being_read(app):
+    """Issue 13 #3: a 1 MB body was parsed in full; now it is refused with 413 (declared or chunked)."""
+    body = json.dumps({"data": ["", "A" * 1_000_000]}).encode()
+    status, reply = post_json(f"{app.url}gradio_api/call/chat", body)
+    assert status == 413 and b"too large" in reply
+
+    def chunks():  # no Content-Length: chunked transfer, counted as it arrives
+        for start in range(0, len(body), 64 * 1024):
+            yield body[start:start + 64 * 1024]
+
+    request = urllib.request.Request(f"{app.url}gradio_api/call/chat", data=chunks(),
+                                     headers={"Content-Type": "application/json", "Transfer-Encoding": "chunked"})
+    with pytest.raises(urllib.error.HTTPError) as refused:
+        urllib.request.urlopen(request, timeout=30)
+    assert refused.value.code == 413
+    assert Client(app.url, verbose=False).predict("", "A" * 20_000, api_name="/chat")[1]  # long, not huge: served
+
+
 def test_unknown_guessed_and_replayed_votes(app):
     client = Client(app.url, verbose=False)
     for bad in ("1", "2", "0", "-5", "abc", "x" * 100):  # row ids (what the API used to hand out) and made-up tokens

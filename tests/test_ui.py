@@ -1,8 +1,12 @@
 """UI and API handlers on the tiny model, called directly (no browser, no server)."""
 
 import json
+import os
 import sqlite3
+import threading
+import time
 import zipfile
+from pathlib import Path
 from types import SimpleNamespace
 
 import gradio as gr
@@ -287,7 +291,7 @@ def test_training_settings_reach_the_control_table_and_bad_values_are_refused(se
     assert json.loads(services.store.get_control(TRAINING_SETTINGS_KEY))["init_kl_coef"] == 0.1
 
 
-def test_export_gives_a_zip_with_the_trl_files(services, monkeypatch):
+def test_export_gives_a_zip_with_the_trl_files_and_old_exports_are_cleaned_up(services, monkeypatch):
     monkeypatch.setattr(services.cfg.limits, "admin_token", "s3cret")
     state = send(services)[-1][0]
     ui.vote_ui(services, "a", state)
@@ -297,6 +301,16 @@ def test_export_gives_a_zip_with_the_trl_files(services, monkeypatch):
         assert any(name.endswith(".jsonl") for name in names)
         assert sum(1 for line in zipped.read("preferences.jsonl").splitlines() if line.strip()) >= 1
     assert "preference pairs" in message
+    first = Path(archive).parent
+    assert [p.name for p in first.iterdir()] == [Path(archive).name]  # only the zip is left behind
+    old = time.time() - 3600
+    os.utime(first, (old, old))  # an hour old: the next export removes it
+    second = Path(admin_ui.export_ui(services, "s3cret")[0]).parent
+    assert not first.exists() and second.exists()
+    from rlhf_online.export import remove_exports
+    assert remove_exports(0, own_only=True) >= 1 and not second.exists()  # what shutdown does
+    demo = ui.build_app(services)
+    assert demo.delete_cache == (600, 600)  # Gradio's copies in its cache are removed too
 
 
 def test_delete_version_removes_it_and_refuses_unknown_names(services, monkeypatch, tiny_model_dir):
@@ -316,6 +330,46 @@ def test_delete_version_removes_it_and_refuses_unknown_names(services, monkeypat
     assert f"Deleted `{info.name}`" in admin_ui.delete_version_ui(services, info.name, "s3cret")
     assert not info.path.exists() and info.name not in services.live.loaded
     assert services.registry.next_version_name() != info.name  # its number is never reused
+
+
+def test_two_resets_in_one_second_and_concurrent_resets_keep_every_backup(tiny_model_dir, tmp_path):
+    """Issue 13 #5: backups named by the second were overwritten by a second reset in that second."""
+    cfg = load_config(["--model", str(tiny_model_dir), "--data-dir", str(tmp_path / "data"), "--adapters-dir",
+                       str(tmp_path / "adapters"), "--no-train", "--max-new-tokens", "2"], environ={})
+    built = build_services(cfg, start_trainer=False)
+    try:
+        token = admin_ui.ensure_admin_token(cfg, announce=lambda *a, **k: None)
+        resets = 0
+        for _ in range(5):  # two resets within the same clock second (retried if a second boundary fell between)
+            resets += 2
+            ui.vote_ui(built, "b", send(built)[-1][0])
+            second = time.strftime("%H%M%S")
+            first_backup = built.reset_data()
+            second_backup = built.reset_data()
+            if time.strftime("%H%M%S") == second:
+                break
+        assert first_backup != second_backup
+        with sqlite3.connect(first_backup / "preferences.sqlite") as conn:
+            assert conn.execute("SELECT choice FROM votes").fetchall() == [("b",)]  # not overwritten by the empty one
+        errors, backups = [], []
+
+        def reset():
+            try:
+                backups.append(admin_ui.reset_data_ui(built, "RESET", token))
+            except Exception as error:  # noqa: BLE001 - any failure is the bug
+                errors.append(error)
+
+        threads = [threading.Thread(target=reset) for _ in range(4)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(60)
+        assert errors == [] and len(set(backups)) == 4
+        assert len(list((cfg.data_path / "backups").iterdir())) == resets + 4  # every reset has its own folder
+        ui.vote_ui(built, "a", send(built)[-1][0])  # and the app goes on with a working store
+        assert built.store.counts()["votes"]["a"] == 1 and built.store.integrity_check() == "ok"
+    finally:
+        built.close()
 
 
 def test_reset_moves_the_database_aside_and_starts_fresh(tiny_model_dir, tmp_path):
