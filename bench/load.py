@@ -214,9 +214,12 @@ def run_attacker(url: str, deadline: float, leaked: list, result: AttackResult) 
             result.count(kind, True)
 
     own = None
-    for _ in range(ATTACKER_SESSION_ALLOWANCE):  # warm-up: the sessions its address may legitimately open
-        own = client()
-        own.predict("", "hello", api_name="/chat")
+    for _ in range(ATTACKER_SESSION_ALLOWANCE):  # warm-up: use up the new sessions its address may open (cheaply:
+        own = client()                          # a regenerate with a made-up id counts, and generates nothing)
+        try:
+            own.predict("warm-up", api_name="/regenerate")
+        except Exception:
+            pass
         result.warmup_sessions += 1
     with urllib.request.urlopen(url + "config", timeout=30) as response:
         dependencies = json.loads(response.read())["dependencies"]

@@ -187,17 +187,14 @@ class Limits:
 
 # ---- request size ----------------------------------------------------------------------------------------------
 
-class RequestTooLarge(Exception):
-    pass
-
-
 class RequestSizeLimit:
     """ASGI middleware: refuse a request body larger than `max_bytes` with 413 before it is read in full.
 
-    A declared Content-Length over the limit is refused without reading a byte; a chunked body is counted as it
-    arrives and refused the moment it passes the limit. Written by hand because neither Gradio nor Starlette
-    caps request bodies (Gradio's max_file_size covers uploads only), and the JSON of an API call is parsed
-    whole, whatever its size.
+    A declared Content-Length over the limit is refused without reading a byte. A body without one (chunked) is
+    read here, up to the limit, and refused the moment it passes it; a smaller one is handed on as it was
+    (the web framework would turn an error raised while it reads the body into a 400 instead). Written by hand
+    because neither Gradio nor Starlette caps request bodies (Gradio's max_file_size covers uploads only), and the
+    JSON of an API call is parsed whole, whatever its size.
     """
 
     def __init__(self, app, max_bytes: int):
@@ -207,30 +204,30 @@ class RequestSizeLimit:
     async def __call__(self, scope, receive, send):
         if scope["type"] != "http" or self.max_bytes <= 0:
             return await self.app(scope, receive, send)
-        declared = dict(scope.get("headers") or []).get(b"content-length")
-        if declared is not None and (not declared.isdigit() or int(declared) > self.max_bytes):
-            return await self._refuse(send)
-        received, started = 0, False
-
-        async def counted_receive():
-            nonlocal received
+        headers = dict(scope.get("headers") or [])
+        declared = headers.get(b"content-length")
+        if declared is not None:
+            if not declared.isdigit() or int(declared) > self.max_bytes:
+                return await self._refuse(send)
+            return await self.app(scope, receive, send)  # the server never delivers more than it declared
+        if b"chunked" not in headers.get(b"transfer-encoding", b"").lower():
+            return await self.app(scope, receive, send)  # no body
+        messages, received = [], 0
+        while True:
             message = await receive()
-            if message["type"] == "http.request":
-                received += len(message.get("body", b""))
-                if received > self.max_bytes:
-                    raise RequestTooLarge
-            return message
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            received += len(message.get("body", b""))
+            if received > self.max_bytes:
+                return await self._refuse(send)
+            if not message.get("more_body", False):
+                break
 
-        async def tracked_send(message):
-            nonlocal started
-            started = started or message["type"] == "http.response.start"
-            await send(message)
+        async def replay():
+            return messages.pop(0) if messages else await receive()
 
-        try:
-            await self.app(scope, counted_receive, tracked_send)
-        except RequestTooLarge:
-            if not started:
-                await self._refuse(send)
+        return await self.app(scope, replay, send)
 
     async def _refuse(self, send) -> None:
         body = (f'{{"error": "request too large: at most {self.max_bytes // 1024} KB"}}').encode()
