@@ -14,6 +14,8 @@ os.environ.setdefault("GRADIO_ANALYTICS_ENABLED", "False")
 
 from rlhf_online.config import load_config  # noqa: E402
 from rlhf_online.engine import EngineUnavailableError  # noqa: E402
+from rlhf_online.lifecycle import ShutdownSignals  # noqa: E402
+from rlhf_online.limits import server_middleware  # noqa: E402
 from rlhf_online.services import build_services  # noqa: E402
 from rlhf_online.ui import build_app  # noqa: E402
 
@@ -21,6 +23,7 @@ from rlhf_online.ui import build_app  # noqa: E402
 def main(argv: list[str] | None = None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     cfg = load_config(argv)
+    shutdown = ShutdownSignals(cfg.shutdown_timeout_s).install()  # SIGTERM/SIGINT: close everything below, bounded
     try:
         services = build_services(cfg)
     except EngineUnavailableError as exc:  # a missing package or a wrong flag: say which flag, no traceback
@@ -28,9 +31,12 @@ def main(argv: list[str] | None = None) -> None:
     demo = build_app(services)
     try:
         demo.queue(default_concurrency_limit=cfg.limits.queue_concurrency, max_size=cfg.limits.queue_max_size).launch(
-            server_name=cfg.host, server_port=cfg.port, show_error=True)
+            server_name=cfg.host, server_port=cfg.port, show_error=True,
+            app_kwargs={"middleware": server_middleware(cfg.limits)})  # e.g. oversized bodies refused unread
     finally:
         services.close()
+        shutdown.done()
+        logging.getLogger("app").info("shut down cleanly")
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ def measure_pairs(services, prompts: list[list[dict]], think_seconds: float) -> 
     steps as its longer answer): answers shorten as PPO trains, so raw latency alone would flatter training."""
     latencies, per_token = [], []
     for messages in prompts:
-        conversation = services.arena.start_conversation(messages[:-1])
+        conversation = services.arena.start_conversation(messages[:-1], "latency-bench")
         started = time.perf_counter()
         update = services.arena.chat_to_end(conversation.id, messages[-1]["content"], "latency-bench")
         latencies.append(time.perf_counter() - started)

@@ -11,13 +11,27 @@ swaps during the run. Speed targets live here, not in the tests.
 
 All simulated users come from 127.0.0.1, which the app would treat as one visitor; the per-client limits are
 therefore switched off for the launched app (the per-session ones stay on).
+
+    python bench/load.py --attack --users 4 --minutes 3 --out bench/results/load_attack.json
+
+--attack: the app runs as behind one reverse proxy (--trusted-proxies 1, every limit on, a small allowance of new
+sessions per address), each honest user comes from its own address (the X-Forwarded-For entry the proxy appends),
+and one more client tries, for the whole run, what issue 13 listed: votes on other people's pairs (with tokens the
+honest users leak to it, with row ids, with guessed tokens) carrying a poisoned "better answer", a fresh session per
+request, forged X-Forwarded-For entries, regenerate with made-up conversation ids, hidden admin events called by
+fn_index without the token, and a 1 MB request body. Its warm-up (the sessions its address is allowed) is not
+counted; every request after it must be refused: `attack_accepted` must be 0, with the honest users' `failures` at
+0 and `votes_stored == votes_acknowledged`.
 """
 
 from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import os
+import random
+import secrets
 import signal
 import socket
 import sqlite3
@@ -27,6 +41,7 @@ import sys
 import tempfile
 import threading
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -73,8 +88,11 @@ def start_app(args, root: Path) -> tuple[subprocess.Popen, str, Path]:
     log_path = root / "app.log"
     command = [sys.executable, "app.py", "--model", args.model, "--host", "127.0.0.1", "--port", str(port),
                "--data-dir", str(root / "data"), "--adapters-dir", str(root / "adapters"),
-               "--max-new-tokens", str(args.max_new_tokens), "--client-chats-per-minute", "0",
-               "--client-votes-per-minute", "0", "--queue-max-size", str(max(64, 4 * args.users))]
+               "--max-new-tokens", str(args.max_new_tokens), "--queue-max-size", str(max(64, 4 * args.users))]
+    if args.attack:  # behind one (simulated) proxy: each user has its own address, every limit stays on
+        command += ["--trusted-proxies", "1", "--client-sessions-per-hour", str(ATTACKER_SESSION_ALLOWANCE)]
+    else:
+        command += ["--client-chats-per-minute", "0", "--client-votes-per-minute", "0"]
     if args.no_train:
         command.append("--no-train")
     if args.engine:
@@ -98,10 +116,11 @@ def stop_app(process: subprocess.Popen) -> None:
         pass
 
 
-def run_user(url: str, index: int, deadline: float, result: UserResult) -> None:
+def run_user(url: str, index: int, deadline: float, result: UserResult, leaked: list | None = None) -> None:
     from gradio_client import Client
 
-    client = Client(url, verbose=False, httpx_kwargs={"timeout": 600})
+    headers = {"X-Forwarded-For": honest_address(index)} if leaked is not None else None
+    client = Client(url, verbose=False, httpx_kwargs={"timeout": 600}, headers=headers)
     prompts = itertools.cycle(PROMPTS[index % len(PROMPTS):] + PROMPTS[:index % len(PROMPTS)])
     choices = itertools.cycle(CHOICES)
     while time.monotonic() < deadline:
@@ -110,6 +129,9 @@ def run_user(url: str, index: int, deadline: float, result: UserResult) -> None:
             started = time.perf_counter()
             _, pair_id, _, _ = client.predict("", next(prompts), api_name="/chat")
             result.latencies.append(time.perf_counter() - started)
+            if leaked is not None:  # the worst case: the attacker learns every token and gets to vote first
+                leaked.append(pair_id)
+                time.sleep(0.5)
             result.requests += 1
             vote_id, _, _ = client.predict(pair_id, next(choices), "", api_name="/vote")
             result.vote_ids.append(int(vote_id))
@@ -131,6 +153,145 @@ def served_engine(args) -> str:
 
     flags = ["--model", args.model] + (["--engine", args.engine] if args.engine else [])
     return choose_engine(load_config(flags, environ={}), torch.cuda.is_available())
+
+
+# ---- the attacker (--attack) -------------------------------------------------------------------------------------
+
+ATTACKER_SESSION_ALLOWANCE = 3  # new sessions per hour the launched app allows one address in --attack mode
+ATTACKER_ADDRESS = "203.0.113.66"  # what the proxy appends for the attacker, whatever the attacker sent
+POISON = "[prize](http://evil.example)"
+ADMIN_CALLS = (("admin_pause", lambda t: [t]), ("admin_reset_data", lambda t: ["RESET", t]),
+               ("admin_export", lambda t: [t]), ("admin_training_settings", lambda t: [t, 0.0, 100.0, 0.1]),
+               ("admin_feedback_mode", lambda t: ["ai", t]), ("admin_save_constitution", lambda t: ["Obey.", t]))
+
+
+def honest_address(index: int) -> str:
+    return f"198.51.100.{index + 1}"
+
+
+@dataclass
+class AttackResult:
+    requests: int = 0
+    accepted: int = 0
+    warmup_sessions: int = 0
+    by_kind: dict = field(default_factory=dict)
+    refusals: dict = field(default_factory=dict)  # one sample refusal message per kind
+
+    def count(self, kind: str, accepted: bool, message: str = "") -> None:
+        self.requests += 1
+        self.accepted += accepted
+        tally = self.by_kind.setdefault(kind, {"requests": 0, "accepted": 0})
+        tally["requests"] += 1
+        tally["accepted"] += accepted
+        if not accepted and message:
+            self.refusals.setdefault(kind, message[:200])
+
+
+def _post(url: str, body: bytes, headers: dict | None = None) -> tuple[int, bytes]:
+    request = urllib.request.Request(url, data=body, headers={"Content-Type": "application/json", **(headers or {})})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, response.read()
+    except urllib.error.HTTPError as error:
+        return error.code, error.read()
+
+
+def queue_call(url: str, fn_index: int, data: list) -> dict:
+    """Any event, hidden ones included, by fn_index through Gradio's queue, as a script can; the final message."""
+    session = secrets.token_hex(8)
+    status, reply = _post(url + "gradio_api/queue/join", json.dumps(
+        {"data": data, "fn_index": fn_index, "session_hash": session, "event_data": None,
+         "trigger_id": None}).encode(), {"X-Forwarded-For": ATTACKER_ADDRESS})
+    if status != 200:
+        return {"success": False, "output": {"error": f"HTTP {status}"}}
+    with urllib.request.urlopen(f"{url}gradio_api/queue/data?session_hash={session}", timeout=120) as stream:
+        for raw in stream:
+            line = raw.decode(errors="replace").strip()
+            if line.startswith("data:"):
+                message = json.loads(line[5:])
+                if message.get("msg") == "process_completed":
+                    return message
+    return {"success": False, "output": {"error": "no result"}}
+
+
+def run_attacker(url: str, deadline: float, leaked: list, result: AttackResult) -> None:
+    """Issue 13's attacks, round-robin, until the deadline; a request that is not refused is `accepted`."""
+    from gradio_client import Client
+
+    def client(forwarded: str = ATTACKER_ADDRESS) -> Client:
+        return Client(url, verbose=False, httpx_kwargs={"timeout": 600}, headers={"X-Forwarded-For": forwarded})
+
+    def attempt(kind: str, call) -> None:
+        try:
+            call()
+        except Exception as exc:  # refused: what we want
+            result.count(kind, False, str(exc))
+        else:
+            result.count(kind, True)
+
+    own = None
+    for _ in range(ATTACKER_SESSION_ALLOWANCE):  # warm-up: use up the new sessions its address may open (cheaply:
+        own = client()                          # a regenerate with a made-up id counts, and generates nothing)
+        try:
+            own.predict("warm-up", api_name="/regenerate")
+        except Exception:
+            pass
+        result.warmup_sessions += 1
+    with urllib.request.urlopen(url + "config", timeout=30) as response:
+        dependencies = json.loads(response.read())["dependencies"]
+    admin = {dep["api_name"]: dep["id"] for dep in dependencies if str(dep.get("api_name", "")).startswith("admin_")}
+    rng = random.Random(13)
+
+    def vote_leaked():
+        if not leaked:
+            raise RuntimeError("nothing leaked yet")
+        own.predict(leaked[-1], "b", POISON, api_name="/vote")
+
+    def admin_call():
+        name, data = rng.choice(ADMIN_CALLS)
+        reply = queue_call(url, admin[name], data(rng.choice(["", "admin", secrets.token_urlsafe(24)])))
+        if not reply.get("success"):
+            raise RuntimeError(json.dumps(reply.get("output"))[:200])
+
+    def oversized():
+        status, reply = _post(url + "gradio_api/call/chat", json.dumps({"data": ["", "A" * 1_000_000]}).encode(),
+                              {"X-Forwarded-For": ATTACKER_ADDRESS})
+        if status != 200:
+            raise RuntimeError(f"HTTP {status}: {reply[:100]!r}")
+
+    attacks = [
+        ("vote_on_leaked_token_of_another_session", vote_leaked),
+        ("vote_by_row_id", lambda: own.predict(str(rng.randint(1, 200)), "b", POISON, api_name="/vote")),
+        ("vote_by_guessed_token", lambda: own.predict(secrets.token_urlsafe(16), "b", POISON, api_name="/vote")),
+        ("new_session_per_request", lambda: client().predict("", "flood", api_name="/chat")),
+        ("forged_x_forwarded_for", lambda: client(f"{rng.randint(1, 223)}.{rng.randint(0, 255)}.0.1, "
+                                                  f"{ATTACKER_ADDRESS}").predict("", "flood", api_name="/chat")),
+        ("regenerate_unknown_conversation", lambda: own.predict(secrets.token_hex(16), api_name="/regenerate")),
+        ("admin_event_without_token", admin_call),
+        ("oversized_body", oversized),
+    ]
+    for kind, call in itertools.cycle(attacks):
+        if time.monotonic() >= deadline:
+            return
+        if kind.startswith("vote_on_leaked") and not leaked:
+            continue
+        attempt(kind, call)
+        time.sleep(0.05)
+
+
+def side_effects(db: Path | None, root: Path | None) -> dict:
+    """What a successful attack would have left behind."""
+    if db is None:
+        return {}
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        control = dict(conn.execute("SELECT key, value FROM control").fetchall())
+        poisoned = conn.execute("SELECT COUNT(*) FROM votes WHERE better_answer LIKE '%evil.example%'").fetchone()[0]
+    finally:
+        conn.close()
+    return {"control_settings_changed": control, "poisoned_votes": poisoned,
+            "reset_backups": len(list((root / "data" / "backups").glob("*"))) if root is not None and
+            (root / "data" / "backups").is_dir() else 0}
 
 
 def stats(url: str) -> dict:
@@ -172,6 +333,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--url", default="", help="attach to a running app instead of launching one")
     parser.add_argument("--db", default="", help="with --url: its preferences.sqlite, to count stored votes")
     parser.add_argument("--startup-timeout", type=float, default=300)
+    parser.add_argument("--attack", action="store_true", help="one more client tries issue 13's attacks meanwhile")
     parser.add_argument("--out", default="bench/results/load.json")
     args = parser.parse_args(argv)
 
@@ -180,6 +342,7 @@ def main(argv: list[str] | None = None) -> dict:
         process, log_path = None, None
         if args.url:
             url, db = args.url.rstrip("/") + "/", Path(args.db) if args.db else None
+            root = None
         else:
             process, url, log_path = start_app(args, root)
             db = root / "data" / "preferences.sqlite"
@@ -188,8 +351,13 @@ def main(argv: list[str] | None = None) -> dict:
             before = stats(url)
             results = [UserResult() for _ in range(args.users)]
             deadline = time.monotonic() + args.minutes * 60
-            threads = [threading.Thread(target=run_user, args=(url, i, deadline, results[i]), daemon=True)
+            leaked = [] if args.attack else None
+            threads = [threading.Thread(target=run_user, args=(url, i, deadline, results[i], leaked), daemon=True)
                        for i in range(args.users)]
+            attack = AttackResult()
+            if args.attack:
+                threads.append(threading.Thread(target=run_attacker, args=(url, deadline, leaked, attack),
+                                                daemon=True))
             began = time.monotonic()
             for thread in threads:
                 thread.start()
@@ -220,6 +388,14 @@ def main(argv: list[str] | None = None) -> dict:
             "trainer_at_end": after.get("trainer"), "errors": [e for r in results for e in r.errors][:10],
             "cpu_count": os.cpu_count(),
         }
+        if args.attack:
+            report.update({
+                "attack": True, "attack_requests": attack.requests, "attack_accepted": attack.accepted,
+                "attack_warmup_sessions": attack.warmup_sessions, "attack_by_kind": attack.by_kind,
+                "attack_refusal_samples": attack.refusals, "attack_side_effects": side_effects(db, root),
+                "votes_stored_equals_acknowledged": votes_stored == len(vote_ids),
+                "conversations_open_at_end": after.get("conversations_open"),
+            })
         if process is not None and report["failures"]:
             report["app_log_tail"] = app_log_tail
     print_table(report)
@@ -237,6 +413,12 @@ def print_table(report: dict) -> None:
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")
+    if report.get("attack"):
+        rows = [("attack requests", report["attack_requests"]), ("attack accepted", report["attack_accepted"])] + [
+            (f"  {kind}", f'{tally["accepted"]}/{tally["requests"]} accepted')
+            for kind, tally in report["attack_by_kind"].items()]
+        for name, value in rows:
+            print(f"{name:<{width}}  {value}")
     for error in report["errors"]:
         print("error:", error)
 

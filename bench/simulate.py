@@ -106,13 +106,13 @@ def main(argv=None) -> int:
     try:
         while votes < args.votes and time.time() - started < args.minutes * 60:
             messages = chat_prompts[votes % len(chat_prompts)]
-            conversation = services.arena.start_conversation(messages[:-1])
+            conversation = services.arena.start_conversation(messages[:-1], "simulated")
             t0 = time.perf_counter()
             try:
                 update = services.arena.chat_to_end(conversation.id, messages[-1]["content"], "simulated")
                 latencies.append(time.perf_counter() - t0)
                 choice = vote_for(oracle, messages, update.answer_a, update.answer_b)
-                services.arena.vote(update.pair_id, choice, session_id="simulated")
+                services.arena.vote(update.pair_token, choice, session_id="simulated")
                 votes += 1
             except Exception as exc:  # counted, reported, never hidden
                 failed += 1

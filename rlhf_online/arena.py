@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import random
+import secrets
 import threading
 import uuid
 from collections import OrderedDict
@@ -18,12 +19,16 @@ from dataclasses import dataclass, field
 from rlhf_online.config import SamplingConfig
 from rlhf_online.generation import BASE_VERSION, Generator
 from rlhf_online.limits import Limits
-from rlhf_online.store import PreferenceStore, UnknownPairError
+from rlhf_online.store import AI_PLACEMENT, PreferenceStore, UnknownPairError
 
 CHOICES = ("a", "b", "tie", "both_bad")
+MAX_TOKEN_CHARS = 64  # a pair token is 22 characters; anything much longer is not one of ours
 
 
-MAX_ROW_ID = 2 ** 63 - 1  # SQLite's largest INTEGER; a bigger id cannot exist (and would overflow the driver)
+def new_pair_token() -> str:
+    """128 random bits, URL-safe: what the API names a pair by. Row ids are sequential, so anyone could name
+    (and vote on) every pair; a token is known only to the session the pair was shown to."""
+    return secrets.token_urlsafe(16)
 
 
 def _clean_text(text: str | None) -> str:
@@ -40,6 +45,7 @@ class EmptyMessageError(ValueError):
 @dataclass
 class Conversation:
     id: str
+    owner: str = ""  # the session that started it; no other session can continue, regenerate or vote in it
     history: list[dict] = field(default_factory=list)  # turns already settled by a vote
     pending_message: str | None = None  # the user message whose pair awaits a vote
     pending_pair_id: int | None = None
@@ -49,11 +55,12 @@ class Conversation:
 @dataclass(frozen=True)
 class PairUpdate:
     conversation_id: str
-    pair_id: int | None  # set on the final update, once the pair is stored
+    pair_id: int | None  # set on the final update, once the pair is stored (internal: the store's row id)
     answer_a: str
     answer_b: str
     done: bool
     notice: str | None = None
+    pair_token: str | None = None  # set on the final update: what a vote names the pair by
 
 
 @dataclass(frozen=True)
@@ -86,28 +93,37 @@ class Arena:
         self._lock = threading.Lock()
 
     # ---- conversations --------------------------------------------------------------------------------------
-    def new_conversation(self) -> Conversation:
-        conversation = Conversation(id=uuid.uuid4().hex[:12])
+    def new_conversation(self, session_id: str = "") -> Conversation:
+        conversation = Conversation(id=uuid.uuid4().hex, owner=session_id)
         with self._lock:
             self._conversations[conversation.id] = conversation
             while len(self._conversations) > self.max_conversations:
                 self._conversations.popitem(last=False)  # forget the least recently used
         return conversation
 
-    def start_conversation(self, history: list[dict]) -> Conversation:
+    def start_conversation(self, history: list[dict], session_id: str = "") -> Conversation:
         """A conversation that begins with earlier turns (imported prompts, simulated users)."""
-        conversation = self.new_conversation()
+        conversation = self.new_conversation(session_id)
         conversation.history = [dict(m) for m in history]
         return conversation
 
-    def conversation(self, conversation_id: str | None) -> Conversation:
-        """The conversation with this id, or a new one for an empty or unknown (expired) id."""
+    def find(self, conversation_id: str | None, session_id: str = "") -> Conversation | None:
+        """This session's conversation with this id; None for an unknown, expired or someone else's id."""
         with self._lock:
             found = self._conversations.get(conversation_id or "")
-            if found is not None:
-                self._conversations.move_to_end(found.id)
-                return found
-        return self.new_conversation()
+            if found is None or found.owner != session_id:
+                return None
+            self._conversations.move_to_end(found.id)
+            return found
+
+    def conversation(self, conversation_id: str | None, session_id: str = "") -> Conversation:
+        """This session's conversation with this id, or a new one for an empty, unknown or expired id."""
+        return self.find(conversation_id, session_id) or self.new_conversation(session_id)
+
+    @property
+    def open_conversations(self) -> int:
+        with self._lock:
+            return len(self._conversations)
 
     # ---- chat -----------------------------------------------------------------------------------------------
     @contextlib.contextmanager
@@ -139,18 +155,22 @@ class Arena:
         text, notice = self._clean_message(message)
         if self.limits is not None and client is not None:
             self.limits.check_chat(session_id, client)
-        conversation = self.conversation(conversation_id)
+        conversation = self.conversation(conversation_id, session_id)  # after the limits: state costs a message
         conversation.pending_message = text
         yield from self._sample_pair(conversation, session_id, notice)
 
     def regenerate(self, conversation_id: str, session_id: str = "",
                    client: str | None = None) -> Iterator[PairUpdate]:
-        """A fresh pair for the pending message (the old pair stays stored, unvoted)."""
-        conversation = self.conversation(conversation_id)
-        if conversation.pending_message is None:
-            raise EmptyMessageError("Nothing to regenerate yet: send a message first.")
+        """A fresh pair for the pending message (the old pair stays stored, unvoted).
+
+        Limited like a message, and an unknown id creates nothing: a stream of made-up ids must not be able to
+        fill the conversation cache and evict everyone's open conversations.
+        """
         if self.limits is not None and client is not None:
             self.limits.check_chat(session_id, client)
+        conversation = self.find(conversation_id, session_id)
+        if conversation is None or conversation.pending_message is None:
+            raise EmptyMessageError("Nothing to regenerate yet: send a message first.")
         yield from self._sample_pair(conversation, session_id, None)
 
     def _sample_pair(self, conversation: Conversation, session_id: str, notice: str | None) -> Iterator[PairUpdate]:
@@ -170,9 +190,9 @@ class Arena:
         pair_id = self.store.record_pair(
             conversation_id=conversation.id, turn=conversation.turn, messages=prompt.messages, answer_a=answer_a,
             answer_b=answer_b, version_a=version_a, version_b=version_b, sampling=self._sampling_record(),
-            session_id=session_id, placement=placement)
+            session_id=session_id, placement=placement, token=(token := new_pair_token()))
         conversation.pending_pair_id = pair_id
-        yield PairUpdate(conversation.id, pair_id, answer_a, answer_b, True, notice)
+        yield PairUpdate(conversation.id, pair_id, answer_a, answer_b, True, notice, pair_token=token)
 
     def _sampling_record(self) -> dict:
         return {"temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
@@ -187,22 +207,28 @@ class Arena:
         return update
 
     # ---- vote -----------------------------------------------------------------------------------------------
-    def vote(self, pair_id: int, choice: str, better_answer: str | None = None, session_id: str = "",
+    def vote(self, pair_token: str, choice: str, better_answer: str | None = None, session_id: str = "",
              client: str | None = None) -> VoteOutcome:
-        """Store the vote (committed before this returns), then continue the conversation with the winner."""
+        """Store the vote (committed before this returns), then continue the conversation with the winner.
+
+        Only the session a pair was shown to can vote on it: anyone else could otherwise cast the first vote on
+        other people's pairs (theirs would then be dropped as a repeat), continue their conversation with text
+        of their choosing, and store that text as a demonstration the model trains on. AI-made pairs were shown
+        to nobody and take no human vote.
+        """
         if choice not in CHOICES:
             raise ValueError(f"choice must be one of {', '.join(CHOICES)}")
         better_answer = _clean_text(better_answer)[:self.sampling.max_message_chars] or None
-        pair = self.store.get_pair(int(pair_id)) if 0 < int(pair_id) <= MAX_ROW_ID else None
-        if pair is None:
-            raise UnknownPairError(f"no pair with id {pair_id}")
+        pair = self.store.get_pair_by_token(pair_token) \
+            if isinstance(pair_token, str) and 0 < len(pair_token) <= MAX_TOKEN_CHARS else None
+        if pair is None or pair.placement == AI_PLACEMENT or pair.session_id != session_id:
+            raise UnknownPairError("no pair with this token was shown in this session")
         if self.limits is not None and client is not None:
             self.limits.check_vote(session_id, client)
         receipt = self.store.record_vote(pair_id=pair.id, choice=choice, better_answer=better_answer,
                                          session_id=session_id)
         continued = False
-        with self._lock:
-            conversation = self._conversations.get(pair.conversation_id)
+        conversation = self.find(pair.conversation_id, session_id)
         if conversation is not None and conversation.pending_pair_id == pair.id and not receipt.duplicate:
             preferred = better_answer or (pair.answer_b if choice == "b" else pair.answer_a)
             conversation.history = pair.messages + [{"role": "assistant", "content": preferred}]

@@ -166,10 +166,19 @@ class LimitsConfig:
     max_votes_per_session: int = _opt(500, "votes stored per session, ever; later ones are refused (0 = no cap)")
     chats_per_minute: int = _opt(20, "messages (and regenerations) one session may send per minute (0 = no limit)")
     client_chats_per_minute: int = _opt(120, "messages one client address may send per minute (0 = no limit)")
+    client_sessions_per_hour: int = _opt(60, "new sessions (browser tabs, API clients) one client address may start "
+                                             "per hour; a script that starts a fresh session per request to reset "
+                                             "the per-session limits is held to this (0 = no limit)")
+    trusted_proxies: int = _opt(-1, "reverse proxies in front of the app that append the visitor's address to "
+                                    "X-Forwarded-For; the client is the entry just before them (the right-most one "
+                                    "they did not write). -1 = auto: 1 on Hugging Face Spaces, else 0 (the header "
+                                    "is ignored)")
+    max_request_kb: int = _opt(256, "request bodies larger than this are refused before they are read in full "
+                                    "(a message is cut to --max-message-chars anyway; 0 = no limit)")
     queue_concurrency: int = _opt(4, "requests Gradio runs at once per event (the rest wait in the queue)")
     queue_max_size: int = _opt(64, "requests waiting in Gradio's queue before new ones are turned away")
-    admin_token: str = _secret("token that unlocks the admin actions; unset: admin actions only when listening "
-                               "on a loopback address", env=("ADMIN_TOKEN",))
+    admin_token: str = _secret("token that unlocks the admin actions; unset: one is generated at start-up and "
+                               "printed once to the console", env=("ADMIN_TOKEN",))
 
 
 @dataclass
@@ -180,6 +189,8 @@ class HubConfig:
                                      "'' = off")
     hub_adapters_repo: str = _opt("", "model repo id for published adapters ('' = inside the dataset repo)")
     hub_sync_minutes: float = _opt(10.0, "minutes between background pushes to the Hub")
+    hub_allow_public: bool = _opt(False, "allow pushing to a Hub repo that is public (refused by default: the "
+                                         "snapshot holds people's conversations and votes)")
     hf_token: str = _secret("Hugging Face token with write access to the --hub-*-repo repos", env=("HF_TOKEN",))
 
 
@@ -194,6 +205,8 @@ class AppConfig:
     train: bool = _opt(True, "run the background reward-model and PPO trainer (--no-train: only serve and "
                              "collect votes)")
     seed: int = _opt(0, "random seed")
+    shutdown_timeout_s: float = _opt(12.0, "seconds a SIGTERM/SIGINT shutdown may take (trainer stop, final reward "
+                                           "checkpoint, final Hub push) before the app exits anyway")
     model: ModelConfig = field(default_factory=ModelConfig)
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     serve: EngineConfig = field(default_factory=EngineConfig)

@@ -12,7 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
+import shutil
 import sys
+import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator
@@ -94,6 +98,43 @@ def export_trl(store: PreferenceStore, out_dir: str | Path) -> ExportSummary:
     return ExportSummary(out_dir=out, preferences=len(preferences), demonstrations=len(demonstrations),
                          ties=counts["votes"]["tie"], both_bad=counts["votes"]["both_bad"],
                          preferences_by_source=counts["preferences"])
+
+
+EXPORT_PREFIX = "rlhf-export-"
+EXPORT_KEEP_S = 600.0  # long enough for the web server to copy a finished zip into its own cache
+
+
+def export_zip(store: PreferenceStore) -> tuple[Path, ExportSummary]:
+    """The TRL export as one zip in a fresh temporary folder (the app offers it for download).
+
+    Only the zip stays there, and only for a while: each export first removes the exports older than
+    EXPORT_KEEP_S, and the app removes its own at shutdown (they used to pile up in the temporary folder).
+    """
+    remove_exports(EXPORT_KEEP_S)
+    folder = Path(tempfile.mkdtemp(prefix=f"{EXPORT_PREFIX}{os.getpid()}-"))
+    try:
+        summary = export_trl(store, folder / "export")
+        archive = shutil.make_archive(str(folder / f"rlhf_online-export-{time.strftime('%Y%m%d-%H%M%S')}"), "zip",
+                                      folder / "export")
+    except BaseException:
+        shutil.rmtree(folder, ignore_errors=True)
+        raise
+    shutil.rmtree(folder / "export", ignore_errors=True)
+    return Path(archive), summary
+
+
+def remove_exports(max_age_s: float, own_only: bool = False) -> int:
+    """Delete export folders older than `max_age_s` (only this process's with `own_only`); returns how many."""
+    prefix = f"{EXPORT_PREFIX}{os.getpid()}-" if own_only else EXPORT_PREFIX
+    removed = 0
+    for folder in Path(tempfile.gettempdir()).glob(prefix + "*"):
+        try:
+            if folder.is_dir() and time.time() - folder.stat().st_mtime >= max_age_s:
+                shutil.rmtree(folder, ignore_errors=True)
+                removed += 1
+        except OSError:
+            continue  # another process removed it first
+    return removed
 
 
 def _read_jsonl(path: Path) -> Iterator[Any]:

@@ -44,19 +44,40 @@ class Uploader(Protocol):
         """Download the repo's content into `into`; False when the repo does not exist yet."""
 
 
+class PublicRepoError(RuntimeError):
+    """The target repo exists and is public: people's conversations and votes would be published."""
+
+
 class HubUploader:
-    """huggingface_hub: private repos created on first push, the token passed explicitly (never logged)."""
+    """huggingface_hub: private repos created on first push, the token passed explicitly (never logged).
 
-    def __init__(self, token: str):
-        from huggingface_hub import HfApi
+    `create_repo(private=True, exist_ok=True)` leaves an existing public repo public, so every push first checks
+    the repo's visibility and refuses a public one unless `allow_public` (the person deploying said so).
+    """
 
-        self.api = HfApi(token=token)
-        self._created: set[tuple[str, str]] = set()
+    def __init__(self, token: str, allow_public: bool = False, api=None):
+        if api is None:
+            from huggingface_hub import HfApi
+
+            api = HfApi(token=token)
+        self.api = api
+        self.allow_public = allow_public
+
+    def _check_or_create(self, repo_id: str, repo_type: str) -> None:
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        try:
+            info = self.api.repo_info(repo_id, repo_type=repo_type)
+        except RepositoryNotFoundError:
+            self.api.create_repo(repo_id, repo_type=repo_type, private=True, exist_ok=True)
+            return
+        if not info.private and not self.allow_public:
+            raise PublicRepoError(
+                f"the Hub {repo_type} repo {repo_id} is public: not pushing people's conversations and votes to it. "
+                "Make it private, or set --hub-allow-public (RLHF_HUB_ALLOW_PUBLIC=1) if publishing them is intended.")
 
     def push(self, folder: Path, repo_id: str, repo_type: str) -> None:
-        if (repo_id, repo_type) not in self._created:
-            self.api.create_repo(repo_id, repo_type=repo_type, private=True, exist_ok=True)
-            self._created.add((repo_id, repo_type))
+        self._check_or_create(repo_id, repo_type)  # every push: a repo can be made public after the first one
         # delete_patterns: versions pruned locally go from the repo too (files in this upload are kept)
         self.api.upload_folder(folder_path=str(folder), repo_id=repo_id, repo_type=repo_type,
                                commit_message="rlhf_online: periodic snapshot",
@@ -147,7 +168,7 @@ class HubSync:
         if not hub.hf_token and uploader is None:
             log.warning("--hub-dataset-repo is set but HF_TOKEN is not: Hub sync is OFF")
             return None
-        sync = cls(cfg.data_path, cfg.adapters_path, hub.hub_dataset_repo, uploader or HubUploader(hub.hf_token),
+        sync = cls(cfg.data_path, cfg.adapters_path, hub.hub_dataset_repo, uploader or HubUploader(hub.hf_token, hub.hub_allow_public),
                    adapters_repo=hub.hub_adapters_repo, interval_s=hub.hub_sync_minutes * 60)
         log.info("Hub sync ON: preferences -> dataset %s, adapters -> %s, every %.1f min; restore at start when "
                  "the local database is missing", hub.hub_dataset_repo,

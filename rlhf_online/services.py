@@ -5,8 +5,9 @@ from __future__ import annotations
 import logging
 import multiprocessing as mp
 import os
+import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import torch
@@ -15,6 +16,7 @@ from rlhf_online.adapters import AdapterRegistry, LiveAdapters
 from rlhf_online.arena import Arena
 from rlhf_online.config import AppConfig
 from rlhf_online.engine import build_engine, choose_engine
+from rlhf_online.export import remove_exports
 from rlhf_online.generation import ChatEngine
 from rlhf_online.hardware import Hardware, detect
 from rlhf_online.hub_sync import HubSync
@@ -40,6 +42,7 @@ class Services:
     limits: Limits | None = None
     hardware: Hardware | None = None
     hub: HubSync | None = None
+    _reset_lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
     def training_notice(self) -> str | None:
@@ -51,15 +54,17 @@ class Services:
         return self.generator
 
     def close(self) -> None:
+        """Stop serving, stop the trainer (it saves the reward model), push to the Hub a last time, close files."""
         self.live.stop()
         self.generator.close()
         if self.supervisor is not None:
-            self.supervisor.stop()
+            self.supervisor.stop(timeout_s=self.cfg.shutdown_timeout_s / 2)
         if self.hub is not None:
             self.hub.stop()
         if self.limits is not None:
             self.limits.close()
         self.store.close()
+        remove_exports(max_age_s=0, own_only=True)
 
     def reset_data(self) -> Path:
         """Admin "reset data": move the database and reward checkpoints aside whole, start a fresh database.
@@ -67,15 +72,19 @@ class Services:
         The trainer is stopped first (its reward model and its cursor into the old votes would be wrong for the
         new file) and restarted on the new one. Moving closed files within one folder is atomic, and nothing is
         deleted: the returned folder holds the old data. A vote racing the reset either committed to the old
-        file (and is in the backup) or fails with an error; none is acknowledged and lost.
+        file (and is in the backup) or fails with an error; none is acknowledged and lost. Two resets never run at
+        once (they would close and reopen each other's store), and each gets its own backup folder.
         """
+        with self._reset_lock:
+            return self._reset_data()
+
+    def _reset_data(self) -> Path:
         if self.supervisor is not None:
             self.supervisor.stop()
         if self.limits is not None:
             self.limits.close()
         self.store.close()
-        backup = self.cfg.data_path / "backups" / time.strftime("reset-%Y%m%d-%H%M%S")
-        backup.mkdir(parents=True, exist_ok=True)
+        backup = _new_backup_folder(self.cfg.data_path / "backups")
         path = store_path(self.cfg.data_path)
         for name in (path.name, path.name + "-wal", path.name + "-shm", REWARD_CHECKPOINT,
                      Path(REWARD_CHECKPOINT).with_suffix(".prev.safetensors").name):
@@ -87,6 +96,21 @@ class Services:
             self.supervisor.start()
         log.warning("data reset by the admin: the previous database is in %s", backup)
         return backup
+
+
+def _new_backup_folder(root: Path) -> Path:
+    """reset-<date>-<time>, with -2, -3... when that second already has one: never an existing folder (the second
+    reset of a second used to move the fresh, empty database over the first one's backup)."""
+    root.mkdir(parents=True, exist_ok=True)
+    stamp = time.strftime("reset-%Y%m%d-%H%M%S")
+    for attempt in range(1, 10_000):
+        folder = root / (stamp if attempt == 1 else f"{stamp}-{attempt}")
+        try:
+            folder.mkdir()
+            return folder
+        except FileExistsError:
+            continue
+    raise RuntimeError(f"could not create a backup folder under {root}")
 
 
 def build_services(cfg: AppConfig, start_trainer: bool | None = None) -> Services:

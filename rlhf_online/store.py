@@ -141,10 +141,21 @@ def _one_vote_per_pair_and_source(conn: sqlite3.Connection) -> None:
         raise sqlite3.IntegrityError(f"votes rebuild left {len(broken)} dangling references; nothing was changed")
 
 
+def _add_pair_token(conn: sqlite3.Connection) -> None:
+    """An unguessable token per pair shown, which the API hands out instead of the sequential row id, so nobody
+    can name (and vote on) a pair that was not shown to them. Older pairs keep NULL: they can no longer be voted
+    on from outside, which is the point."""
+    columns = {row[1] for row in conn.execute("PRAGMA table_info(pairs)")}
+    if "token" not in columns:
+        conn.execute("ALTER TABLE pairs ADD COLUMN token TEXT")
+    conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS idx_pairs_token ON pairs(token)")
+
+
 MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
     _V1_TABLES,
     _add_reward_model_version,
     _one_vote_per_pair_and_source,
+    _add_pair_token,
 ]
 SCHEMA_VERSION = len(MIGRATIONS)
 
@@ -267,6 +278,7 @@ class Pair:
     reward_a: float | None
     reward_b: float | None
     reward_model_version: str | None = None
+    token: str | None = None  # what the API names the pair by (see _add_pair_token); None for AI-made pairs
 
 
 @dataclass(frozen=True)
@@ -443,19 +455,26 @@ class PreferenceStore:
 
     def record_pair(self, *, conversation_id: str, turn: int, messages: list[Message], answer_a: str,
                     answer_b: str, version_a: str, version_b: str, sampling: dict, session_id: str | None,
-                    placement: str | None) -> int:
+                    placement: str | None, token: str | None = None) -> int:
         """Store a pair before it is shown, so a vote can only ever refer to answers we really displayed."""
         clean = normalize_prompt(messages)
         with self._write("save the answers") as conn:
-            cursor = conn.execute(
-                "INSERT INTO pairs (conversation_id, turn, session_id, messages_json, answer_a, answer_b, "
-                "version_a, version_b, sampling_json, placement, created_at) VALUES (?,?,?,?,?,?,?,?,?,?,?)",
-                (conversation_id, int(turn), session_id, _dumps(clean), answer_a, answer_b, version_a,
-                 version_b, _dumps(sampling), placement, time.time()))
+            row = {"conversation_id": conversation_id, "turn": int(turn), "session_id": session_id,
+                   "messages_json": _dumps(clean), "answer_a": answer_a, "answer_b": answer_b,
+                   "version_a": version_a, "version_b": version_b, "sampling_json": _dumps(sampling),
+                   "placement": placement, "created_at": time.time()}
+            if token is not None:  # (a file kept at an older schema by the migration tests has no token column)
+                row["token"] = token
+            cursor = conn.execute(f"INSERT INTO pairs ({', '.join(row)}) VALUES ({', '.join('?' * len(row))})",
+                                  tuple(row.values()))
             return int(cursor.lastrowid)
 
     def get_pair(self, pair_id: int) -> Pair | None:
         rows = self._read("SELECT * FROM pairs WHERE id = ?", (pair_id,))
+        return self._pair(rows[0]) if rows else None
+
+    def get_pair_by_token(self, token: str) -> Pair | None:
+        rows = self._read("SELECT * FROM pairs WHERE token = ?", (token,)) if token else []
         return self._pair(rows[0]) if rows else None
 
     @staticmethod
@@ -466,7 +485,8 @@ class PreferenceStore:
             version_a=row["version_a"], version_b=row["version_b"], sampling=json.loads(row["sampling_json"]),
             placement=row["placement"], created_at=row["created_at"], reward_a=row["reward_a"],
             reward_b=row["reward_b"],
-            reward_model_version=row["reward_model_version"] if "reward_model_version" in row.keys() else None)
+            reward_model_version=row["reward_model_version"] if "reward_model_version" in row.keys() else None,
+            token=row["token"] if "token" in row.keys() else None)
 
     def record_vote(self, *, pair_id: int, choice: str, better_answer: str | None = None,
                     session_id: str | None, source: str = "human", judge: str | None = None,
@@ -487,6 +507,9 @@ class PreferenceStore:
             pair = conn.execute("SELECT * FROM pairs WHERE id = ?", (pair_id,)).fetchone()
             if pair is None:
                 raise UnknownPairError(f"no answer pair with id {pair_id}; reload the page and vote again")
+            if source == "human" and pair["placement"] == AI_PLACEMENT:
+                raise UnknownPairError(f"pair {pair_id} was made for the AI judge and shown to nobody: it takes no "
+                                       "human votes")
             earlier = conn.execute("SELECT id, choice FROM votes WHERE pair_id = ? AND source = ?",
                                    (pair_id, source)).fetchone()
             if earlier is not None:

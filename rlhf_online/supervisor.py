@@ -13,6 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from rlhf_online.config import AppConfig
+from rlhf_online.lifecycle import TRAINER_LOCKED_EXIT_CODE
 from rlhf_online.worker import trainer_main
 
 log = logging.getLogger(__name__)
@@ -69,6 +70,9 @@ class TrainerSupervisor:
             code = self._process.exitcode
             self.status.alive, self.status.last_exit_code, self.status.last_exit_at = False, code, time.time()
             message = f"trainer exited with code {code} after {time.monotonic() - started:.0f} s; restarting"
+            if code == TRAINER_LOCKED_EXIT_CODE:
+                message = ("trainer not started: another trainer holds the lock on the adapters folder (see its log "
+                           "line above); trying again later")
             self.status.history.append(message)
             log.error(message)
             backoff = self.min_backoff_s if time.monotonic() - started > 5 * self.max_backoff_s \

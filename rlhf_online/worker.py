@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import random
+import sys
 import time
 import uuid
 from pathlib import Path
@@ -26,6 +27,8 @@ from rlhf_online.config import AppConfig
 from rlhf_online.generation import BASE_VERSION
 from rlhf_online.judge import (BASE_JUDGE_PREFIX, Judge, current_feedback_mode, load_constitution,
                                load_judge_model)
+from rlhf_online.lifecycle import (TRAINER_LOCKED_EXIT_CODE, TrainerLock, TrainerLockedError, follow_parent,
+                                   stop_on_signals)
 from rlhf_online.models import (POLICY_ADAPTER, attach_lora, load_base_model, load_tokenizer,
                                 resolve_model_source)
 from rlhf_online.ppo import COLD_START_PROMPTS, IterationStats, PolicyWithValue, PPOTrainer
@@ -44,17 +47,26 @@ AUTO_ROLLBACK_MAX_WIN_RATE = 0.35  # "loses by a clear margin": about 2 of 3 vot
 CHECKPOINT_EVERY = 10  # reward updates between checkpoints: a crash loses at most this many (they are re-learned)
 
 
+class TrainingStopped(Exception):
+    """Raised between two steps (or two generated tokens) once the trainer was asked to stop, so a shutdown never
+    waits for a whole PPO iteration; nothing half-done is published (publishing happens after an iteration)."""
+
+
 class ChatYield:
     """Waits while the chat is generating, so training never competes with a person for the 2 cores.
 
-    A cap on the wait keeps training from starving completely under constant chat load.
+    A cap on the wait keeps training from starving completely under constant chat load. Called between steps and
+    between generated tokens, it is also where a stop request interrupts the work in progress.
     """
 
-    def __init__(self, chat_busy=None, max_wait_s: float = 5.0):
+    def __init__(self, chat_busy=None, max_wait_s: float = 5.0, stop_event=None):
         self.chat_busy = chat_busy
         self.max_wait_s = max_wait_s
+        self.stop_event = stop_event
 
     def __call__(self) -> None:
+        if self.stop_event is not None and self.stop_event.is_set():
+            raise TrainingStopped
         if self.chat_busy is None:
             return
         deadline = time.monotonic() + self.max_wait_s
@@ -65,12 +77,12 @@ class ChatYield:
 class TrainerWorker:
     """One trainer's state; `step()` does the next most useful piece of work and returns what it did."""
 
-    def __init__(self, cfg: AppConfig, chat_busy=None):
+    def __init__(self, cfg: AppConfig, chat_busy=None, stop_event=None):
         self.cfg = cfg
         self.store = PreferenceStore(store_path(cfg.data_path))
         self.registry = AdapterRegistry(cfg.adapters_path)
-        self.registry.clean_temporary()
-        self.chat_yield = ChatYield(chat_busy if cfg.ppo.trainer_yield else None)
+        self.registry.clean_temporary()  # safe: the trainer lock (trainer_main) says no other trainer writes here
+        self.chat_yield = ChatYield(chat_busy if cfg.ppo.trainer_yield else None, stop_event=stop_event)
         source = resolve_model_source(cfg.model)
         self.tokenizer = load_tokenizer(source)
         base = load_base_model(source, cfg.model.quantization, for_training=True).model
@@ -359,16 +371,32 @@ class TrainerWorker:
 
 
 def trainer_main(cfg: AppConfig, chat_busy=None, stop_event=None) -> None:
-    """Process entry point: low priority, few threads, loop until told to stop."""
+    """Process entry point: one trainer per adapters folder, low priority, few threads, loop until told to stop
+    (by the app, by SIGTERM/SIGINT, or by the app's death), then save the reward model."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s trainer %(levelname)s %(message)s")
+    try:
+        lock = TrainerLock(cfg.adapters_path).acquire()
+    except TrainerLockedError as exc:
+        log.error("%s", exc)
+        sys.exit(TRAINER_LOCKED_EXIT_CODE)
+    if stop_event is not None:
+        stop_on_signals(stop_event)
+        follow_parent(stop_event)
     try:
         os.nice(19)  # the lowest priority: the OS gives chat threads the CPU first, at microsecond granularity
     except OSError:
         pass
     torch.set_num_threads(max(1, cfg.ppo.trainer_threads))
     torch.manual_seed(cfg.seed)
-    worker = TrainerWorker(cfg, chat_busy)
-    while stop_event is None or not stop_event.is_set():
-        if worker.step() in ("idle", "paused"):
-            time.sleep(0.5)
-    worker.save_reward()
+    try:
+        worker = TrainerWorker(cfg, chat_busy, stop_event)
+        try:
+            while stop_event is None or not stop_event.is_set():
+                if worker.step() in ("idle", "paused"):
+                    stop_event.wait(0.5) if stop_event is not None else time.sleep(0.5)
+        except TrainingStopped:
+            pass
+        worker.save_reward()
+        log.info("trainer stopped; reward model checkpointed (%d pairs)", worker.learner.metrics.total)
+    finally:
+        lock.release()

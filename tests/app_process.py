@@ -113,10 +113,12 @@ class RunningApp:
             pass
 
 
-def vote_rows(db: Path, pair_id: int) -> list[tuple]:
+def vote_rows(db: Path, pair_token: str) -> list[tuple]:
+    """(vote id, choice, better answer) of the votes on the pair /chat handed out as `pair_token`."""
     conn = sqlite3.connect(db)
     try:
-        return conn.execute("SELECT id, choice, better_answer FROM votes WHERE pair_id = ?", (pair_id,)).fetchall()
+        return conn.execute("SELECT id, choice, better_answer FROM votes WHERE pair_id = "
+                            "(SELECT id FROM pairs WHERE token = ?)", (pair_token,)).fetchall()
     finally:
         conn.close()
 

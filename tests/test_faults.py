@@ -8,6 +8,7 @@ publish) makes the kernel refuse writes past the limit with EFBIG, exactly where
 
 from __future__ import annotations
 
+import http.client
 import json
 import os
 import resource
@@ -53,7 +54,7 @@ def call_raw(app: RunningApp, endpoint: str, body: bytes) -> str:
 
 def test_kill_9_during_a_stream_of_votes_loses_no_acknowledged_vote(tiny_model_dir, tmp_path):
     app = RunningApp(tiny_model_dir, tmp_path, extra_args=("--no-train", "--max-new-tokens", "2"))
-    acknowledged: dict[int, str] = {}  # pair id -> choice, recorded only once the app replied
+    acknowledged: dict[str, str] = {}  # pair token -> choice, recorded only once the app replied
     lock, stop = threading.Lock(), threading.Event()
 
     def user(index: int) -> None:
@@ -112,12 +113,13 @@ def test_hostile_messages_are_stored_as_text_and_the_app_keeps_serving(app):
     client = Client(app.url, verbose=False)
     script = "<script>alert('x')</script><img src=x onerror=alert(1)>"
     conversation_id, pair_id, _, _ = client.predict("", script, api_name="/chat")
-    assert pair_id > 0
-    huge = "A" * 1_000_000  # 1 MB: cut to --max-message-chars, not refused, not crashing
+    assert pair_id
+    huge = "A" * 20_000  # longer than --max-message-chars: cut, not refused, not crashing
     _, huge_pair, _, _ = client.predict("", huge, api_name="/chat")
     conn = sqlite3.connect(app.db)
     try:
-        stored = dict(conn.execute("SELECT id, messages_json FROM pairs WHERE id IN (?, ?)", (pair_id, huge_pair)))
+        stored = dict(conn.execute("SELECT token, messages_json FROM pairs WHERE token IN (?, ?)",
+                                   (pair_id, huge_pair)))
     finally:
         conn.close()
     assert json.loads(stored[pair_id])[-1]["content"] == script  # data, stored verbatim; never rendered as HTML
@@ -135,26 +137,80 @@ def test_invalid_utf8_and_lone_surrogates_get_an_error_or_a_clean_text(app):
     pair_id = json.loads(reply.rsplit("data:", 1)[1])[1]
     conn = sqlite3.connect(app.db)
     try:
-        stored = conn.execute("SELECT messages_json FROM pairs WHERE id = ?", (pair_id,)).fetchone()[0]
+        stored = conn.execute("SELECT messages_json FROM pairs WHERE token = ?", (pair_id,)).fetchone()[0]
     finally:
         conn.close()
     assert json.loads(stored)[-1]["content"] == "half a pair ? here"  # replaced, stored, answered
     client = Client(app.url, verbose=False)
-    assert client.predict("", "still fine?", api_name="/chat")[1] > 0
+    assert client.predict("", "still fine?", api_name="/chat")[1]
 
 
-def test_unknown_out_of_range_and_replayed_votes(app):
+def test_oversized_request_bodies_are_refused_before_being_read(app):
+    """Issue 13 #3: a 1 MB body was parsed in full; now it is refused with 413, declared or chunked."""
+    host, port = app.url.split("//")[1].rstrip("/").split(":")
+    # declared 1 MB, and not one byte of it sent: the answer must come without the body being read
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/gradio_api/call/chat")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Content-Length", str(1_000_000))
+    conn.endheaders()
+    response = conn.getresponse()
+    assert response.status == 413 and b"too large" in response.read()
+    conn.close()
+    # chunked, no length declared: refused once it passes the limit, whatever follows
+    conn = http.client.HTTPConnection(host, int(port), timeout=30)
+    conn.putrequest("POST", "/gradio_api/call/chat")
+    conn.putheader("Content-Type", "application/json")
+    conn.putheader("Transfer-Encoding", "chunked")
+    conn.endheaders()
+    chunk = b"A" * 65536
+    try:
+        for _ in range(16):  # 1 MB
+            conn.send(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+    except (BrokenPipeError, ConnectionResetError):
+        pass  # the server already answered and closed: what we want
+    assert conn.getresponse().status == 413
+    conn.close()
+    assert Client(app.url, verbose=False).predict("", "A" * 20_000, api_name="/chat")[1]  # long, not huge: served
+
+
+def test_unknown_guessed_and_replayed_votes(app):
     client = Client(app.url, verbose=False)
-    for bad in (10 ** 9, 10 ** 30, -5, 0):
-        with pytest.raises(Exception, match="Unknown answer pair|must be an integer"):
+    for bad in ("1", "2", "0", "-5", "abc", "x" * 100):  # row ids (what the API used to hand out) and made-up tokens
+        with pytest.raises(Exception, match="Unknown answer pair"):
             client.predict(bad, "a", "", api_name="/vote")
-    with pytest.raises(Exception, match="choice must be one of"):
-        client.predict(1, "<script>", "", api_name="/vote")
     _, pair_id, _, _ = client.predict("", "replay me", api_name="/chat")
+    with pytest.raises(Exception, match="choice must be one of"):
+        client.predict(pair_id, "<script>", "", api_name="/vote")
     vote_id = client.predict(pair_id, "a", "", api_name="/vote")[0]
-    other = Client(app.url, verbose=False)  # a replay from another session changes nothing
-    assert other.predict(pair_id, "b", "", api_name="/vote")[0] == vote_id
+    assert client.predict(pair_id, "b", "", api_name="/vote")[0] == vote_id  # a double click counts once
+    other = Client(app.url, verbose=False)  # a replay from another session is refused and changes nothing
+    with pytest.raises(Exception, match="Unknown answer pair"):
+        other.predict(pair_id, "b", "", api_name="/vote")
     assert [row[1] for row in vote_rows(app.db, pair_id)] == ["a"]
+
+
+def test_a_pair_can_be_voted_only_by_the_session_it_was_shown_to(app):
+    """Issue 13 #2: the first vote on someone else's pair, with a poisoned "better answer", is refused; the owner's
+    own vote then counts and their conversation continues with their choice, not the attacker's text."""
+    victim, attacker = Client(app.url, verbose=False), Client(app.url, verbose=False)
+    conversation_id, token, answer_a, _ = victim.predict("", "what is a good book?", api_name="/chat")
+    with pytest.raises(Exception, match="Unknown answer pair"):
+        attacker.predict(token, "b", "[prize](http://evil.example)", api_name="/vote")
+    assert vote_rows(app.db, token) == []
+    vote_id = victim.predict(token, "a", "", api_name="/vote")[0]
+    assert vote_rows(app.db, token) == [(vote_id, "a", None)]
+    _, next_token, _, _ = victim.predict(conversation_id, "and another?", api_name="/chat")
+    conn = sqlite3.connect(app.db)
+    try:
+        messages = json.loads(conn.execute("SELECT messages_json FROM pairs WHERE token = ?",
+                                           (next_token,)).fetchone()[0])
+        demonstrations = conn.execute("SELECT COUNT(*) FROM demonstrations WHERE answer LIKE '%evil.example%'"
+                                      ).fetchone()[0]
+    finally:
+        conn.close()
+    assert [m["content"] for m in messages] == ["what is a good book?", answer_a, "and another?"]
+    assert demonstrations == 0
 
 
 def test_vote_rate_limit_is_enforced_by_the_server(app):
@@ -165,7 +221,9 @@ def test_vote_rate_limit_is_enforced_by_the_server(app):
     with pytest.raises(Exception, match="Too many votes from this session: at most 4 per minute"):
         client.predict(pairs[4], "a", "", api_name="/vote")
     assert vote_rows(app.db, pairs[4]) == []
-    assert Client(app.url, verbose=False).predict(pairs[4], "b", "", api_name="/vote")[0] > 0  # others may vote
+    other = Client(app.url, verbose=False)  # other people are not held up by this session's limit
+    own = other.predict("", "someone else", api_name="/chat")[1]
+    assert other.predict(own, "b", "", api_name="/vote")[0] > 0
 
 
 def test_the_admin_token_is_never_logged_nor_sent_to_the_page(app):
@@ -185,7 +243,7 @@ def test_disk_full_on_vote_is_a_clear_error_and_nothing_is_half_written(app):
         resource.prlimit(app.process.pid, resource.RLIMIT_FSIZE, (resource.RLIM_INFINITY, resource.RLIM_INFINITY))
     assert vote_rows(app.db, pair_id) == []
     assert integrity(app.db) == "ok"
-    vote_id = Client(app.url, verbose=False).predict(pair_id, "b", "my own better answer", api_name="/vote")[0]
+    vote_id = client.predict(pair_id, "b", "my own better answer", api_name="/vote")[0]
     assert vote_rows(app.db, pair_id) == [(vote_id, "b", "my own better answer")]  # once space is back, it works
 
 

@@ -155,3 +155,49 @@ def test_background_loop_pushes_and_stop_pushes_once_more(setup):
         last = vote(store, "just before shutdown")
         sync.stop()
     assert remote_votes(hub, "me/prefs")[-1][0] == last
+
+
+class FakeHubApi:
+    """Stands in for HfApi's three calls (no network here): records what the uploader asked for."""
+
+    def __init__(self, existing: dict[str, bool]):
+        self.existing = existing  # repo id -> private?
+        self.calls: list[tuple] = []
+
+    def repo_info(self, repo_id, repo_type=None):
+        from huggingface_hub.errors import RepositoryNotFoundError
+
+        self.calls.append(("repo_info", repo_id))
+        if repo_id not in self.existing:
+            import httpx
+
+            request = httpx.Request("GET", f"https://huggingface.co/api/datasets/{repo_id}")
+            raise RepositoryNotFoundError(f"{repo_id} not found", response=httpx.Response(404, request=request))
+        return type("Info", (), {"private": self.existing[repo_id]})()
+
+    def create_repo(self, repo_id, repo_type=None, private=None, exist_ok=None):
+        self.calls.append(("create_repo", repo_id, private))
+        self.existing[repo_id] = bool(private)
+
+    def upload_folder(self, folder_path, repo_id, repo_type=None, commit_message=None, delete_patterns=None):
+        self.calls.append(("upload_folder", repo_id))
+
+
+def test_preferences_are_never_pushed_to_an_existing_public_repo_unless_allowed(tmp_path):
+    from rlhf_online.hub_sync import HubUploader, PublicRepoError
+
+    api = FakeHubApi({"me/public-prefs": False, "me/private-prefs": True})
+    uploader = HubUploader("hf_x", api=api)
+    with pytest.raises(PublicRepoError, match="is public: not pushing"):
+        uploader.push(tmp_path, "me/public-prefs", "dataset")
+    assert ("upload_folder", "me/public-prefs") not in api.calls
+    uploader.push(tmp_path, "me/private-prefs", "dataset")
+    uploader.push(tmp_path, "me/new-prefs", "dataset")  # created private
+    assert ("create_repo", "me/new-prefs", True) in api.calls
+    assert [c for c in api.calls if c[0] == "upload_folder"] == [("upload_folder", "me/private-prefs"),
+                                                                  ("upload_folder", "me/new-prefs")]
+    api.existing["me/new-prefs"] = False  # someone made it public after the first push: checked every time
+    with pytest.raises(PublicRepoError):
+        uploader.push(tmp_path, "me/new-prefs", "dataset")
+    HubUploader("hf_x", allow_public=True, api=api).push(tmp_path, "me/public-prefs", "dataset")
+    assert api.calls[-1] == ("upload_folder", "me/public-prefs")

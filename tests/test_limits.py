@@ -3,7 +3,8 @@
 import pytest
 
 from rlhf_online.config import LimitsConfig, SamplingConfig
-from rlhf_online.limits import LimitExceededError, Limits, SessionVoteCounter, SlidingWindowLimiter, client_key
+from rlhf_online.limits import (LimitExceededError, Limits, SessionVoteCounter, SlidingWindowLimiter, client_key,
+                                trusted_proxy_count)
 from rlhf_online.store import PreferenceStore
 
 
@@ -99,15 +100,45 @@ def test_stored_vote_cap_counts_the_sessions_votes_in_the_database(tmp_path):
         counter.close()
 
 
-@pytest.mark.parametrize("host, headers, expected", [
-    ("93.184.216.34", {}, "93.184.216.34"),
-    ("10.0.0.2", {"x-forwarded-for": "198.51.100.7, 10.0.0.1"}, "198.51.100.7"),  # behind the Spaces proxy
-    ("127.0.0.1", {"x-forwarded-for": "198.51.100.7"}, "198.51.100.7"),
-    ("93.184.216.34", {"x-forwarded-for": "1.1.1.1"}, "93.184.216.34"),  # forged by a client reaching us directly
-    (None, {}, "unknown"),
+@pytest.mark.parametrize("host, headers, proxies, expected", [
+    ("93.184.216.34", {}, 0, "93.184.216.34"),
+    ("93.184.216.34", {"x-forwarded-for": "1.1.1.1"}, 0, "93.184.216.34"),  # no proxy of ours: header ignored
+    ("127.0.0.1", {"x-forwarded-for": "198.51.100.7"}, 0, "127.0.0.1"),
+    ("10.0.0.2", {"x-forwarded-for": "198.51.100.7"}, 1, "198.51.100.7"),  # behind one proxy (Spaces)
+    # a client forging entries: the proxy appends the real address last, so the forged ones are ignored
+    ("10.0.0.2", {"x-forwarded-for": "1.2.3.4, 5.6.7.8, 198.51.100.7"}, 1, "198.51.100.7"),
+    ("10.0.0.3", {"x-forwarded-for": "1.2.3.4, 198.51.100.7, 10.0.0.2"}, 2, "198.51.100.7"),  # two proxies
+    ("10.0.0.2", {}, 1, "10.0.0.2"),  # no header at all: the peer
+    (None, {}, 0, "unknown"),
 ])
-def test_client_key(host, headers, expected):
-    assert client_key(host, headers) == expected
+def test_client_key_is_the_right_most_entry_no_trusted_proxy_wrote(host, headers, proxies, expected):
+    assert client_key(host, headers, proxies) == expected
+
+
+def test_trusted_proxies_auto_means_one_on_spaces():
+    assert trusted_proxy_count(LimitsConfig(), {}) == 0
+    assert trusted_proxy_count(LimitsConfig(), {"SPACE_ID": "me/app"}) == 1
+    assert trusted_proxy_count(LimitsConfig(trusted_proxies=2), {"SPACE_ID": "me/app"}) == 2
+
+
+def test_a_new_session_per_request_does_not_reset_the_limits():
+    """Issue 13 #3: per-session limits keyed on a client-chosen session alone were reset by a fresh session."""
+    checker = limits(votes_per_minute=2, chats_per_minute=2, client_sessions_per_hour=3, client_votes_per_minute=0,
+                     client_chats_per_minute=0)
+    for i in range(3):
+        checker.check_chat(f"rotated-{i}", "6.6.6.6")
+    with pytest.raises(LimitExceededError, match="Too many new sessions from your address: at most 3 per hour"):
+        checker.check_chat("rotated-3", "6.6.6.6")
+    with pytest.raises(LimitExceededError, match="new sessions"):
+        checker.check_vote("rotated-4", "6.6.6.6")
+    checker.check_chat("rotated-0", "6.6.6.6")  # sessions it already has go on, within their own limits
+    with pytest.raises(LimitExceededError, match="this session"):
+        checker.check_chat("rotated-0", "6.6.6.6")
+    checker.check_chat("someone", "7.7.7.7")  # other addresses are not affected
+    refused_first = limits(chats_per_minute=1, client_sessions_per_hour=1)
+    with pytest.raises(LimitExceededError):
+        refused_first.check_chat("s", "ip") or refused_first.check_chat("s", "ip")
+    refused_first.check_vote("s", "ip")  # a known session, refused by another limit, is still known
 
 
 def test_arena_applies_limits_before_generating_or_storing(tiny_model_dir, tmp_path):
@@ -126,11 +157,15 @@ def test_arena_applies_limits_before_generating_or_storing(tiny_model_dir, tmp_p
         with pytest.raises(LimitExceededError):
             arena.chat_to_end(None, "third", "s", client="ip")
         assert store.counts()["pairs_shown"] == 2  # the refused message generated and stored nothing
-        arena.vote(first.pair_id, "a", session_id="s", client="ip")
+        open_before = arena.open_conversations
+        with pytest.raises(LimitExceededError):  # regenerating is a message too, even with a made-up id
+            list(arena.regenerate("made-up", "s", client="ip"))
+        assert arena.open_conversations == open_before
+        arena.vote(first.pair_token, "a", session_id="s", client="ip")
         with pytest.raises(LimitExceededError):
-            arena.vote(second.pair_id, "b", session_id="s", client="ip")
+            arena.vote(second.pair_token, "b", session_id="s", client="ip")
         assert sum(store.counts()["votes"].values()) == 1
-        arena.vote(second.pair_id, "b", session_id="simulated")  # internal callers (no client) are not limited
+        arena.vote(second.pair_token, "b", session_id="s")  # internal callers (no client) are not limited
         checker.close()
 
 

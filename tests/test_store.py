@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_online import store as store_module
-from rlhf_online.store import (DB_FILENAME, SCHEMA_VERSION, PreferenceStore, SchemaVersionError, StoreWriteError,
-                               UnknownPairError, store_path)
+from rlhf_online.store import (AI_PLACEMENT, DB_FILENAME, SCHEMA_VERSION, PreferenceStore, SchemaVersionError,
+                               StoreWriteError, UnknownPairError, store_path)
 
 HH_DEV = Path(__file__).resolve().parents[2] / "shared/data/hh_harmless_dev.jsonl"
 CHAT = [{"role": "user", "content": "How do I boil an egg?"}]
@@ -304,14 +304,14 @@ def build_version_1_file(path):
 def test_opening_a_version_1_file_upgrades_it_and_keeps_the_data(db_path):
     pair_id = build_version_1_file(db_path)
     with PreferenceStore(db_path) as store:
-        assert store.schema_version == SCHEMA_VERSION == 3
+        assert store.schema_version == SCHEMA_VERSION == 4
         pair = store.get_pair(pair_id)
         assert (pair.answer_b, pair.reward_b, pair.reward_model_version) == ("Fry it.", 2.0, None)
         assert store.counts()["votes"]["b"] == 1 and store.count_preferences() == 3
         store.set_reward_scores(pair_id, 0.0, 1.0, reward_model_version="r0001")
         assert store.get_pair(pair_id).reward_model_version == "r0001"
     with sqlite3.connect(db_path) as conn:
-        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == ("3",)
+        assert conn.execute("SELECT value FROM meta WHERE key='schema_version'").fetchone() == (str(SCHEMA_VERSION),)
         assert "idx_preferences_source" in {row[1] for row in conn.execute("PRAGMA index_list(preferences)")}
 
 
@@ -326,7 +326,7 @@ def test_a_version_2_file_gains_room_for_an_ai_label_beside_the_human_vote(db_pa
                               (first,))
         before = old._read("SELECT * FROM votes ORDER BY id")
     with PreferenceStore(db_path) as store:
-        assert store.schema_version == 3
+        assert store.schema_version == SCHEMA_VERSION
         assert [tuple(row) for row in store._read("SELECT * FROM votes ORDER BY id")] == [tuple(r) for r in before]
         assert [(p.source, p.weight, p.judge) for p in store.preferences_since()] == [
             ("human", 1.0, None), ("human", 1.0, None), ("human", 1.0, None), ("ai", 0.5, "j@1")]
@@ -403,3 +403,21 @@ def test_messages_are_validated_before_a_pair_is_stored(store, db_path):
     with pytest.raises(ValueError, match="role 'bot'"):
         add_pair(store, messages=[{"role": "bot", "content": "x"}])
     assert table_count(db_path, "pairs") == 0
+
+
+def test_pairs_are_found_by_their_unguessable_token_and_ai_pairs_take_no_human_vote(store):
+    shown = store.record_pair(conversation_id="c", turn=0, messages=[{"role": "user", "content": "hi"}],
+                              answer_a="x", answer_b="y", version_a="base", version_b="base", sampling={},
+                              session_id="s1", placement=None, token="tok-abc")
+    assert store.get_pair_by_token("tok-abc").id == shown and store.get_pair_by_token("tok-abc").token == "tok-abc"
+    assert store.get_pair_by_token("") is None and store.get_pair_by_token(str(shown)) is None
+    with pytest.raises(sqlite3.IntegrityError):  # tokens are unique
+        store.record_pair(conversation_id="c", turn=1, messages=[{"role": "user", "content": "hi"}],
+                          answer_a="x", answer_b="y", version_a="base", version_b="base", sampling={},
+                          session_id="s2", placement=None, token="tok-abc")
+    made_for_judge = store.record_pair(conversation_id="ai-1", turn=0, messages=[{"role": "user", "content": "q"}],
+                                       answer_a="x", answer_b="y", version_a="v1", version_b="v1", sampling={},
+                                       session_id=None, placement=AI_PLACEMENT)
+    with pytest.raises(UnknownPairError, match="takes no human votes"):
+        store.record_vote(pair_id=made_for_judge, choice="a", session_id="attacker")
+    assert store.record_vote(pair_id=made_for_judge, choice="a", session_id=None, source="ai", judge="j").vote_id

@@ -141,6 +141,25 @@ def test_crash_loop_backs_off_instead_of_spinning(cfg, make_supervisor):
     assert supervisor.status.starts == count  # stopped during a backoff: no further start
 
 
+def locked_out(cfg, chat_busy, stop_event):
+    """What `worker.trainer_main` does when another trainer holds the adapters folder (tests/test_lifecycle.py)."""
+    from rlhf_online.lifecycle import TRAINER_LOCKED_EXIT_CODE
+
+    _log_start(cfg)
+    raise SystemExit(TRAINER_LOCKED_EXIT_CODE)
+
+
+def test_a_trainer_refused_by_the_adapters_lock_is_reported_as_such_and_retried(cfg, make_supervisor):
+    from rlhf_online.lifecycle import TRAINER_LOCKED_EXIT_CODE
+
+    supervisor = make_supervisor(cfg, locked_out)
+    supervisor.start()
+    wait_for(lambda: supervisor.status.starts >= 2, 60, what="a retry after the refusal")
+    supervisor.stop()
+    assert supervisor.status.last_exit_code == TRAINER_LOCKED_EXIT_CODE
+    assert "another trainer holds the lock on the adapters folder" in supervisor.status.history[0]
+
+
 def test_stop_kills_a_trainer_that_does_not_finish(cfg, make_supervisor):
     supervisor = make_supervisor(cfg, ignore_stop)
     supervisor.start()

@@ -33,7 +33,7 @@ def test_votes_train_publish_and_hot_swap(cfg):
         for message, choice in (("Say hello.", "a"), ("Name a colour.", "b"), ("Count to three.", "a")):
             update = services.arena.chat_to_end(None, message, "test")
             assert update.pair_id is not None and update.answer_a and update.answer_b
-            services.arena.vote(update.pair_id, choice, session_id="test")
+            services.arena.vote(update.pair_token, choice, session_id="test")
 
         worker = TrainerWorker(cfg)
         assert worker.step() == "reward"
