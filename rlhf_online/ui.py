@@ -39,7 +39,7 @@ from pathlib import Path
 import gradio as gr
 import pandas as pd
 
-from rlhf_online import dashboard
+from rlhf_online import dashboard, ui_learning
 from rlhf_online.arena import CHOICES, MAX_ROW_ID, EmptyMessageError
 from rlhf_online.export import export_trl
 from rlhf_online.generation import BASE_VERSION
@@ -47,14 +47,40 @@ from rlhf_online.judge import current_feedback_mode, load_constitution, save_con
 from rlhf_online.hardware import on_spaces
 from rlhf_online.limits import LimitExceededError, client_key
 from rlhf_online.store import StoreWriteError, UnknownPairError
-from rlhf_online.worker import PAUSED_KEY, TRAINING_SETTINGS, TRAINING_SETTINGS_KEY
+from rlhf_online.worker import ACTIVITY_KEY, PAUSED_KEY, TRAINING_SETTINGS, TRAINING_SETTINGS_KEY
 
 log = logging.getLogger(__name__)
 
 ADMIN_TOKEN_ENV = "RLHF_ADMIN_TOKEN"
 RESET_CONFIRMATION = "RESET"
 REFRESH_S = 3.0
+VERSION_CHECK_S = 4.0  # how often a page looks for a newly served version to announce in its chat
+WIDE_SCREEN_PX = 1100  # the training panel starts open on screens at least this wide
 VOTE_BUTTONS = (("a", "A is better"), ("b", "B is better"), ("tie", "Tie"), ("both_bad", "Both are bad"))
+VOTE_KEYS = {"1": "a", "2": "b", "3": "tie", "4": "both_bad"}
+
+# Keys 1-4 click the vote buttons (only when they are enabled, and not while typing in a text box).
+PAGE_HEAD = """<script>
+document.addEventListener('keydown', (event) => {
+  if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
+  const target = event.target;
+  if (target && (target.tagName === 'INPUT' || target.tagName === 'TEXTAREA' || target.isContentEditable)) return;
+  const choice = {%s}[event.key];
+  const button = choice && document.getElementById('vote-' + choice);
+  if (button && !button.disabled) { event.preventDefault(); button.click(); }
+});
+</script>""" % ", ".join(f"'{key}': '{choice}'" for key, choice in VOTE_KEYS.items())
+PAGE_CSS = """
+button:disabled { opacity: 0.38 !important; cursor: not-allowed !important; filter: grayscale(1); }
+#status-line { font-size: 0.95em; padding: 6px 8px; border-radius: 6px; background: var(--background-fill-secondary); }
+.timeline .tl-card { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px 10px; margin: 8px 0; }
+.timeline .tl-prompt { font-weight: 600; margin-bottom: 4px; }
+.timeline .tl-row { border-top: 1px dashed var(--border-color-primary); padding: 4px 0; }
+.timeline .tl-base { opacity: 0.85; background: var(--background-fill-secondary); }
+.timeline .tl-meta { font-size: 0.85em; color: var(--body-text-color-subdued); }
+.timeline .tl-answer { white-space: pre-wrap; }
+.timeline mark { background: #fde68a; color: inherit; padding: 0 1px; border-radius: 2px; }
+"""
 
 
 @dataclass(frozen=True)
@@ -125,44 +151,80 @@ def _parse_choice(choice) -> str:
 
 # ---- chat tab handlers (outputs: state, chatbot, answer A, answer B, status, better-answer box, message) --------
 
-def _history(services, conversation_id: str, pending: str | None = None) -> list[dict]:
-    """The settled conversation for gr.Chatbot (messages format), plus the message awaiting a vote."""
+def _history(services, conversation_id: str, pending: str | None = None,
+             notices: dashboard.ServingNotices | None = None) -> list[dict]:
+    """The settled conversation for gr.Chatbot (messages format), plus the message awaiting a vote, with the
+    "new version" notices where they happened."""
     if not conversation_id:
         return []
     conversation = services.arena.conversation(conversation_id)
     shown = [{"role": m["role"], "content": m["content"]} for m in conversation.history
              if m.get("role") in ("user", "assistant")]
     pending = pending if pending is not None else conversation.pending_message
-    return shown + ([{"role": "user", "content": pending}] if pending else [])
+    shown += [{"role": "user", "content": pending}] if pending else []
+    return notices.interleave(conversation_id, shown) if notices is not None else shown
 
 
-def _stream_turn(services, state: SessionState, updates: Iterator) -> Iterator[tuple]:
+def _version_meta(services, version: str) -> dict | None:
+    """A published version's meta.json (a small file; the registry's full validation loads the weights)."""
+    if version == BASE_VERSION:
+        return None
+    try:
+        return json.loads((services.cfg.adapters_path / version / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _note_new_version(services, notices: dashboard.ServingNotices | None, conversation_id: str) -> bool:
+    """Add a chat notice if a newer version serves this conversation than when it last looked."""
+    if notices is None or not conversation_id:
+        return False
+    serving, previous = services.live.newest_pair()
+    position = len(_history(services, conversation_id))
+    return notices.check(conversation_id, serving, position, lambda before: dashboard.new_version_notice(
+        serving, _version_meta(services, serving), before))
+
+
+def check_new_version_ui(services, notices: dashboard.ServingNotices, state: SessionState | None):
+    """Timer: show the notice in this page's chat as soon as a new version starts serving."""
+    conversation_id = state.conversation_id if state is not None else ""
+    if _note_new_version(services, notices, conversation_id):
+        return _history(services, conversation_id, notices=notices)
+    return gr.skip()
+
+
+def _stream_turn(services, state: SessionState, updates: Iterator,
+                 notices: dashboard.ServingNotices | None = None) -> Iterator[tuple]:
     state = replace(state, pair_id=None, answers=("", ""))
     cleared = False  # empty the message box once, so a message typed while answers stream is kept
     with _friendly_errors():
         for update in updates:
+            if not cleared:  # a new version may serve this turn (a new conversation: remember which)
+                _note_new_version(services, notices, update.conversation_id)
             state = replace(state, conversation_id=update.conversation_id)
             status = update.notice or ("" if update.done else "Writing two answers…")
             if update.done:
                 state = replace(state, pair_id=update.pair_id, answers=(update.answer_a, update.answer_b))
                 status = " ".join(filter(None, [update.notice, "Which answer is better?"]))
-            yield (state, _history(services, state.conversation_id), update.answer_a, update.answer_b, status,
-                   update.answer_a if update.done else gr.skip(), gr.skip() if cleared else "")
+            yield (state, _history(services, state.conversation_id, notices=notices), update.answer_a,
+                   update.answer_b, status, update.answer_a if update.done else gr.skip(), gr.skip() if cleared else "")
             cleared = True
 
 
-def chat_ui(services, state: SessionState, message: str, request: gr.Request = None) -> Iterator[tuple]:
+def chat_ui(services, state: SessionState, message: str, request: gr.Request = None, *,
+            notices: dashboard.ServingNotices | None = None) -> Iterator[tuple]:
     """Send a message and stream a new pair of answers."""
     state = _ensure_session(state)
     yield from _stream_turn(services, state, services.arena.chat(state.conversation_id, message, state.session_id,
-                                                                 _client(request)))
+                                                                 _client(request)), notices)
 
 
-def regenerate_ui(services, state: SessionState, request: gr.Request = None) -> Iterator[tuple]:
+def regenerate_ui(services, state: SessionState, request: gr.Request = None, *,
+                  notices: dashboard.ServingNotices | None = None) -> Iterator[tuple]:
     """Sample a fresh pair for the message awaiting a vote (the old pair stays stored, unvoted)."""
     state = _ensure_session(state)
     yield from _stream_turn(services, state, services.arena.regenerate(state.conversation_id, state.session_id,
-                                                                       _client(request)))
+                                                                       _client(request)), notices)
 
 
 def new_conversation_ui(services, state: SessionState) -> tuple:
@@ -172,7 +234,7 @@ def new_conversation_ui(services, state: SessionState) -> tuple:
 
 
 def vote_ui(services, choice: str, state: SessionState, better_answer: str = "",
-            request: gr.Request = None) -> tuple:
+            request: gr.Request = None, *, notices: dashboard.ServingNotices | None = None) -> tuple:
     """Record a vote on the pair shown, reveal which versions wrote it, and continue the conversation.
 
     The four vote buttons bind `choice` with functools.partial; "Submit better answer" passes the radio's choice.
@@ -188,7 +250,33 @@ def vote_ui(services, choice: str, state: SessionState, better_answer: str = "",
     reveal = dashboard.reveal_markdown(outcome.vote_id, outcome.version_a, outcome.version_b, outcome.duplicate,
                                        pair.reward_a if pair else None, pair.reward_b if pair else None)
     state = replace(state, pair_id=None, answers=("", ""))
-    return state, _history(services, state.conversation_id), "", "", reveal, "", gr.skip()
+    return state, _history(services, state.conversation_id, notices=notices), "", "", reveal, "", gr.skip()
+
+
+def controls_ui(state: SessionState | None, busy: bool = False) -> tuple:
+    """Which buttons a person can press now: votes (and "submit my answer", and Regenerate) only while a
+    complete pair awaits a vote; New conversation once there is one; nothing while answers are being written.
+
+    Outputs, in order: the four vote buttons, submit-better, Regenerate, New conversation, Send.
+    """
+    pair_ready = not busy and state is not None and state.pair_id is not None
+    started = not busy and state is not None and bool(state.conversation_id)
+    return ((gr.update(interactive=pair_ready),) * (len(VOTE_BUTTONS) + 2)
+            + (gr.update(interactive=started), gr.update(interactive=not busy)))
+
+
+def refresh_status(services) -> str:
+    """The panel's first line: which version serves since when, from how many votes, the reward model's recent
+    accuracy, and what the trainer is doing now."""
+    store = services.store
+    serving = services.live.newest_pair()[0]
+    try:
+        activity = json.loads(store.get_control(ACTIVITY_KEY) or "null")
+    except ValueError:
+        activity = None
+    return dashboard.status_line(serving, _version_meta(services, serving), store.latest_metrics("reward", 1),
+                                 activity if isinstance(activity, dict) else None, services.supervisor is not None,
+                                 store.get_control(PAUSED_KEY, "0") == "1", time.time())
 
 
 # ---- API endpoints ----------------------------------------------------------------------------------------------
@@ -417,37 +505,30 @@ def _typed_api(services):
 
 
 def build_app(services) -> gr.Blocks:
+    """The page. Launch it with `css=PAGE_CSS, head=PAGE_HEAD` (Gradio 6 takes them in `launch`)."""
     bind = functools.partial
     private = {"api_visibility": "private"}
+    notices = dashboard.ServingNotices()
     with gr.Blocks(title="rlhf_online: chat, vote, watch it learn") as demo:
         state = gr.State(SessionState())
         gr.Markdown("## Chat, pick the better answer, and watch the model learn from your votes\n"
                     "Two model versions answer each message; their sides are shuffled, so you see only **A** and "
-                    "**B**. Your vote trains a reward model, which trains the chat model in the background.")
+                    "**B**. Your vote trains a reward model, which trains the chat model in the background: the "
+                    "**Training** panel shows it happen, the **Learning timeline** shows what changed.")
         if services.training_notice:
             gr.Markdown(f"**Note:** {services.training_notice}")
-        chatbot = gr.Chatbot(label="Conversation", height=300, sanitize_html=True, allow_tags=False,
-                             feedback_options=None)
-        with gr.Row():
-            message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
-                                 max_lines=8)
-            send = gr.Button("Send", variant="primary", scale=1)
-        with gr.Row():  # model output goes in plain textboxes: nothing it writes is rendered as HTML
-            answer_a = gr.Textbox(label="A", lines=8, interactive=False, buttons=["copy"])
-            answer_b = gr.Textbox(label="B", lines=8, interactive=False, buttons=["copy"])
-        with gr.Row():
-            vote_buttons = [(choice, gr.Button(label)) for choice, label in VOTE_BUTTONS]
-        status = gr.Markdown()
-        with gr.Accordion("Write a better answer", open=False):
-            better = gr.Textbox(label="Your answer (starts as answer A; edit it)", lines=6)
-            better_choice = gr.Radio([(label, choice) for choice, label in VOTE_BUTTONS], value="both_bad",
-                                     label="And of the two shown answers")
-            submit_better = gr.Button("Submit my answer with the vote", variant="primary")
-        with gr.Row():
-            regenerate = gr.Button("Regenerate")
-            new_chat = gr.Button("New conversation")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Chat", id="chat"):
+                chat = _build_chat()
+            with gr.Tab("Learning timeline", id="timeline") as timeline_tab:
+                timeline_html, timeline_refresh = ui_learning.build_timeline_tab()
+            with gr.Tab("How it works", id="how") as how_tab:
+                how, how_accuracy, how_reward, how_kl = ui_learning.build_how_tab()
+        learning = ui_learning.LearningTabs(timeline_html, timeline_refresh, how, how_accuracy, how_reward, how_kl,
+                                            gr.Timer(ui_learning.HOW_REFRESH_S, active=False))
 
-        with gr.Sidebar(label="Training", open=False, position="right", width=440) as sidebar:
+        with gr.Sidebar(label="Training", open=True, position="right", width=440) as sidebar:
+            status_md = gr.Markdown(elem_id="status-line")
             warning = gr.Markdown(visible=False)
             counts_md, reward_md, trainer_md = gr.Markdown(), gr.Markdown(), gr.Markdown()
             reward_plot = gr.LinePlot(x="iteration", y="mean_score", title="Mean reward per PPO iteration")
@@ -482,24 +563,29 @@ def build_app(services) -> gr.Blocks:
                     reset_confirmation = gr.Textbox(label=f"Type {RESET_CONFIRMATION} to start a fresh database "
                                                           "(the old one is kept as a backup)")
                     reset_button = gr.Button("Reset data", variant="stop")
-        timer = gr.Timer(REFRESH_S, active=False)  # ticks only while the panel is open
+        timer = gr.Timer(REFRESH_S, active=True)  # ticks only while the panel is open
+        version_timer = gr.Timer(VERSION_CHECK_S)
+        screen_width = gr.Number(visible=False)
 
-        turn_outputs = [state, chatbot, answer_a, answer_b, status, better, message]
-        for trigger in (send.click, message.submit):
-            trigger(bind(chat_ui, services), [state, message], turn_outputs, concurrency_id="model", **private)
-        regenerate.click(bind(regenerate_ui, services), [state], turn_outputs, concurrency_id="model", **private)
-        new_chat.click(bind(new_conversation_ui, services), [state], turn_outputs, **private)
-        for choice, button in vote_buttons:
-            button.click(bind(vote_ui, services, choice), [state], turn_outputs, **private)
-        submit_better.click(bind(vote_ui, services), [better_choice, state, better], turn_outputs, **private)
+        _wire_chat(services, notices, state, chat)
+        version_timer.tick(bind(check_new_version_ui, services, notices), [state], chat.chatbot,
+                           show_progress="hidden", concurrency_id="dashboard", **private)
 
         panel = [counts_md, reward_md, trainer_md, versions_md, warning, reward_plot, kl_plot, length_plot,
                  accuracy_plot, win_plot, rollback_to]
         refresh = bind(refresh_dashboard, services, dashboard.VersionCache(services.registry))
-        timer.tick(refresh, None, panel, show_progress="hidden", concurrency_id="dashboard", **private)
+        status = bind(refresh_status, services)
+        for tick in (timer.tick, demo.load):
+            tick(refresh, None, panel, show_progress="hidden", concurrency_id="dashboard", **private)
+            tick(status, None, status_md, show_progress="hidden", concurrency_id="dashboard", **private)
+        # open on wide screens only: on a phone the panel would cover the chat
+        demo.load(lambda width: (gr.Sidebar(open=(width or 0) >= WIDE_SCREEN_PX),
+                                 gr.Timer(active=(width or 0) >= WIDE_SCREEN_PX)),
+                  screen_width, [sidebar, timer], js="() => window.innerWidth", **private)
         sidebar.expand(lambda: gr.Timer(active=True), None, timer, **private).then(
             refresh, None, panel, show_progress="hidden", **private)
         sidebar.collapse(lambda: gr.Timer(active=False), None, timer, **private)
+        ui_learning.wire(services, learning, tabs, timeline_tab, how_tab)
         pause.click(bind(set_paused_ui, services, True), [token], admin_status, **private)
         resume.click(bind(set_paused_ui, services, False), [token], admin_status, **private)
         rollback.click(bind(rollback_ui, services), [rollback_to, token], admin_status, **private)
@@ -513,3 +599,75 @@ def build_app(services) -> gr.Blocks:
                                        **private)
         _typed_api(services)
     return demo
+
+
+@dataclass
+class ChatControls:
+    chatbot: gr.Chatbot
+    message: gr.Textbox
+    send: gr.Button
+    answer_a: gr.Textbox
+    answer_b: gr.Textbox
+    vote_buttons: list[tuple[str, gr.Button]]
+    status: gr.Markdown
+    better: gr.Textbox
+    better_choice: gr.Radio
+    submit_better: gr.Button
+    regenerate: gr.Button
+    new_chat: gr.Button
+
+    @property
+    def buttons(self) -> list[gr.Button]:
+        """In the order `controls_ui` returns their states."""
+        return [b for _, b in self.vote_buttons] + [self.submit_better, self.regenerate, self.new_chat, self.send]
+
+
+def _build_chat() -> ChatControls:
+    chatbot = gr.Chatbot(label="Conversation", height=300, sanitize_html=True, allow_tags=False,
+                         feedback_options=None, elem_id="chatbot",
+                         placeholder="**Ask anything.** Two versions of the model answer side by side; pick the "
+                                     "better one and watch the Training panel learn from your vote.")
+    with gr.Row():
+        message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6, lines=1,
+                             max_lines=8, elem_id="message", autofocus=True)
+        send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
+    with gr.Row():  # model output goes in plain textboxes: nothing it writes is rendered as HTML
+        answer_a = gr.Textbox(label="A", lines=8, interactive=False, buttons=["copy"], elem_id="answer-a")
+        answer_b = gr.Textbox(label="B", lines=8, interactive=False, buttons=["copy"], elem_id="answer-b")
+    keys = {choice: key for key, choice in VOTE_KEYS.items()}
+    with gr.Row():
+        vote_buttons = [(choice, gr.Button(f"{label}  [{keys[choice]}]", interactive=False, elem_id=f"vote-{choice}",
+                                           elem_classes="vote-button"))
+                        for choice, label in VOTE_BUTTONS]
+    status = gr.Markdown("Vote with the buttons or keys 1–4 (Esc leaves the text box first).", elem_id="chat-status")
+    with gr.Accordion("Write a better answer", open=False):
+        better = gr.Textbox(label="Your answer (starts as answer A; edit it)", lines=6)
+        better_choice = gr.Radio([(label, choice) for choice, label in VOTE_BUTTONS], value="both_bad",
+                                 label="And of the two shown answers")
+        submit_better = gr.Button("Submit my answer with the vote", variant="primary", interactive=False,
+                                  elem_id="submit-better")
+    with gr.Row():
+        regenerate = gr.Button("Regenerate", interactive=False, elem_id="regenerate")
+        new_chat = gr.Button("New conversation", interactive=False, elem_id="new-conversation")
+    return ChatControls(chatbot, message, send, answer_a, answer_b, vote_buttons, status, better, better_choice,
+                        submit_better, regenerate, new_chat)
+
+
+def _wire_chat(services, notices: dashboard.ServingNotices, state: gr.State, chat: ChatControls) -> None:
+    """Each action first disables every control (at once, without queueing), runs, then sets them from the state."""
+    bind = functools.partial
+    private = {"api_visibility": "private"}
+    quiet = {"show_progress": "hidden", **private}
+    turn_outputs = [state, chat.chatbot, chat.answer_a, chat.answer_b, chat.status, chat.better, chat.message]
+
+    def action(trigger, fn, inputs, **kwargs):
+        trigger(bind(controls_ui, None, True), None, chat.buttons, queue=False, **quiet).then(
+            fn, inputs, turn_outputs, **kwargs, **private).then(controls_ui, [state], chat.buttons, **quiet)
+
+    for trigger in (chat.send.click, chat.message.submit):
+        action(trigger, bind(chat_ui, services, notices=notices), [state, chat.message], concurrency_id="model")
+    action(chat.regenerate.click, bind(regenerate_ui, services, notices=notices), [state], concurrency_id="model")
+    action(chat.new_chat.click, bind(new_conversation_ui, services), [state])
+    for choice, button in chat.vote_buttons:
+        action(button.click, bind(vote_ui, services, choice, notices=notices), [state])
+    action(chat.submit_better.click, bind(vote_ui, services, notices=notices), [chat.better_choice, state, chat.better])
