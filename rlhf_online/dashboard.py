@@ -278,8 +278,8 @@ def status_line(serving: str, version_meta: dict | None, reward_metrics: Sequenc
 
 def new_version_notice(version: str, meta: dict | None, previous: str) -> str:
     votes = (meta or {}).get("votes_seen")
-    learned = f" It learned from {votes} votes so far." if votes is not None else ""
-    return (f"🆕 **`{version}` is now answering.**{learned} New pairs compare it with `{previous}` "
+    learned = f" It learned from {votes} vote{'s' if votes != 1 else ''} so far." if votes is not None else ""
+    return (f"**`{version}` is now answering.**{learned} New pairs compare it with `{previous}` "
             "(sides shuffled as always).")
 
 

@@ -255,7 +255,8 @@ def timeline_html(entries: Sequence[Entry], max_versions: int = 6, now: float | 
             else:
                 body, share = highlight_new_words(base_answer, answer)
                 note = f" · {share:.0%} of words new vs base"
-            votes = f" · learned from {entry.votes_seen} votes" if entry.votes_seen else ""
+            votes = (f" · learned from {entry.votes_seen} vote{'s' if entry.votes_seen != 1 else ''}"
+                     if entry.votes_seen else "")
             label = "base model" if entry is base else entry.version
             rows.append(
                 f"<div class='tl-row{' tl-base' if entry is base else ''}'>"

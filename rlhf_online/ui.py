@@ -511,10 +511,10 @@ def build_app(services) -> gr.Blocks:
     notices = dashboard.ServingNotices()
     with gr.Blocks(title="rlhf_online: chat, vote, watch it learn") as demo:
         state = gr.State(SessionState())
-        gr.Markdown("## Chat, pick the better answer, and watch the model learn from your votes\n"
-                    "Two model versions answer each message; their sides are shuffled, so you see only **A** and "
-                    "**B**. Your vote trains a reward model, which trains the chat model in the background: the "
-                    "**Training** panel shows it happen, the **Learning timeline** shows what changed.")
+        gr.Markdown("### Chat, pick the better answer, watch the model learn from your votes\n"
+                    "Two model versions answer each message (sides shuffled: you see only **A** and **B**). Your "
+                    "vote trains a reward model, which trains the chat model in the background: the **Training** "
+                    "panel shows it happen, the **Learning timeline** shows what changed.")
         if services.training_notice:
             gr.Markdown(f"**Note:** {services.training_notice}")
         with gr.Tabs() as tabs:
@@ -623,7 +623,7 @@ class ChatControls:
 
 
 def _build_chat() -> ChatControls:
-    chatbot = gr.Chatbot(label="Conversation", height=300, sanitize_html=True, allow_tags=False,
+    chatbot = gr.Chatbot(label="Conversation", height=230, sanitize_html=True, allow_tags=False,
                          feedback_options=None, elem_id="chatbot",
                          placeholder="**Ask anything.** Two versions of the model answer side by side; pick the "
                                      "better one and watch the Training panel learn from your vote.")
@@ -632,8 +632,8 @@ def _build_chat() -> ChatControls:
                              max_lines=8, elem_id="message", autofocus=True)
         send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
     with gr.Row():  # model output goes in plain textboxes: nothing it writes is rendered as HTML
-        answer_a = gr.Textbox(label="A", lines=8, interactive=False, buttons=["copy"], elem_id="answer-a")
-        answer_b = gr.Textbox(label="B", lines=8, interactive=False, buttons=["copy"], elem_id="answer-b")
+        answer_a = gr.Textbox(label="A", lines=5, max_lines=12, interactive=False, buttons=["copy"], elem_id="answer-a")
+        answer_b = gr.Textbox(label="B", lines=5, max_lines=12, interactive=False, buttons=["copy"], elem_id="answer-b")
     keys = {choice: key for key, choice in VOTE_KEYS.items()}
     with gr.Row():
         vote_buttons = [(choice, gr.Button(f"{label}  [{keys[choice]}]", interactive=False, elem_id=f"vote-{choice}",

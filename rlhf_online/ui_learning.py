@@ -54,9 +54,8 @@ def build_how_tab() -> tuple[dict[str, gr.Markdown], gr.LinePlot, gr.LinePlot, g
                                    title="Reward model: share of new pairs guessed right")
         with gr.Column():
             how["ppo"] = gr.Markdown()
-            with gr.Row():
-                reward = gr.LinePlot(x="iteration", y="mean_score", height=220, title="PPO: mean reward")
-                kl = gr.LinePlot(x="iteration", y="kl", height=220, title="PPO: KL to the original model")
+            reward = gr.LinePlot(x="iteration", y="mean_score", height=180, title="PPO: mean reward")
+            kl = gr.LinePlot(x="iteration", y="kl", height=180, title="PPO: KL to the original model")
     with gr.Row():
         how["hacking"] = gr.Markdown()
         how["ai"] = gr.Markdown()

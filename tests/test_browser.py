@@ -104,7 +104,8 @@ def answers(driver) -> tuple[str, str]:
 
 
 def text_of(driver, element_id: str) -> str:
-    return driver.find_element(By.ID, element_id).text
+    """The element's visible text, whitespace collapsed (code spans come back on lines of their own)."""
+    return " ".join(driver.find_element(By.ID, element_id).text.split())
 
 
 def latest_pair(db: Path) -> tuple[int, str, str]:
