@@ -178,7 +178,7 @@ class TimelineConfig:
     probe_prompts: str = _opt("", "probe prompts every published version answers for the learning timeline, "
                                   "separated by '|', or a text file with one per line ('' = five built-in ones)")
     max_probes: int = _opt(8, "most probe prompts used (each costs the trainer one greedy answer per version)")
-    probe_max_new_tokens: int = _opt(64, "longest probe answer in tokens (0 = no timeline)")
+    probe_max_new_tokens: int = _opt(48, "longest probe answer in tokens (0 = no timeline)")
 
 
 @dataclass

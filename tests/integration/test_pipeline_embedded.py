@@ -12,6 +12,7 @@ from rlhf_online.config import load_config
 from rlhf_online.generation import BASE_VERSION
 from rlhf_online.models import load_base_model
 from rlhf_online.services import build_services
+from rlhf_online.timeline import load_entries
 from rlhf_online.worker import TrainerWorker
 
 pytestmark = pytest.mark.integration
@@ -23,7 +24,9 @@ def cfg(tmp_path_factory):
     return load_config(["--data-dir", str(root / "data"), "--adapters-dir", str(root / "adapters"),
                         "--max-new-tokens", "8", "--ppo-max-new-tokens", "8", "--ppo-batch-size", "2",
                         "--ppo-minibatch-size", "2", "--ppo-epochs", "1", "--min-preferences", "2",
-                        "--publish-every", "1", "--reward-max-tokens", "96"], environ={})
+                        "--publish-every", "1", "--reward-max-tokens", "96", "--probe-prompts",
+                        "Why is the sky blue?|What is the capital of Australia?", "--probe-max-new-tokens", "12"],
+                       environ={})
 
 
 def test_votes_train_publish_and_hot_swap(cfg):
@@ -45,6 +48,15 @@ def test_votes_train_publish_and_hot_swap(cfg):
         assert ppo and ppo[-1].values["published"] == "v0001"
         assert all(torch.isfinite(torch.tensor(float(v))) for k, v in ppo[-1].values.items()
                    if isinstance(v, float))
+
+        # publishing answered the timeline's probes with the base and with v0001, scored by the reward model
+        entries = load_entries(services.store)
+        assert [e.version for e in entries] == ["v0001", BASE_VERSION]
+        for entry in entries:
+            assert entry.prompts == ["Why is the sky blue?", "What is the capital of Australia?"]
+            assert all(entry.answers) and all(0 < n <= 12 for n in entry.tokens)
+            assert all(isinstance(score, float) for score in entry.scores)
+        assert entries[0].votes_seen == 3
 
         swap = services.live.refresh()
         assert swap is not None and swap.version == "v0001"
