@@ -59,7 +59,7 @@ class SamplingConfig:
     temperature: float = _opt(0.8, "sampling temperature")
     top_p: float = _opt(0.95, "nucleus sampling threshold")
     max_new_tokens: int = _opt(96, "longest answer, in tokens")
-    repetition_penalty: float = _opt(1.0, "divide the logit of every token the answer already contains by this "
+    repetition_penalty: float = _opt(1.1, "divide the logit of every token the answer already contains by this "
                                           "(CTRL's penalty; 1 = off). Applied to the answer's own tokens only, "
                                           "not the prompt's, so an answer may still use the question's words; an "
                                           "engine maps it to its own repeat penalty. See bench/sampling_loops.py")

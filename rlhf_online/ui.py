@@ -40,6 +40,8 @@ import gradio as gr
 import pandas as pd
 
 from rlhf_online import dashboard, ui_learning
+from rlhf_online.ui_chat import (PAGE_CSS, PAGE_HEAD, VOTE_BUTTONS, VOTE_KEYS, ChatControls,  # noqa: F401 (re-exported)
+                                 build_chat, controls_ui)
 from rlhf_online.arena import CHOICES, MAX_ROW_ID, EmptyMessageError
 from rlhf_online.export import export_trl
 from rlhf_online.generation import BASE_VERSION
@@ -56,31 +58,6 @@ RESET_CONFIRMATION = "RESET"
 REFRESH_S = 3.0
 VERSION_CHECK_S = 4.0  # how often a page looks for a newly served version to announce in its chat
 WIDE_SCREEN_PX = 1100  # the training panel starts open on screens at least this wide
-VOTE_BUTTONS = (("a", "A is better"), ("b", "B is better"), ("tie", "Tie"), ("both_bad", "Both are bad"))
-VOTE_KEYS = {"1": "a", "2": "b", "3": "tie", "4": "both_bad"}
-
-# Keys 1-4 click the vote buttons (only when they are enabled, and not while typing in a text box).
-PAGE_HEAD = """<script>
-document.addEventListener('keydown', (event) => {
-  if (event.ctrlKey || event.metaKey || event.altKey || event.repeat) return;
-  const target = event.target;
-  if (target && (target.tagName === 'INPUT' || target.tagName === 'TEXTAREA' || target.isContentEditable)) return;
-  const choice = {%s}[event.key];
-  const button = choice && document.getElementById('vote-' + choice);
-  if (button && !button.disabled) { event.preventDefault(); button.click(); }
-});
-</script>""" % ", ".join(f"'{key}': '{choice}'" for key, choice in VOTE_KEYS.items())
-PAGE_CSS = """
-button:disabled { opacity: 0.38 !important; cursor: not-allowed !important; filter: grayscale(1); }
-#status-line { font-size: 0.95em; padding: 6px 8px; border-radius: 6px; background: var(--background-fill-secondary); }
-.timeline .tl-card { border: 1px solid var(--border-color-primary); border-radius: 8px; padding: 8px 10px; margin: 8px 0; }
-.timeline .tl-prompt { font-weight: 600; margin-bottom: 4px; }
-.timeline .tl-row { border-top: 1px dashed var(--border-color-primary); padding: 4px 0; }
-.timeline .tl-base { opacity: 0.85; background: var(--background-fill-secondary); }
-.timeline .tl-meta { font-size: 0.85em; color: var(--body-text-color-subdued); }
-.timeline .tl-answer { white-space: pre-wrap; }
-.timeline mark { background: #fde68a; color: inherit; padding: 0 1px; border-radius: 2px; }
-"""
 
 
 @dataclass(frozen=True)
@@ -251,18 +228,6 @@ def vote_ui(services, choice: str, state: SessionState, better_answer: str = "",
                                        pair.reward_a if pair else None, pair.reward_b if pair else None)
     state = replace(state, pair_id=None, answers=("", ""))
     return state, _history(services, state.conversation_id, notices=notices), "", "", reveal, "", gr.skip()
-
-
-def controls_ui(state: SessionState | None, busy: bool = False) -> tuple:
-    """Which buttons a person can press now: votes (and "submit my answer", and Regenerate) only while a
-    complete pair awaits a vote; New conversation once there is one; nothing while answers are being written.
-
-    Outputs, in order: the four vote buttons, submit-better, Regenerate, New conversation, Send.
-    """
-    pair_ready = not busy and state is not None and state.pair_id is not None
-    started = not busy and state is not None and bool(state.conversation_id)
-    return ((gr.update(interactive=pair_ready),) * (len(VOTE_BUTTONS) + 2)
-            + (gr.update(interactive=started), gr.update(interactive=not busy)))
 
 
 def refresh_status(services) -> str:
@@ -519,7 +484,7 @@ def build_app(services) -> gr.Blocks:
             gr.Markdown(f"**Note:** {services.training_notice}")
         with gr.Tabs() as tabs:
             with gr.Tab("Chat", id="chat"):
-                chat = _build_chat()
+                chat = build_chat()
             with gr.Tab("Learning timeline", id="timeline") as timeline_tab:
                 timeline_html, timeline_refresh = ui_learning.build_timeline_tab()
             with gr.Tab("How it works", id="how") as how_tab:
@@ -599,58 +564,6 @@ def build_app(services) -> gr.Blocks:
                                        **private)
         _typed_api(services)
     return demo
-
-
-@dataclass
-class ChatControls:
-    chatbot: gr.Chatbot
-    message: gr.Textbox
-    send: gr.Button
-    answer_a: gr.Textbox
-    answer_b: gr.Textbox
-    vote_buttons: list[tuple[str, gr.Button]]
-    status: gr.Markdown
-    better: gr.Textbox
-    better_choice: gr.Radio
-    submit_better: gr.Button
-    regenerate: gr.Button
-    new_chat: gr.Button
-
-    @property
-    def buttons(self) -> list[gr.Button]:
-        """In the order `controls_ui` returns their states."""
-        return [b for _, b in self.vote_buttons] + [self.submit_better, self.regenerate, self.new_chat, self.send]
-
-
-def _build_chat() -> ChatControls:
-    chatbot = gr.Chatbot(label="Conversation", height=230, sanitize_html=True, allow_tags=False,
-                         feedback_options=None, elem_id="chatbot",
-                         placeholder="**Ask anything.** Two versions of the model answer side by side; pick the "
-                                     "better one and watch the Training panel learn from your vote.")
-    with gr.Row():
-        message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6, lines=1,
-                             max_lines=8, elem_id="message", autofocus=True)
-        send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
-    with gr.Row():  # model output goes in plain textboxes: nothing it writes is rendered as HTML
-        answer_a = gr.Textbox(label="A", lines=5, max_lines=12, interactive=False, buttons=["copy"], elem_id="answer-a")
-        answer_b = gr.Textbox(label="B", lines=5, max_lines=12, interactive=False, buttons=["copy"], elem_id="answer-b")
-    keys = {choice: key for key, choice in VOTE_KEYS.items()}
-    with gr.Row():
-        vote_buttons = [(choice, gr.Button(f"{label}  [{keys[choice]}]", interactive=False, elem_id=f"vote-{choice}",
-                                           elem_classes="vote-button"))
-                        for choice, label in VOTE_BUTTONS]
-    status = gr.Markdown("Vote with the buttons or keys 1–4 (Esc leaves the text box first).", elem_id="chat-status")
-    with gr.Accordion("Write a better answer", open=False):
-        better = gr.Textbox(label="Your answer (starts as answer A; edit it)", lines=6)
-        better_choice = gr.Radio([(label, choice) for choice, label in VOTE_BUTTONS], value="both_bad",
-                                 label="And of the two shown answers")
-        submit_better = gr.Button("Submit my answer with the vote", variant="primary", interactive=False,
-                                  elem_id="submit-better")
-    with gr.Row():
-        regenerate = gr.Button("Regenerate", interactive=False, elem_id="regenerate")
-        new_chat = gr.Button("New conversation", interactive=False, elem_id="new-conversation")
-    return ChatControls(chatbot, message, send, answer_a, answer_b, vote_buttons, status, better, better_choice,
-                        submit_better, regenerate, new_chat)
 
 
 def _wire_chat(services, notices: dashboard.ServingNotices, state: gr.State, chat: ChatControls) -> None:
