@@ -1,6 +1,6 @@
 """How often does the chat loop? Share of answers that run to the token limit while repeating themselves.
 
-    nice -n 5 python bench/sampling_loops.py --prompts 48 --out bench/results/sampling_loops.json
+    nice -n 5 python bench/sampling_loops.py --prompts 24 --batch-size 24 --out bench/results/sampling_loops.json
 
 Samples one answer per prompt (real first turns from the HH file, topped up with the built-in cold-start
 prompts) for each sampling setting, exactly as the chat samples them (the serving copy of the embedded model,
@@ -34,8 +34,9 @@ from rlhf_online.models import load_base_model, load_tokenizer, resolve_model_so
 from rlhf_online.ppo import COLD_START_PROMPTS
 
 # (name, repetition_penalty, penalise the prompt too?)
-SETTINGS = (("off (1.0)", 1.0, False), ("1.1 answer", 1.1, False), ("1.2 answer", 1.2, False),
-            ("1.3 answer", 1.3, False), ("1.2 prompt+answer", 1.2, True))
+ALL_SETTINGS = {"off (1.0)": (1.0, False), "1.05 answer": (1.05, False), "1.1 answer": (1.1, False),
+                "1.2 answer": (1.2, False), "1.3 answer": (1.3, False), "1.2 prompt+answer": (1.2, True)}
+DEFAULT_SETTINGS = "off (1.0),1.05 answer,1.1 answer,1.2 answer"
 WORD = re.compile(r"\w+|[^\w\s]")
 
 
@@ -129,9 +130,10 @@ def main() -> None:
     parser.add_argument("--prompts", type=int, default=48)
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--max-new-tokens", type=int, default=None, help="default: the app's")
-    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--threads", type=int, default=1, help="1: on a shared 2-core box more threads oversubscribe")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--samples", type=int, default=4, help="prompts whose answers are kept for reading")
+    parser.add_argument("--settings", default=DEFAULT_SETTINGS, help=f"comma separated, of: {', '.join(ALL_SETTINGS)}")
     parser.add_argument("--out", default="bench/results/sampling_loops.json")
     args = parser.parse_args()
 
@@ -149,7 +151,8 @@ def main() -> None:
     prompts = load_prompts(args.prompts, args.seed)
     started = time.perf_counter()
     results, samples = {}, {}
-    for name, penalty, on_prompt in SETTINGS:
+    for name in (n.strip() for n in args.settings.split(",")):
+        penalty, on_prompt = ALL_SETTINGS[name]
         t0 = time.perf_counter()
         rows = run_setting(generator, prompts, penalty, on_prompt, args.batch_size, args.seed)
         generator.sampling.repetition_penalty = 1.0  # fluency is measured under the plain model
