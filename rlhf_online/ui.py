@@ -1,6 +1,7 @@
 """The Gradio app: chat, compare two answers labelled only A and B, vote, and watch training in a side panel.
 
-The only module that imports Gradio. Every handler is a module-level function taking `services` (bound with
+With `ui_chat` (the chat tab's layout and controls) and `ui_learning` (the timeline and How-it-works tabs), the
+only modules that import Gradio. Every handler is a module-level function taking `services` (bound with
 functools.partial) plus its inputs and returning plain values, so it can be tested without a browser.
 
 Named API endpoints (gradio_client), all also usable by benchmarks:
