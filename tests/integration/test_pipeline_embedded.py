@@ -58,8 +58,8 @@ def test_votes_train_publish_and_hot_swap(cfg):
             assert all(isinstance(score, float) for score in entry.scores)
         assert entries[0].votes_seen == 3
 
-        swap = services.live.refresh()
-        assert swap is not None and swap.version == "v0001"
+        services.live.refresh()  # (the watcher thread may have hot-loaded it already while the probes ran)
+        assert [swap.version for swap in services.live.swaps] == ["v0001"]
         assert services.live.newest_pair() == ("v0001", BASE_VERSION)
         update = services.arena.chat_to_end(None, "What is 2+2?", "test")
         pair = services.store.get_pair(update.pair_id)
