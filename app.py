@@ -17,7 +17,7 @@ from rlhf_online.engine import EngineUnavailableError  # noqa: E402
 from rlhf_online.lifecycle import ShutdownSignals  # noqa: E402
 from rlhf_online.limits import server_middleware  # noqa: E402
 from rlhf_online.services import build_services  # noqa: E402
-from rlhf_online.ui import build_app  # noqa: E402
+from rlhf_online.ui import PAGE_CSS, PAGE_HEAD, build_app  # noqa: E402
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -31,7 +31,7 @@ def main(argv: list[str] | None = None) -> None:
     demo = build_app(services)
     try:
         demo.queue(default_concurrency_limit=cfg.limits.queue_concurrency, max_size=cfg.limits.queue_max_size).launch(
-            server_name=cfg.host, server_port=cfg.port, show_error=True,
+            server_name=cfg.host, server_port=cfg.port, show_error=True, css=PAGE_CSS, head=PAGE_HEAD,
             app_kwargs={"middleware": server_middleware(cfg.limits)})  # e.g. oversized bodies refused unread
     finally:
         services.close()

@@ -75,8 +75,8 @@ class _ForcedLength:
 
     min_new_tokens = 0
 
-    def _generate_kwargs(self, adapter_versions, max_new_tokens, ignore_end=False):
-        kwargs = super()._generate_kwargs(adapter_versions, max_new_tokens, ignore_end)
+    def _generate_kwargs(self, adapter_versions, max_new_tokens, *args, **kwargs):
+        kwargs = super()._generate_kwargs(adapter_versions, max_new_tokens, *args, **kwargs)
         kwargs["min_new_tokens"] = self.min_new_tokens
         return kwargs
 

@@ -196,7 +196,8 @@ class Arena:
 
     def _sampling_record(self) -> dict:
         return {"temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
-                "max_new_tokens": self.sampling.max_new_tokens}
+                "max_new_tokens": self.sampling.max_new_tokens,
+                "repetition_penalty": self.sampling.repetition_penalty}
 
     def chat_to_end(self, conversation_id: str | None, message: str, session_id: str = "",
                     client: str | None = None) -> PairUpdate:

@@ -59,6 +59,10 @@ class SamplingConfig:
     temperature: float = _opt(0.8, "sampling temperature")
     top_p: float = _opt(0.95, "nucleus sampling threshold")
     max_new_tokens: int = _opt(96, "longest answer, in tokens")
+    repetition_penalty: float = _opt(1.1, "divide the logit of every token the answer already contains by this "
+                                          "(CTRL's penalty; 1 = off). Applied to the answer's own tokens only, "
+                                          "not the prompt's, so an answer may still use the question's words; an "
+                                          "engine maps it to its own repeat penalty. See bench/sampling_loops.py")
     context_tokens: int = _opt(1024, "prompt budget in tokens; older turns are dropped beyond it")
     max_message_chars: int = _opt(4000, "longest user message accepted; longer ones are cut with a notice")
     torch_threads: int = _opt(0, "CPU threads for serving (0 = torch default)")
@@ -195,6 +199,16 @@ class HubConfig:
 
 
 @dataclass
+class TimelineConfig:
+    """The learning timeline: fixed probe prompts each published version answers (see rlhf_online/timeline.py)."""
+
+    probe_prompts: str = _opt("", "probe prompts every published version answers for the learning timeline, "
+                                  "separated by '|', or a text file with one per line ('' = five built-in ones)")
+    max_probes: int = _opt(8, "most probe prompts used (each costs the trainer one greedy answer per version)")
+    probe_max_new_tokens: int = _opt(48, "longest probe answer in tokens (0 = no timeline)")
+
+
+@dataclass
 class AppConfig:
     """Everything the app needs; nested sections are flattened into one flag namespace."""
 
@@ -215,6 +229,7 @@ class AppConfig:
     limits: LimitsConfig = field(default_factory=LimitsConfig)
     hub: HubConfig = field(default_factory=HubConfig)
     feedback: FeedbackConfig = field(default_factory=FeedbackConfig)
+    timeline: TimelineConfig = field(default_factory=TimelineConfig)
 
     @property
     def data_path(self) -> Path:

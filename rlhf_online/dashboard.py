@@ -231,3 +231,169 @@ class VersionCache:
         if key != self._key:
             self._versions, self._key = self.registry.versions(), key
         return self._versions
+
+
+# ---- the panel's status line and the chat's "new version" notices ---------------------------------------------
+
+def _ago(seconds: float) -> str:
+    seconds = max(0, int(seconds))
+    if seconds < 90:
+        return f"{seconds} s ago"
+    if seconds < 5400:
+        return f"{seconds // 60} min ago"
+    return f"{seconds / 3600:.1f} h ago"
+
+
+def status_line(serving: str, version_meta: dict | None, reward_metrics: Sequence[Any], activity: dict | None,
+                training: bool, paused: bool, now: float) -> str:
+    """One line a presenter can read aloud: which version serves since when, from how many votes it learned,
+    how often the reward model is right lately, and what the trainer is doing now."""
+    if serving == "base" or not version_meta:
+        parts = ["**Serving the base model** (no version published yet)"]
+    else:
+        since = _number(version_meta.get("published_at") or version_meta.get("time"))
+        when = f" since {_ago(now - since)}" if since is not None else ""
+        votes = version_meta.get("votes_seen")
+        learned = f", learned from {votes} vote{'s' if votes != 1 else ''}" if votes is not None else ""
+        parts = [f"**Serving `{serving}`**{when}{learned}"]
+    if reward_metrics:
+        v = _values(reward_metrics[-1])
+        accuracy = _number(v.get("recent_accuracy"))
+        window = min(int(_number(v.get("pairs")) or 0), RECENT_WINDOW)
+        if accuracy is not None and window:
+            parts.append(f"reward model right on {accuracy:.0%} of the last {window} new pairs")
+    else:
+        parts.append("reward model: no votes learned yet")
+    if not training:
+        parts.append("trainer: off")
+    elif paused:
+        parts.append("trainer: **paused**")
+    elif activity and activity.get("doing"):
+        since = _number(activity.get("since"))
+        parts.append(f"trainer: {activity['doing']}" + (f" ({_ago(now - since)})" if since is not None else ""))
+    else:
+        parts.append("trainer: starting")
+    return " · ".join(parts)
+
+
+def new_version_notice(version: str, meta: dict | None, previous: str) -> str:
+    votes = (meta or {}).get("votes_seen")
+    learned = f" It learned from {votes} vote{'s' if votes != 1 else ''} so far." if votes is not None else ""
+    return (f"**`{version}` is now answering.**{learned} New pairs compare it with `{previous}` "
+            "(sides shuffled as always).")
+
+
+class ServingNotices:
+    """Per conversation: which version served it last, and the notices to show in its chat when that changes.
+
+    Kept beside the conversation (not in the browser's session state) because the check runs on a timer while
+    an answer may be streaming, and two handlers writing one session state would lose one another's update.
+    """
+
+    def __init__(self, max_conversations: int = 10_000):
+        self.max_conversations = max_conversations
+        self._seen: dict[str, str] = {}
+        self._notices: dict[str, list[tuple[int, str]]] = {}
+
+    def check(self, conversation_id: str, serving: str, position: int, describe) -> bool:
+        """Record a notice at `position` (messages shown so far) if `serving` changed since the last check.
+
+        The first check of a conversation only remembers the version. `describe(previous)` writes the notice.
+        Returns whether a notice was added.
+        """
+        if not conversation_id:
+            return False
+        previous = self._seen.get(conversation_id)
+        self._seen[conversation_id] = serving
+        if len(self._seen) > self.max_conversations:  # forget the oldest conversations (dicts keep order)
+            oldest = next(iter(self._seen))
+            self._seen.pop(oldest)
+            self._notices.pop(oldest, None)
+        if previous is None or previous == serving:
+            return False
+        self._notices.setdefault(conversation_id, []).append((position, describe(previous)))
+        return True
+
+    def interleave(self, conversation_id: str, messages: list[dict]) -> list[dict]:
+        """`messages` with this conversation's notices inserted where they happened (Chatbot messages format)."""
+        notices = self._notices.get(conversation_id)
+        if not notices:
+            return messages
+        out, pending = [], sorted(notices, key=lambda n: n[0])
+        for index in range(len(messages) + 1):
+            while pending and pending[0][0] <= index:
+                out.append({"role": "assistant", "content": pending.pop(0)[1],
+                            "metadata": {"title": "Model update"}})
+            if index < len(messages):
+                out.append(messages[index])
+        return out
+
+
+# ---- "How it works": the three phases of RLHF, with this page's live numbers ------------------------------------
+
+def phases_markdown(counts: dict, reward_metrics: Sequence[Any], ppo_metrics: Sequence[Any], win_rates: Sequence[Any],
+                    feedback: dict, mode: str, ppo_cfg: Any, warning: str | None) -> dict[str, str]:
+    """Short, plain-words sections keyed by phase; each number is the live one."""
+    votes = counts.get("votes", {})
+    total_votes = sum(votes.values())
+    demos = counts.get("demonstrations", 0)
+    reward = _values(reward_metrics[-1]) if reward_metrics else {}
+    ppo = _values(ppo_metrics[-1]) if ppo_metrics else {}
+    first_ppo = _values(ppo_metrics[0]) if ppo_metrics else {}
+    newest = win_rates[-1] if win_rates else None
+    sections = {}
+    sections["sft"] = (
+        "### 1 · Demonstrations (supervised fine-tuning)\n"
+        f"People wrote **{demos}** better answers of their own (*Write a better answer* under the chat). Each is a "
+        f"demonstration: the trainer nudges the model to write it (a supervised loss, weight {_fmt(getattr(ppo_cfg, 'sft_coef', None), 2)}). "
+        "In full-scale RLHF this is the first phase, on thousands of written answers; here it runs alongside PPO.")
+    if reward:
+        learned = (f"It has learned from **{reward.get('pairs', 0)}** preference pairs. Before learning each new "
+                   f"pair it guesses which answer you will prefer: right **{_fmt(reward.get('prequential_accuracy'), 2)}** "
+                   f"of the time overall, **{_fmt(reward.get('recent_accuracy'), 2)}** on the last {RECENT_WINDOW} "
+                   "(0.5 = a coin flip). The curve below should climb as votes come in.")
+    else:
+        learned = "It has not learned from any vote yet: vote on a pair in the Chat tab and watch this change."
+    sections["reward"] = (
+        "### 2 · Reward model (learned from your votes)\n"
+        f"**{total_votes}** votes so far ({votes.get('a', 0) + votes.get('b', 0)} picked a side). A vote says "
+        "*this answer is better than that one*; a small reward model learns to give the preferred answer the higher "
+        f"score (Bradley–Terry). {learned}")
+    if ppo:
+        rise = ""
+        if first_ppo and _number(first_ppo.get("mean_score")) is not None and first_ppo is not ppo:
+            rise = f" (from {_fmt(first_ppo.get('mean_score'), 2)} at iteration {first_ppo.get('iteration', '?')})"
+        policy = (f"Iteration **{ppo.get('iteration', '?')}**: mean reward **{_fmt(ppo.get('mean_score'), 2)}**{rise}, "
+                  f"KL to the original model **{_fmt(ppo.get('kl'), 2)}** nats per answer (target "
+                  f"{_fmt(getattr(ppo_cfg, 'target_kl', None), 1)}; the penalty's weight adapts, now {_fmt(ppo.get('kl_coef'), 3)}), "
+                  f"answers {_fmt(ppo.get('mean_length'), 0)} tokens long on average.")
+    else:
+        policy = (f"Not started yet: PPO waits until the reward model has learned from "
+                  f"{getattr(ppo_cfg, 'min_preferences', '?')} pairs.")
+    sections["ppo"] = (
+        "### 3 · PPO (the chat model learns to please the reward model, on a leash)\n"
+        "The trainer samples answers, the reward model scores them, and PPO shifts the chat model's LoRA adapter "
+        "toward higher-scoring answers. A KL penalty keeps it close to the original model, so it cannot drift into "
+        f"gibberish that happens to score well. {policy} Every few iterations it publishes a version that the chat "
+        "starts using at once; the *Learning timeline* tab shows what each one says.")
+    if newest is not None and newest.total:
+        people = (f"people preferred `{newest.newer}` over `{newest.older}` in "
+                  f"**{newest.win_rate:.0%}** of {newest.total} votes")
+    else:
+        people = "no head-to-head votes between versions yet"
+    sections["hacking"] = (
+        "### Reward hacking\n"
+        "The reward model is only a guess at what people like. If PPO finds something the guess over-rewards "
+        "(longer answers, emoji, flattery), the reward climbs while people stop preferring the new versions. Here: "
+        f"{people}. Compare the answers in the *Learning timeline*: the same questions, before and after. "
+        + (warning.replace("⚠️ ", "") if warning else "No sign of it right now."))
+    fb_votes, agreement = feedback.get("votes", {}), feedback.get("agreement", {})
+    agree = (f"{agreement.get('agree', 0)}/{agreement.get('pairs', 0)} pairs where both voted"
+             if agreement.get("pairs") else "no pair labelled by both yet")
+    sections["ai"] = (
+        "### AI feedback\n"
+        f"Preferences come from: **{FEEDBACK_MODE_LABELS.get(mode, mode)}**. An AI judge can vote too, following a "
+        f"short written constitution (Constitutional AI / RLAIF): {fb_votes.get('ai', 0)} AI labels so far, "
+        f"{fb_votes.get('human', 0)} human votes; human–AI agreement: {agree}. AI labels are cheap but inherit the "
+        "judge's blind spots; the admin can switch modes.")
+    return sections

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 
 import torch
 from peft import PeftModel
-from transformers import StoppingCriteria
+from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
 from rlhf_online.config import SamplingConfig
@@ -165,12 +165,13 @@ class Generator(ChatEngine):
         return {key: tensor.to(self.model.device) for key, tensor in batch.items()}
 
     def _generate_kwargs(self, adapter_versions: Sequence[str], max_new_tokens: int | None,
-                         ignore_end: bool = False) -> dict:
+                         ignore_end: bool = False, prompt_length: int = 0) -> dict:
         max_new_tokens = max_new_tokens or self.sampling.max_new_tokens
         kwargs = dict(do_sample=self.sampling.temperature > 0, temperature=self.sampling.temperature or None,
                       top_p=self.sampling.top_p, max_new_tokens=max_new_tokens,
                       eos_token_id=self.end_of_turn_ids, pad_token_id=self.tokenizer.pad_token_id,
-                      top_k=None, min_new_tokens=max_new_tokens if ignore_end else None)
+                      top_k=None, min_new_tokens=max_new_tokens if ignore_end else None,
+                      logits_processor=answer_repetition_penalty(self.sampling.repetition_penalty, prompt_length))
         if isinstance(self.model, PeftModel):
             kwargs["adapter_names"] = [to_peft_name(self.adapter_aliases.get(v, v)) for v in adapter_versions]
         elif any(v != BASE_VERSION for v in adapter_versions):
@@ -186,7 +187,7 @@ class Generator(ChatEngine):
         generation stop at its next token so an abandoned stream never keeps the model.
         """
         batch = self._batch(prompt_ids)
-        kwargs = self._generate_kwargs(adapter_versions, max_new_tokens, ignore_end)
+        kwargs = self._generate_kwargs(adapter_versions, max_new_tokens, ignore_end, batch["input_ids"].shape[1])
         rows = len(prompt_ids)
         streamer = _BatchStreamer()
         stop = threading.Event()
@@ -224,6 +225,18 @@ class Generator(ChatEngine):
 
     def _decode(self, token_ids: list[int]) -> str:
         return self.tokenizer.decode(token_ids, skip_special_tokens=True).strip()
+
+
+def answer_repetition_penalty(penalty: float, prompt_length: int) -> LogitsProcessorList:
+    """CTRL's repetition penalty on the answer's own tokens only (`generate(repetition_penalty=)` also
+    penalises every prompt token, which keeps an answer from naming what the question asked about).
+
+    Small models sampled at temperature 0.8 often fall into a loop (the same phrase until the token limit);
+    bench/sampling_loops.py measures how often, and how much this penalty helps.
+    """
+    if not penalty or penalty == 1.0:
+        return LogitsProcessorList()
+    return LogitsProcessorList([RepetitionPenaltyLogitsProcessor(penalty, prompt_ignore_length=prompt_length)])
 
 
 def to_peft_name(version: str) -> str:

@@ -141,7 +141,10 @@ class LlamaCppEngine(ChatEngine):
         return {"prompt": list(prompt_ids), "n_predict": max_new_tokens, "stream": True,
                 "temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
                 "top_k": 0, "min_p": 0.0,  # the same sampler as transformers' (llama.cpp's defaults add min_p)
-                "repeat_penalty": 1.0, "ignore_eos": ignore_end,
+                # the chat's anti-loop penalty (bench/sampling_loops.py); llama.cpp applies it to the last
+                # repeat_last_n tokens, so early in an answer the end of the prompt is penalised too
+                "repeat_penalty": self.sampling.repetition_penalty or 1.0, "repeat_last_n": 64,
+                "ignore_eos": ignore_end,
                 # llama.cpp reuses a slot's cached prompt even when the request's adapters differ (measured: a
                 # version's answer changed after the base had used its slot), so the prompt is computed afresh
                 "cache_prompt": False,

@@ -148,9 +148,12 @@ class OpenAIEngine(ChatEngine):
         if self.server_kind == "llama.cpp":
             chosen = state.versions.get(version)
             body.update(lora=[{"id": i, "scale": 1.0 if i == chosen else 0.0} for i in state.versions.values()],
-                        top_k=0, min_p=0.0, cache_prompt=False)  # see llamacpp_engine: the cache ignores adapters
-        elif version != BASE_VERSION:
-            body["model"] = state.versions[version]
+                        top_k=0, min_p=0.0, cache_prompt=False,  # see llamacpp_engine: the cache ignores adapters
+                        repeat_penalty=self.sampling.repetition_penalty or 1.0, repeat_last_n=64)
+        else:  # vLLM's sampling extension (it penalises the prompt's tokens too)
+            body["repetition_penalty"] = self.sampling.repetition_penalty or 1.0
+            if version != BASE_VERSION:
+                body["model"] = state.versions[version]
         return body
 
     def stream(self, prompt_ids: Sequence[list[int]], versions: Sequence[str], max_new_tokens: int | None = None,

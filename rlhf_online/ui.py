@@ -1,8 +1,9 @@
 """The Gradio app: chat, compare two answers labelled only A and B, vote, and watch training in a side panel.
 
-With `admin_ui.py` (the admin panel), the only modules that import Gradio. Every handler is a module-level function
-taking `services` (bound with functools.partial) plus its inputs and returning plain values, so it can be tested
-without a browser.
+With `admin_ui` (the admin panel), `ui_chat` (the chat tab's layout and controls) and `ui_learning` (the timeline
+and How-it-works tabs), the only modules that import Gradio. Every handler is a module-level function taking
+`services` (bound with functools.partial) plus its inputs and returning plain values, so it can be tested without a
+browser.
 
 Named API endpoints (gradio_client), all also usable by benchmarks:
 
@@ -28,8 +29,10 @@ Bad input raises ``gr.Error`` with a message a person can act on; nothing else b
 
 import contextlib
 import functools
+import json
 import logging
 import os
+import time
 import uuid
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
@@ -37,18 +40,21 @@ from dataclasses import dataclass, replace
 import gradio as gr
 import pandas as pd
 
-from rlhf_online import dashboard
+from rlhf_online import dashboard, ui_learning
 from rlhf_online.admin_ui import _constitution, _feedback_mode, build_admin_panel
+from rlhf_online.ui_chat import (PAGE_CSS, PAGE_HEAD, VOTE_BUTTONS, VOTE_KEYS, ChatControls,  # noqa: F401 (re-exported)
+                                 build_chat, controls_ui)
 from rlhf_online.arena import CHOICES, MAX_TOKEN_CHARS, EmptyMessageError
 from rlhf_online.generation import BASE_VERSION
 from rlhf_online.limits import LimitExceededError, client_key, trusted_proxy_count
 from rlhf_online.store import StoreWriteError, UnknownPairError
-from rlhf_online.worker import PAUSED_KEY
+from rlhf_online.worker import ACTIVITY_KEY, PAUSED_KEY
 
 log = logging.getLogger(__name__)
 
 REFRESH_S = 3.0
-VOTE_BUTTONS = (("a", "A is better"), ("b", "B is better"), ("tie", "Tie"), ("both_bad", "Both are bad"))
+VERSION_CHECK_S = 4.0  # how often a page looks for a newly served version to announce in its chat
+WIDE_SCREEN_PX = 1100  # the training panel starts open on screens at least this wide
 
 
 @dataclass(frozen=True)
@@ -114,44 +120,79 @@ def _parse_choice(choice) -> str:
 
 # ---- chat tab handlers (outputs: state, chatbot, answer A, answer B, status, better-answer box, message) --------
 
-def _history(services, state: SessionState, pending: str | None = None) -> list[dict]:
-    """The settled conversation for gr.Chatbot (messages format), plus the message awaiting a vote."""
+def _history(services, state: SessionState, pending: str | None = None,
+             notices: dashboard.ServingNotices | None = None) -> list[dict]:
+    """The settled conversation for gr.Chatbot (messages format), plus the message awaiting a vote, with the
+    "new version" notices where they happened. Only the session that started a conversation sees it."""
     conversation = services.arena.find(state.conversation_id, state.session_id)
     if conversation is None:
         return []
     shown = [{"role": m["role"], "content": m["content"]} for m in conversation.history
              if m.get("role") in ("user", "assistant")]
     pending = pending if pending is not None else conversation.pending_message
-    return shown + ([{"role": "user", "content": pending}] if pending else [])
+    shown += [{"role": "user", "content": pending}] if pending else []
+    return notices.interleave(state.conversation_id, shown) if notices is not None else shown
 
 
-def _stream_turn(services, state: SessionState, updates: Iterator) -> Iterator[tuple]:
+def _version_meta(services, version: str) -> dict | None:
+    """A published version's meta.json (a small file; the registry's full validation loads the weights)."""
+    if version == BASE_VERSION:
+        return None
+    try:
+        return json.loads((services.cfg.adapters_path / version / "meta.json").read_text())
+    except (OSError, ValueError):
+        return None
+
+
+def _note_new_version(services, notices: dashboard.ServingNotices | None, state: SessionState) -> bool:
+    """Add a chat notice if a newer version serves this conversation than when it last looked."""
+    if notices is None or not state.conversation_id:
+        return False
+    serving, previous = services.live.newest_pair()
+    position = len(_history(services, state))
+    return notices.check(state.conversation_id, serving, position, lambda before: dashboard.new_version_notice(
+        serving, _version_meta(services, serving), before))
+
+
+def check_new_version_ui(services, notices: dashboard.ServingNotices, state: SessionState | None):
+    """Timer: show the notice in this page's chat as soon as a new version starts serving."""
+    if state is not None and _note_new_version(services, notices, state):
+        return _history(services, state, notices=notices)
+    return gr.skip()
+
+
+def _stream_turn(services, state: SessionState, updates: Iterator,
+                 notices: dashboard.ServingNotices | None = None) -> Iterator[tuple]:
     state = replace(state, pair_token=None, answers=("", ""))
     cleared = False  # empty the message box once, so a message typed while answers stream is kept
     with _friendly_errors():
         for update in updates:
             state = replace(state, conversation_id=update.conversation_id)
+            if not cleared:  # a new version may serve this turn (a new conversation: remember which)
+                _note_new_version(services, notices, state)
             status = update.notice or ("" if update.done else "Writing two answers…")
             if update.done:
                 state = replace(state, pair_token=update.pair_token, answers=(update.answer_a, update.answer_b))
                 status = " ".join(filter(None, [update.notice, "Which answer is better?"]))
-            yield (state, _history(services, state), update.answer_a, update.answer_b, status,
-                   update.answer_a if update.done else gr.skip(), gr.skip() if cleared else "")
+            yield (state, _history(services, state, notices=notices), update.answer_a,
+                   update.answer_b, status, update.answer_a if update.done else gr.skip(), gr.skip() if cleared else "")
             cleared = True
 
 
-def chat_ui(services, state: SessionState, message: str, request: gr.Request = None) -> Iterator[tuple]:
+def chat_ui(services, state: SessionState, message: str, request: gr.Request = None, *,
+            notices: dashboard.ServingNotices | None = None) -> Iterator[tuple]:
     """Send a message and stream a new pair of answers."""
     state = _ensure_session(state)
     yield from _stream_turn(services, state, services.arena.chat(state.conversation_id, message, state.session_id,
-                                                                 _client(request, services)))
+                                                                 _client(request, services)), notices)
 
 
-def regenerate_ui(services, state: SessionState, request: gr.Request = None) -> Iterator[tuple]:
+def regenerate_ui(services, state: SessionState, request: gr.Request = None, *,
+                  notices: dashboard.ServingNotices | None = None) -> Iterator[tuple]:
     """Sample a fresh pair for the message awaiting a vote (the old pair stays stored, unvoted)."""
     state = _ensure_session(state)
     yield from _stream_turn(services, state, services.arena.regenerate(state.conversation_id, state.session_id,
-                                                                       _client(request, services)))
+                                                                       _client(request, services)), notices)
 
 
 def new_conversation_ui(services, state: SessionState) -> tuple:
@@ -162,7 +203,7 @@ def new_conversation_ui(services, state: SessionState) -> tuple:
 
 
 def vote_ui(services, choice: str, state: SessionState, better_answer: str = "",
-            request: gr.Request = None) -> tuple:
+            request: gr.Request = None, *, notices: dashboard.ServingNotices | None = None) -> tuple:
     """Record a vote on the pair shown, reveal which versions wrote it, and continue the conversation.
 
     The four vote buttons bind `choice` with functools.partial; "Submit better answer" passes the radio's choice.
@@ -179,7 +220,21 @@ def vote_ui(services, choice: str, state: SessionState, better_answer: str = "",
     reveal = dashboard.reveal_markdown(outcome.vote_id, outcome.version_a, outcome.version_b, outcome.duplicate,
                                        pair.reward_a if pair else None, pair.reward_b if pair else None)
     state = replace(state, pair_token=None, answers=("", ""))
-    return state, _history(services, state), "", "", reveal, "", gr.skip()
+    return state, _history(services, state, notices=notices), "", "", reveal, "", gr.skip()
+
+
+def refresh_status(services) -> str:
+    """The panel's first line: which version serves since when, from how many votes, the reward model's recent
+    accuracy, and what the trainer is doing now."""
+    store = services.store
+    serving = services.live.newest_pair()[0]
+    try:
+        activity = json.loads(store.get_control(ACTIVITY_KEY) or "null")
+    except ValueError:
+        activity = None
+    return dashboard.status_line(serving, _version_meta(services, serving), store.latest_metrics("reward", 1),
+                                 activity if isinstance(activity, dict) else None, services.supervisor is not None,
+                                 store.get_control(PAUSED_KEY, "0") == "1", time.time())
 
 
 # ---- API endpoints ----------------------------------------------------------------------------------------------
@@ -271,39 +326,32 @@ def _typed_api(services):
 
 
 def build_app(services) -> gr.Blocks:
+    """The page. Launch it with `css=PAGE_CSS, head=PAGE_HEAD` (Gradio 6 takes them in `launch`)."""
     bind = functools.partial
     private = {"api_visibility": "private"}
+    notices = dashboard.ServingNotices()
     # delete_cache: Gradio copies every file it serves (the admin's exports) into its cache and keeps them
     # forever otherwise; this removes copies older than 10 minutes, every 10 minutes, and all of them at shutdown
     with gr.Blocks(title="rlhf_online: chat, vote, watch it learn", delete_cache=(600, 600)) as demo:
         state = gr.State(SessionState())
-        gr.Markdown("## Chat, pick the better answer, and watch the model learn from your votes\n"
-                    "Two model versions answer each message; their sides are shuffled, so you see only **A** and "
-                    "**B**. Your vote trains a reward model, which trains the chat model in the background.")
+        gr.Markdown("### Chat, pick the better answer, watch the model learn from your votes\n"
+                    "Two model versions answer each message (sides shuffled: you see only **A** and **B**). Your "
+                    "vote trains a reward model, which trains the chat model in the background: the **Training** "
+                    "panel shows it happen, the **Learning timeline** shows what changed.")
         if services.training_notice:
             gr.Markdown(f"**Note:** {services.training_notice}")
-        chatbot = gr.Chatbot(label="Conversation", height=300, sanitize_html=True, allow_tags=False,
-                             feedback_options=None)
-        with gr.Row():
-            message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6,
-                                 max_lines=8)
-            send = gr.Button("Send", variant="primary", scale=1)
-        with gr.Row():  # model output goes in plain textboxes: nothing it writes is rendered as HTML
-            answer_a = gr.Textbox(label="A", lines=8, interactive=False, buttons=["copy"])
-            answer_b = gr.Textbox(label="B", lines=8, interactive=False, buttons=["copy"])
-        with gr.Row():
-            vote_buttons = [(choice, gr.Button(label)) for choice, label in VOTE_BUTTONS]
-        status = gr.Markdown()
-        with gr.Accordion("Write a better answer", open=False):
-            better = gr.Textbox(label="Your answer (starts as answer A; edit it)", lines=6)
-            better_choice = gr.Radio([(label, choice) for choice, label in VOTE_BUTTONS], value="both_bad",
-                                     label="And of the two shown answers")
-            submit_better = gr.Button("Submit my answer with the vote", variant="primary")
-        with gr.Row():
-            regenerate = gr.Button("Regenerate")
-            new_chat = gr.Button("New conversation")
+        with gr.Tabs() as tabs:
+            with gr.Tab("Chat", id="chat"):
+                chat = build_chat()
+            with gr.Tab("Learning timeline", id="timeline") as timeline_tab:
+                timeline_html, timeline_refresh = ui_learning.build_timeline_tab()
+            with gr.Tab("How it works", id="how") as how_tab:
+                how, how_accuracy, how_reward, how_kl = ui_learning.build_how_tab()
+        learning = ui_learning.LearningTabs(timeline_html, timeline_refresh, how, how_accuracy, how_reward, how_kl,
+                                            gr.Timer(ui_learning.HOW_REFRESH_S, active=False))
 
-        with gr.Sidebar(label="Training", open=False, position="right", width=440) as sidebar:
+        with gr.Sidebar(label="Training", open=True, position="right", width=440) as sidebar:
+            status_md = gr.Markdown(elem_id="status-line")
             warning = gr.Markdown(visible=False)
             counts_md, reward_md, trainer_md = gr.Markdown(), gr.Markdown(), gr.Markdown()
             reward_plot = gr.LinePlot(x="iteration", y="mean_score", title="Mean reward per PPO iteration")
@@ -314,23 +362,48 @@ def build_app(services) -> gr.Blocks:
             win_plot = gr.BarPlot(x="matchup", y="win_rate", y_lim=[0, 1], title="Human win rate: newer vs older")
             versions_md = gr.Markdown()
             admin = build_admin_panel(services)
-        timer = gr.Timer(REFRESH_S, active=False)  # ticks only while the panel is open
+        timer = gr.Timer(REFRESH_S, active=True)  # ticks only while the panel is open
+        version_timer = gr.Timer(VERSION_CHECK_S)
+        screen_width = gr.Number(visible=False)
 
-        turn_outputs = [state, chatbot, answer_a, answer_b, status, better, message]
-        for trigger in (send.click, message.submit):
-            trigger(bind(chat_ui, services), [state, message], turn_outputs, concurrency_id="model", **private)
-        regenerate.click(bind(regenerate_ui, services), [state], turn_outputs, concurrency_id="model", **private)
-        new_chat.click(bind(new_conversation_ui, services), [state], turn_outputs, **private)
-        for choice, button in vote_buttons:
-            button.click(bind(vote_ui, services, choice), [state], turn_outputs, **private)
-        submit_better.click(bind(vote_ui, services), [better_choice, state, better], turn_outputs, **private)
+        _wire_chat(services, notices, state, chat)
+        version_timer.tick(bind(check_new_version_ui, services, notices), [state], chat.chatbot,
+                           show_progress="hidden", concurrency_id="dashboard", **private)
 
         panel = [counts_md, reward_md, trainer_md, versions_md, warning, reward_plot, kl_plot, length_plot,
                  accuracy_plot, win_plot, admin.rollback_to]
         refresh = bind(refresh_dashboard, services, dashboard.VersionCache(services.registry))
-        timer.tick(refresh, None, panel, show_progress="hidden", concurrency_id="dashboard", **private)
+        status = bind(refresh_status, services)
+        for tick in (timer.tick, demo.load):
+            tick(refresh, None, panel, show_progress="hidden", concurrency_id="dashboard", **private)
+            tick(status, None, status_md, show_progress="hidden", concurrency_id="dashboard", **private)
+        # open on wide screens only: on a phone the panel would cover the chat
+        demo.load(lambda width: (gr.Sidebar(open=(width or 0) >= WIDE_SCREEN_PX),
+                                 gr.Timer(active=(width or 0) >= WIDE_SCREEN_PX)),
+                  screen_width, [sidebar, timer], js="() => window.innerWidth", **private)
         sidebar.expand(lambda: gr.Timer(active=True), None, timer, **private).then(
             refresh, None, panel, show_progress="hidden", **private)
         sidebar.collapse(lambda: gr.Timer(active=False), None, timer, **private)
+        ui_learning.wire(services, learning, tabs, timeline_tab, how_tab)
         _typed_api(services)
     return demo
+
+
+def _wire_chat(services, notices: dashboard.ServingNotices, state: gr.State, chat: ChatControls) -> None:
+    """Each action first disables every control (at once, without queueing), runs, then sets them from the state."""
+    bind = functools.partial
+    private = {"api_visibility": "private"}
+    quiet = {"show_progress": "hidden", **private}
+    turn_outputs = [state, chat.chatbot, chat.answer_a, chat.answer_b, chat.status, chat.better, chat.message]
+
+    def action(trigger, fn, inputs, **kwargs):
+        trigger(bind(controls_ui, None, True), None, chat.buttons, queue=False, **quiet).then(
+            fn, inputs, turn_outputs, **kwargs, **private).then(controls_ui, [state], chat.buttons, **quiet)
+
+    for trigger in (chat.send.click, chat.message.submit):
+        action(trigger, bind(chat_ui, services, notices=notices), [state, chat.message], concurrency_id="model")
+    action(chat.regenerate.click, bind(regenerate_ui, services, notices=notices), [state], concurrency_id="model")
+    action(chat.new_chat.click, bind(new_conversation_ui, services), [state])
+    for choice, button in chat.vote_buttons:
+        action(button.click, bind(vote_ui, services, choice, notices=notices), [state])
+    action(chat.submit_better.click, bind(vote_ui, services, notices=notices), [chat.better_choice, state, chat.better])

@@ -34,6 +34,7 @@ from rlhf_online.models import (POLICY_ADAPTER, attach_lora, load_base_model, lo
 from rlhf_online.ppo import COLD_START_PROMPTS, IterationStats, PolicyWithValue, PPOTrainer
 from rlhf_online.reward import OnlineRewardLearner, RewardModel, attach_reward_adapter
 from rlhf_online.store import AI_PLACEMENT, Pair, PreferenceStore, store_path
+from rlhf_online.timeline import record_published
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +43,7 @@ REWARD_CHECKPOINT = "reward_model.safetensors"
 PAUSED_KEY = "training_paused"
 TRAINING_SETTINGS_KEY = "training_settings"  # JSON {name: value} an admin set at run time (see apply_settings)
 TRAINING_SETTINGS = ("init_kl_coef", "length_penalty", "ppo_lr")
+ACTIVITY_KEY = "trainer_activity"  # JSON {"doing": text, "since": time}: what the trainer is doing, for the page
 AUTO_ROLLBACK_MIN_VOTES = 20  # human votes between a version and its predecessor before judging it
 AUTO_ROLLBACK_MAX_WIN_RATE = 0.35  # "loses by a clear margin": about 2 of 3 votes against it
 CHECKPOINT_EVERY = 10  # reward updates between checkpoints: a crash loses at most this many (they are re-learned)
@@ -100,6 +102,7 @@ class TrainerWorker:
         self._applied_settings: str | None = None  # the admin's training settings (JSON) last applied
         self.feedback_rng = random.Random(cfg.seed)
         self._judge_model = None  # (model, tokenizer) of a separately configured judge, loaded on first use
+        self._activity: str | None = None
 
     # ---- resume ---------------------------------------------------------------------------------------------
     def _resume_policy(self) -> str:
@@ -154,6 +157,12 @@ class TrainerWorker:
     def _score(self, messages: list[list[dict]], texts: list[str]) -> list[float]:
         return self.reward_model.score(list(zip(messages, texts)))
 
+    def report(self, doing: str) -> None:
+        """Tell the page what the trainer is doing now (one small write, only when it changes)."""
+        if doing != self._activity:
+            self._activity = doing
+            self.store.set_control(ACTIVITY_KEY, json.dumps({"doing": doing, "since": time.time()}))
+
     def paused(self) -> bool:
         return self.store.get_control(PAUSED_KEY, "0") == "1"
 
@@ -183,6 +192,8 @@ class TrainerWorker:
     def learn_from_votes(self, limit: int = 8) -> int:
         """Online reward updates for new preference pairs, then scores for the voted pairs on screen."""
         prefs = self.store.preferences_since(self.learner.last_preference_id, limit=limit)
+        if prefs:
+            self.report(f"learning {len(prefs)} new vote{'s' if len(prefs) > 1 else ''} (reward model)")
         for pref in prefs:
             self.chat_yield()
             stats = self.learner.observe(pref)
@@ -205,6 +216,8 @@ class TrainerWorker:
         return self.cfg.train and self.learner.metrics.total >= self.cfg.ppo.min_preferences
 
     def ppo_iteration(self) -> IterationStats:
+        self.report(f"PPO iteration {self.ppo.iterations + 1}: sampling, scoring and learning from "
+                    f"{self.cfg.ppo.ppo_batch_size} answers")
         prompts = self.ppo.sample_prompts(self.store.recent_prompts(limit=200))
         demos = [(d.prompt, d.answer) for d in self.store.demonstrations(limit=200)]
         stats = self.ppo.iteration(prompts, demos)
@@ -231,6 +244,9 @@ class TrainerWorker:
         self.registry.prune(self.cfg.ppo.keep_versions)
         log.info("published %s (iteration %d, reward %.3f, KL %.3f)", info.name, stats.iteration,
                  stats.mean_score, stats.kl)
+        self.report(f"published {info.name}; answering the timeline's probe questions with it")
+        record_published(self.store, self.cfg, info.name, self.learner.metrics.total, self.peft, self.tokenizer,
+                         self._score, self.chat_yield)
         return info
 
     def follow_rollback(self) -> None:
@@ -353,6 +369,7 @@ class TrainerWorker:
         (ai or mixed mode) only fills the gaps: when there is no vote to learn and it did not just run.
         """
         if self.paused():
+            self.report("paused by the admin")
             return "paused"
         self.apply_settings()
         self.follow_rollback()
@@ -367,6 +384,9 @@ class TrainerWorker:
             self._last_step = "ppo"
         else:
             self._last_step = "idle"
+            needed = self.cfg.ppo.min_preferences - self.learner.metrics.total
+            self.report(f"waiting for votes (PPO starts after {needed} more)" if needed > 0 and self.cfg.train
+                        else "waiting for new votes")
         return self._last_step
 
 

@@ -126,3 +126,52 @@ def test_version_cache_revalidates_only_when_folders_change(tmp_path):
     (tmp_path / "v0002" / "RETIRED").write_text("x")  # a rollback marks a folder without renaming it
     assert cache.versions() == ["v0001"]
     assert registry.calls == 3
+
+
+def test_status_line_says_what_serves_since_when_from_how_many_votes_and_what_the_trainer_does():
+    now = 10_000.0
+    line = dashboard.status_line("v0003", {"published_at": now - 240, "votes_seen": 24},
+                                 [{"pairs": 30, "recent_accuracy": 0.7}],
+                                 {"doing": "PPO iteration 5: sampling", "since": now - 12}, True, False, now)
+    assert line == ("**Serving `v0003`** since 4 min ago, learned from 24 votes · reward model right on 70% of the "
+                    "last 30 new pairs · trainer: PPO iteration 5: sampling (12 s ago)")
+    base = dashboard.status_line("base", None, [], None, False, False, now)
+    assert "Serving the base model" in base and "no votes learned yet" in base and "trainer: off" in base
+    paused = dashboard.status_line("v0001", {"votes_seen": 1}, [{"pairs": 80, "recent_accuracy": 0.5}],
+                                   {"doing": "x"}, True, True, now)
+    assert "learned from 1 vote " in paused + " " and "last 50 new pairs" in paused and "**paused**" in paused
+
+
+def test_serving_notices_appear_where_the_version_changed():
+    notices = dashboard.ServingNotices(max_conversations=2)
+    describe = lambda before: f"now v2 (was {before})"  # noqa: E731
+    assert not notices.check("c1", "v1", 0, describe)  # the first look only remembers
+    assert not notices.check("c1", "v1", 2, describe)
+    assert notices.check("c1", "v2", 2, describe)
+    messages = [{"role": "user", "content": "q1"}, {"role": "assistant", "content": "a1"},
+                {"role": "user", "content": "q2"}]
+    shown = notices.interleave("c1", messages)
+    assert [m["content"] for m in shown] == ["q1", "a1", "now v2 (was v1)", "q2"]
+    assert shown[2]["role"] == "assistant" and shown[2]["metadata"]["title"] == "Model update"
+    assert notices.interleave("other", messages) == messages
+    assert not notices.check("", "v3", 0, describe)
+    notices.check("c2", "v1", 0, describe)
+    notices.check("c3", "v1", 0, describe)  # bounded: the oldest conversation is forgotten
+    assert notices.interleave("c1", messages) == messages
+
+
+def test_phases_show_live_numbers_in_plain_words():
+    ppo_cfg = SimpleNamespace(sft_coef=0.1, target_kl=6.0, min_preferences=4)
+    empty = dashboard.phases_markdown({"votes": {}, "demonstrations": 0}, [], [], [], {}, "human", ppo_cfg, None)
+    assert set(empty) == {"sft", "reward", "ppo", "hacking", "ai"}
+    assert "has not learned from any vote yet" in empty["reward"] and "learned from 4 pairs" in empty["ppo"]
+    live = dashboard.phases_markdown(
+        {"votes": {"a": 5, "b": 3, "tie": 1}, "demonstrations": 2},
+        [{"pairs": 8, "prequential_accuracy": 0.625, "recent_accuracy": 0.75}], [ppo(1, 0.1), ppo(4, 0.9)],
+        [VersionRecord("v0002", "v0001", 3, 1, 0)], {"votes": {"human": 9, "ai": 4}, "agreement": {"pairs": 2, "agree": 1}},
+        "mixed", ppo_cfg, "⚠️ **Possible reward hacking:** something")
+    assert "**2** better answers" in live["sft"] and "**9** votes so far (8 picked a side)" in live["reward"]
+    assert "**0.75** on the last 50" in live["reward"]
+    assert "Iteration **4**" in live["ppo"] and "from 0.10 at iteration 1" in live["ppo"] and "KL" in live["ppo"]
+    assert "**75%** of 4 votes" in live["hacking"] and "Possible reward hacking" in live["hacking"]
+    assert "4 AI labels" in live["ai"] and "1/2 pairs" in live["ai"]

@@ -148,3 +148,18 @@ def test_generation_error_surfaces_in_the_consumer(serving_base, tokenizer):
     with pytest.raises(RuntimeError, match="kaboom"):
         list(generator.stream([[1, 2, 3]], [BASE_VERSION]))
     assert not generator.lock.locked()
+
+
+def test_repetition_penalty_applies_to_the_answer_only():
+    import torch as _torch
+
+    from rlhf_online.generation import answer_repetition_penalty
+
+    assert len(answer_repetition_penalty(1.0, 5)) == 0  # 1 = off: no processor at all
+    (penalty,) = answer_repetition_penalty(2.0, 3)
+    ids = _torch.tensor([[1, 2, 3, 4, 4]])  # a 3-token prompt, then the answer so far: token 4 twice
+    scores = _torch.tensor([[1.0, 1.0, 1.0, 1.0, 1.0, -1.0]])
+    out = penalty(ids, scores.clone())
+    assert out[0, 4] == 0.5  # a token the answer used: its logit divided by the penalty
+    assert out[0, 1] == out[0, 2] == out[0, 3] == 1.0  # the question's tokens stay free to use
+    assert out[0, 5] == -1.0 and out[0, 0] == 1.0

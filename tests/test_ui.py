@@ -5,6 +5,7 @@ import os
 import sqlite3
 import threading
 import time
+from dataclasses import replace
 import zipfile
 from pathlib import Path
 from types import SimpleNamespace
@@ -470,3 +471,37 @@ def test_without_a_configured_token_one_is_generated_and_printed_once(tiny_model
     configured = load_config([], environ={"RLHF_ADMIN_TOKEN": "mine-DO-NOT-PRINT"})
     assert admin_ui.ensure_admin_token(configured) == "mine-DO-NOT-PRINT"
     assert "mine-DO-NOT-PRINT" not in capsys.readouterr().out
+
+
+def test_controls_follow_the_pair_state():
+    def interactive(outputs):
+        return [update["interactive"] for update in outputs]
+
+    # order: 4 votes, submit-better, Regenerate, New conversation, Send
+    assert interactive(ui.controls_ui(ui.SessionState())) == [False] * 6 + [False, True]
+    pending = ui.SessionState(session_id="s", conversation_id="c", pair_token="t0k3n", answers=("x", "y"))
+    assert interactive(ui.controls_ui(pending)) == [True] * 8
+    assert interactive(ui.controls_ui(pending, busy=True)) == [False] * 8  # while answers are being written
+    voted = replace(pending, pair_token=None)
+    assert interactive(ui.controls_ui(voted)) == [False] * 6 + [True, True]
+
+
+def test_new_version_notice_reaches_the_chat(services, monkeypatch):
+    notices = ui.dashboard.ServingNotices()
+    state = list(ui.chat_ui(services, ui.SessionState(), "Hello", notices=notices))[-1][0]
+    assert ui.check_new_version_ui(services, notices, state) is not None
+    unchanged = ui.check_new_version_ui(services, notices, state)
+    assert not isinstance(unchanged, list)  # nothing new: the chat is left alone
+    monkeypatch.setattr(services.live, "newest_pair", lambda: ("v0009", "base"))
+    history = ui.check_new_version_ui(services, notices, state)
+    assert isinstance(history, list) and "`v0009` is now answering" in history[-1]["content"]
+    assert history[0] == {"role": "user", "content": "Hello"}
+    monkeypatch.undo()  # (the arena samples from newest_pair too, and v0009 does not exist)
+    after_vote = ui.vote_ui(services, "a", state, notices=notices)[1]
+    assert [m["content"] for m in after_vote][0] == "Hello"  # the notice stays where it happened
+    assert "`v0009` is now answering" in after_vote[1]["content"] and after_vote[2]["role"] == "assistant"
+
+
+def test_status_line_reads_the_trainer_activity(services):
+    text = ui.refresh_status(services)
+    assert text.startswith("**Serving the base model**") and "trainer: off" in text

@@ -19,7 +19,8 @@ from rlhf_online.config import AppConfig, FeedbackConfig, ModelConfig, PPOConfig
 from rlhf_online.generation import BASE_VERSION
 from rlhf_online.judge import load_constitution, set_feedback_mode
 from rlhf_online.store import AI_PLACEMENT, PreferenceStore, store_path
-from rlhf_online.worker import PAUSED_KEY, REWARD_CHECKPOINT, VALUE_HEAD_FILE, ChatYield, TrainerWorker
+from rlhf_online.timeline import load_entries
+from rlhf_online.worker import ACTIVITY_KEY, PAUSED_KEY, REWARD_CHECKPOINT, VALUE_HEAD_FILE, ChatYield, TrainerWorker
 
 VOTES = [("hello how are you today?", "I am fine, thank you. banana", "Paris."),
          ("Why is the sky blue?", "Rayleigh scattering, banana.", "It is four."),
@@ -99,6 +100,9 @@ def test_step_learns_votes_then_runs_ppo_and_publishes(cfg, tiny_model_dir):
     ppo_metrics = worker.store.metrics("ppo")
     assert len(ppo_metrics) == 1 and ppo_metrics[0].values["published"] == "v0001"
     assert not [p for p in cfg.adapters_path.iterdir() if ".tmp" in p.name]
+    # publishing answered the timeline's probes (the base's too), and the page can tell what the trainer did last
+    assert [e.version for e in load_entries(worker.store)] == ["v0001", BASE_VERSION]
+    assert "timeline" in json.loads(worker.store.get_control(ACTIVITY_KEY))["doing"]
 
     # A plain PEFT load of the folder on a fresh base gives exactly the trainer's policy adapter.
     fresh = models.load_base_model(str(tiny_model_dir), "nf4", for_training=True).model

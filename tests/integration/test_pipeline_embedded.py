@@ -12,6 +12,7 @@ from rlhf_online.config import load_config
 from rlhf_online.generation import BASE_VERSION
 from rlhf_online.models import load_base_model
 from rlhf_online.services import build_services
+from rlhf_online.timeline import load_entries
 from rlhf_online.worker import TrainerWorker
 
 pytestmark = pytest.mark.integration
@@ -23,7 +24,9 @@ def cfg(tmp_path_factory):
     return load_config(["--data-dir", str(root / "data"), "--adapters-dir", str(root / "adapters"),
                         "--max-new-tokens", "8", "--ppo-max-new-tokens", "8", "--ppo-batch-size", "2",
                         "--ppo-minibatch-size", "2", "--ppo-epochs", "1", "--min-preferences", "2",
-                        "--publish-every", "1", "--reward-max-tokens", "96"], environ={})
+                        "--publish-every", "1", "--reward-max-tokens", "96", "--probe-prompts",
+                        "Why is the sky blue?|What is the capital of Australia?", "--probe-max-new-tokens", "12"],
+                       environ={})
 
 
 def test_votes_train_publish_and_hot_swap(cfg):
@@ -48,8 +51,17 @@ def test_votes_train_publish_and_hot_swap(cfg):
 
         assert services.engine.name == "llamacpp"  # the CPU default for the embedded GGUF
         assert (cfg.adapters_path / "v0001" / "adapter_model.gguf").is_file()  # written at publish time
-        swap = services.live.refresh()
-        assert swap is not None and swap.version == "v0001"
+        # publishing answered the timeline's probes with the base and with v0001, scored by the reward model
+        entries = load_entries(services.store)
+        assert [e.version for e in entries] == ["v0001", BASE_VERSION]
+        for entry in entries:
+            assert entry.prompts == ["Why is the sky blue?", "What is the capital of Australia?"]
+            assert all(entry.answers) and all(0 < n <= 12 for n in entry.tokens)
+            assert all(isinstance(score, float) for score in entry.scores)
+        assert entries[0].votes_seen == 3
+
+        services.live.refresh()  # (the watcher thread may have hot-loaded it already while the probes ran)
+        assert [swap.version for swap in services.live.swaps] == ["v0001"]
         assert services.live.newest_pair() == ("v0001", BASE_VERSION)
         update = services.arena.chat_to_end(None, "What is 2+2?", "test")
         pair = services.store.get_pair(update.pair_id)
