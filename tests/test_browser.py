@@ -108,6 +108,17 @@ def text_of(driver, element_id: str) -> str:
     return " ".join(driver.find_element(By.ID, element_id).text.split())
 
 
+def token_of(db: Path, pair_id: int) -> str:
+    """The unguessable token /chat handed out for a pair row (what `vote_rows` looks votes up by)."""
+    import sqlite3
+
+    conn = sqlite3.connect(db)
+    try:
+        return conn.execute("SELECT token FROM pairs WHERE id = ?", (pair_id,)).fetchone()[0]
+    finally:
+        conn.close()
+
+
 def latest_pair(db: Path) -> tuple[int, str, str]:
     import sqlite3
 
@@ -166,14 +177,15 @@ def test_chat_vote_and_panel_in_a_real_browser(app, browser, shots):
 
     browser.find_element(By.TAG_NAME, "body").send_keys(Keys.ESCAPE, "2")  # keys 1-4 vote, outside text boxes
     wait_for(browser, lambda d: "saved" in text_of(d, "chat-status"), "the vote was not acknowledged")
-    assert vote_rows(app.db, pair_id) == [(vote_rows(app.db, pair_id)[0][0], "b", None)]
+    votes = vote_rows(app.db, token_of(app.db, pair_id))
+    assert votes == [(votes[0][0], "b", None)]
     assert all(disabled(browser, button) for button in VOTE_IDS), "a voted pair cannot be voted again"
     assert not disabled(browser, "new-conversation") and not disabled(browser, "send")
     assert "`base`" in browser.find_element(By.ID, "chat-status").get_attribute("innerHTML") or \
         "base" in text_of(browser, "chat-status")  # which version wrote each side is revealed
     browser.find_element(By.TAG_NAME, "body").send_keys("1")  # a second key press changes nothing
     time.sleep(1)
-    assert [row[1] for row in vote_rows(app.db, pair_id)] == ["b"]
+    assert [row[1] for row in vote_rows(app.db, token_of(app.db, pair_id))] == ["b"]
     wait_for(browser, lambda d: "B better: 1" in d.find_element(By.CSS_SELECTOR, ".sidebar").text,
              "the training panel did not count the vote")
     browser.save_screenshot(str(shots / "03-voted-panel-updated.png"))
