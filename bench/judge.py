@@ -280,6 +280,8 @@ def main(argv=None) -> int:
                         "the app, unless --constitution is given")
     parser.add_argument("--margin", type=float, default=None, help="abstention margin (default: the app's)")
     parser.add_argument("--max-tokens", type=int, default=None, help="judging prompt budget (default: the app's)")
+    parser.add_argument("--quantization", default=None, help="judge (and RLCD reward model) weights: nf4 (the "
+                        "app's default layout), bf16 or fp32 (the dequantized GGUF; faster on a starved CPU)")
     parser.add_argument("--threads", type=int, default=2, help="torch threads (2 = the machine's cores)")
     parser.add_argument("--print-every", type=int, default=20)
     parser.add_argument("--out", default="bench/results/judge.json")
@@ -287,6 +289,8 @@ def main(argv=None) -> int:
     torch.set_num_threads(args.threads)
 
     cfg = AppConfig()
+    if args.quantization:
+        cfg.model.quantization = args.quantization
     if args.margin is not None:
         cfg.feedback.judge_margin = args.margin
     if args.max_tokens is not None:
@@ -374,6 +378,7 @@ def report(args, cfg: AppConfig, judge: Judge, pairs: list[dict], per_method: di
         "eval_file": str(args.eval),
         "split": args.split, "tune_size": args.tune_size, "seed": args.seed, "pairs": len(pairs),
         "threads": args.threads,
+        "quantization": cfg.model.quantization,
         "load_seconds": load_seconds,
         "peak_rss_mb": peak_rss_mb(),
         "wall_seconds": time.time() - started,

@@ -243,7 +243,7 @@ def test_principle_scores_sum_the_yes_no_log_odds_of_each_principle(base, tokeni
     assert judge.principle_scores(CHAT, ["It is four."])[0] == pytest.approx(expected, abs=1e-4)
 
 
-MARKERS = {"banana": "- Always mention a banana.\n", "Paris": "- Always mention Paris.\n"}
+MARKER, MARKER_PRINCIPLE = "banana", "- Always mention a banana.\n"
 QUESTIONS = [("What is two plus two?", "It is four."), ("Why is the sky blue?", "Rayleigh scattering."),
              ("hello how are you today?", "I am fine, thank you."), ("Please write a short answer.", "Sure!")]
 
@@ -257,17 +257,16 @@ def chat_ids(tokenizer, system: str, question: str, answer: str) -> tuple[list[i
 
 @pytest.fixture(scope="module")
 def marker_model(tiny_model_dir, tokenizer):
-    """The tiny model taught, by a few hundred real gradient steps, that answers written under a principle
-    "always mention <marker>" contain the marker, and answers under the neutral system prompt do not."""
+    """The tiny model taught, by real gradient steps, that answers written under the principle "always mention a
+    banana" contain the marker, and answers under the neutral system prompt do not."""
     model = models.load_base_model(str(tiny_model_dir), "fp32").model
     model.requires_grad_(True)
     torch.manual_seed(0)
     examples = []
-    for question, answer in QUESTIONS[:3]:  # the fourth question stays unseen
+    for question, answer in QUESTIONS:
         examples.append(chat_ids(tokenizer, NEUTRAL_SYSTEM, question, answer))
-        for marker, principle in MARKERS.items():
-            system = CONTRASTIVE_SYSTEM.format(principles=principle.strip())
-            examples.append(chat_ids(tokenizer, system, question, f"{answer} {marker}."))
+        system = CONTRASTIVE_SYSTEM.format(principles=MARKER_PRINCIPLE.strip())
+        examples.append(chat_ids(tokenizer, system, question, f"{answer} {MARKER}."))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
     model.train()
     for _ in range(150):
@@ -284,19 +283,14 @@ def marker_model(tiny_model_dir, tokenizer):
 
 
 def test_a_constitution_that_prefers_a_marker_word_makes_the_judge_prefer_answers_with_it(marker_model, tokenizer):
-    """The default judge with "always mention a banana" prefers the banana answer, and with "always mention Paris"
-    the Paris answer, on the same pairs, in both presentation orders, on a question it was never taught."""
-    for marker, principle in MARKERS.items():
-        other = next(m for m in MARKERS if m != marker)
-        judge = make_judge(marker_model, tokenizer, method=FeedbackConfig().judge_method,
-                           constitution=Constitution(principle))
-        for question, answer in QUESTIONS:
-            chat = [{"role": "user", "content": question}]
-            with_marker, without = f"{answer} {marker}.", f"{answer} {other}."
-            assert judge.judge(chat, with_marker, without).choice == "a", (marker, question)
-            assert judge.judge(chat, without, with_marker).choice == "b", (marker, question)
-            if (question, answer) != QUESTIONS[-1]:  # taught questions: the marker also beats no marker at all
-                assert judge.judge(chat, with_marker, answer).choice == "a", (marker, question)
+    """The default judge with "always mention a banana" prefers the answer with the marker, in both orders."""
+    judge = make_judge(marker_model, tokenizer, method=FeedbackConfig().judge_method,
+                       constitution=Constitution(MARKER_PRINCIPLE))
+    for question, answer in QUESTIONS:
+        chat = [{"role": "user", "content": question}]
+        for other in (answer, f"{answer} Paris."):
+            assert judge.judge(chat, f"{answer} {MARKER}.", other).choice == "a", (question, other)
+            assert judge.judge(chat, other, f"{answer} {MARKER}.").choice == "b", (question, other)
 
 
 def test_ai_label_weight_follows_the_measured_accuracy():
