@@ -147,12 +147,18 @@ class FeedbackConfig:
     constitution_file: str = _opt("", "the principles the judge applies ('' = the shipped "
                                       "rlhf_online/constitution.md); an admin edit in the UI, saved as "
                                       "<data-dir>/constitution.md, takes precedence")
-    ai_weight: float = _opt(0.5, "weight of an AI label in the reward loss in mixed mode (a human vote weighs 1; "
-                                 "in ai mode AI labels weigh 1)")
-    judge_margin: float = _opt(0.05, "the judge abstains unless its order-averaged P(A better) is at least this "
-                                     "far from 0.5")
+    judge_method: str = _opt("contrastive_mean", "how the judge turns the principles into a preference: "
+                                 "contrastive_mean / contrastive_sum (how much more likely each answer is after "
+                                 "the principles than without them, per token / summed), principles (yes/no per "
+                                 "principle for each answer alone) or ab (shown both, asked A or B); measured "
+                                 "in bench/judge.py")
+    ai_weight: float = _opt(1.0, "the most an AI label can weigh in the reward loss in mixed mode (a human vote "
+                                 "weighs 1); below that its weight follows the judge's measured accuracy q, as "
+                                 "2q - 1 (see judge.ai_label_weight); in ai mode AI labels weigh 1")
+    judge_margin: float = _opt(0.0, "the judge abstains unless its P(A better) is at least this far from 0.5 "
+                                    "(0: only on an exact tie; bench/judge.py reports accuracy by confidence)")
     ai_labels_per_step: int = _opt(2, "pairs the AI judge labels per trainer step (rate limit)")
-    judge_max_tokens: int = _opt(768, "longest judging prompt in tokens; the oldest conversation turns and the "
+    judge_max_tokens: int = _opt(512, "longest judging prompt in tokens; the oldest conversation turns and the "
                                       "ends of long answers are cut first")
 
 

@@ -4,10 +4,12 @@ Human votes are scarce, so a model can label some pairs by judging them against 
 Those labels are a second, clearly separated source of preferences: the store records each one as a vote with
 source ``ai``, the judge's id and the constitution's version, and the reward model learns it with a lower weight.
 
-The judge reads a next-token distribution instead of generating text: after a judging prompt it compares the
-probability of the letters "A" and "B". Small models prefer whichever answer is shown first (or second), so both
-presentation orders are scored in one batched forward and averaged, which makes the verdict symmetric by
-construction: swapping the two answers gives exactly ``1 - p``.
+The judge reads log-probabilities instead of generating text. Asking a 135M model "which is better, A or B?"
+measures its position bias (it says "B" whatever the answers), so the default scores each answer alone:
+contrastive likelihood, how much more likely the answer is after a system prompt stating the principles than
+after a neutral one (see ``Judge``). Per-principle yes/no and the A/B comparison (both orders averaged, so
+swapping the answers gives exactly ``1 - p``) remain available as ``--judge-method``; bench/judge.py compares them
+on human preference pairs.
 
 The default judge is the policy's own base model with its adapters disabled (``peft_model.disable_adapter``), so
 no second model is loaded; any other local or hub model can be named with ``--judge-model``.
@@ -39,6 +41,14 @@ JUDGE_SYSTEM = ("You are an impartial judge. You compare two answers that an AI 
                 "conversation and decide which one better follows the principles.")
 JUDGE_QUESTION = "Which answer better follows the principles? Reply with one letter: A or B."
 ANSWER_CUE = "The better answer is Answer"  # the assistant turn starts with this, so the next token is the letter
+
+JUDGE_METHODS = ("contrastive_mean", "contrastive_sum", "principles", "ab")
+# Contrastive likelihood: the same conversation after these two system prompts, which differ only by the principles.
+CONTRASTIVE_SYSTEM = "You are a helpful AI assistant. Every answer you give follows these principles:\n{principles}"
+NEUTRAL_SYSTEM = "You are a helpful AI assistant."
+# Per-principle yes/no: one question per principle about one answer alone.
+PRINCIPLE_SYSTEM = "You check whether an AI assistant's answer follows a principle. Reply with Yes or No."
+PRINCIPLE_QUESTION = "Principle: {principle}\nDoes the assistant's answer follow this principle? Reply Yes or No."
 
 
 # ---- feedback mode ------------------------------------------------------------------------------------------
@@ -131,12 +141,19 @@ def save_constitution(data_dir: str | Path, text: str) -> Constitution:
 
 @dataclass(frozen=True)
 class Verdict:
-    """Which answer the judge prefers, from P(A better) averaged over both presentation orders."""
+    """Which answer the judge prefers, with P(A better).
 
-    p_a: float  # order-averaged probability that answer A is better
-    p_a_shown_first: float  # single-order probability, answer A in the first slot
-    p_a_shown_second: float  # single-order probability, answer A in the second slot
+    For the A/B method ``p_a`` averages both presentation orders; for the pointwise methods (contrastive,
+    principles) each answer is scored alone, there is no slot to follow, and ``p_a = sigmoid(score_a - score_b)``.
+    """
+
+    p_a: float  # probability that answer A is better (order-averaged for "ab")
+    p_a_shown_first: float  # "ab": single-order probability, answer A in the first slot; pointwise: = p_a
+    p_a_shown_second: float  # "ab": single-order probability, answer A in the second slot; pointwise: = p_a
     choice: str | None  # "a", "b", or None: abstained, too close to call
+    method: str = "ab"
+    score_a: float = float("nan")  # pointwise methods: each answer's own score (higher = follows the principles)
+    score_b: float = float("nan")
 
     @property
     def confidence(self) -> float:
@@ -149,9 +166,30 @@ class Verdict:
         return (self.p_a_shown_first > 0.5) != (self.p_a_shown_second > 0.5)
 
 
-def judge_label(judge_id: str, constitution: Constitution) -> str:
-    """What a vote's ``judge`` column records: which judge, applying which principles."""
-    return f"{judge_id}@{constitution.version}"
+def judge_label(judge_id: str, constitution: Constitution, method: str = "ab") -> str:
+    """What a vote's ``judge`` column records: which judge, by which method, applying which principles.
+
+    The A/B judge keeps its historical label ``<id>@<version>``; other methods are named: ``<id>/<method>@<version>``.
+    """
+    return f"{judge_id}@{constitution.version}" if method == "ab" else f"{judge_id}/{method}@{constitution.version}"
+
+
+def check_judge_method(method: str) -> str:
+    key = str(method or "").strip().lower()
+    if key not in JUDGE_METHODS:
+        raise ValueError(f"judge method must be one of {', '.join(JUDGE_METHODS)}, got {method!r}")
+    return key
+
+
+def _answer_token_ids(tokenizer, yes: str = "Yes", no: str = "No") -> tuple[list[int], list[int]]:
+    """First tokens of "Yes" and "No", with and without a leading space, except any both words start with."""
+    firsts = {word: {tokenizer.encode(text, add_special_tokens=False)[0] for text in (word, " " + word)}
+              for word in (yes, no)}
+    shared = firsts[yes] & firsts[no]
+    yes_ids, no_ids = sorted(firsts[yes] - shared), sorted(firsts[no] - shared)
+    if not yes_ids or not no_ids:
+        raise ValueError("the judge's tokenizer cannot tell 'Yes' from 'No' by their first token")
+    return yes_ids, no_ids
 
 
 def _letter_token_ids(tokenizer, letter: str) -> list[int]:
@@ -164,26 +202,47 @@ def _letter_token_ids(tokenizer, letter: str) -> list[int]:
 
 
 class Judge:
-    """Compares two answers to one conversation under a constitution.
+    """Compares two answers to one conversation under a constitution, by one of ``JUDGE_METHODS``.
 
     ``base_context`` is entered around every forward pass: ``peft_model.disable_adapter`` turns the trainer's
     policy model into its own base for judging.
+
+    Methods (measured against human votes in ``bench/judge.py``; README, "AI feedback", has the numbers):
+
+    - ``contrastive`` (the default): each answer's score is how much more likely the model finds it after a
+      system prompt stating the principles than after its neutral one, ``log P(answer | principles, chat) -
+      log P(answer | chat)``, averaged per answer token (``contrastive_sum``: summed). The base model is the
+      judge's only opinion; the principles only move it, so what is measured is the principles' effect.
+    - ``principles``: for each answer alone and each principle, the log-odds of "Yes" after "Does the answer
+      follow this principle?", summed over principles.
+    - ``ab``: the model is shown both answers and asked "A or B?", in both orders, averaged.
+
+    The pointwise methods never show the two answers together, so no slot can be preferred: swapping the
+    answers swaps the scores and nothing else. Shared prefixes (the system prompt and the conversation) run
+    once per judgement, with the KV cache, and only the answers and questions are run after them.
     """
 
     def __init__(self, model, tokenizer, constitution: Constitution, cfg: FeedbackConfig, judge_id: str,
-                 base_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext):
+                 base_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+                 method: str | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.constitution = constitution
         self.cfg = cfg
         self.judge_id = judge_id
         self.base_context = base_context
+        self.method = check_judge_method(method or cfg.judge_method)
         self.a_ids = _letter_token_ids(tokenizer, "A")
         self.b_ids = _letter_token_ids(tokenizer, "B")
+        self.yes_ids, self.no_ids = _answer_token_ids(tokenizer)
 
     @property
     def label(self) -> str:
-        return judge_label(self.judge_id, self.constitution)
+        return judge_label(self.judge_id, self.constitution, self.method)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.model.parameters()).device
 
     # ---- prompt -----------------------------------------------------------------------------------------------
     def _clip(self, text: str, max_tokens: int, keep_end: bool = False) -> str:
@@ -193,18 +252,20 @@ class Judge:
         kept = ids[-max_tokens:] if keep_end else ids[:max_tokens]
         return ("…" if keep_end else "") + self.tokenizer.decode(kept).strip() + ("" if keep_end else " …")
 
+    def _template(self, chat: list[dict], generation_prompt: bool = True) -> list[int]:
+        out = self.tokenizer.apply_chat_template(chat, add_generation_prompt=generation_prompt, tokenize=True)
+        return list(out["input_ids"] if hasattr(out, "keys") else out)
+
     def _render(self, turns: list[dict], first: str, second: str) -> list[int]:
         conversation = "\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
                                  for m in turns if m["role"] in ("user", "assistant"))
         request = (f"Principles:\n{self.constitution.text.strip()}\n\nConversation:\n{conversation}\n\n"
                    f"Answer A:\n{first}\n\nAnswer B:\n{second}\n\n{JUDGE_QUESTION}")
         chat = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": request}]
-        out = self.tokenizer.apply_chat_template(chat, add_generation_prompt=True, tokenize=True)
-        ids = list(out["input_ids"] if hasattr(out, "keys") else out)
-        return ids + self.tokenizer.encode(ANSWER_CUE, add_special_tokens=False)
+        return self._template(chat) + self.tokenizer.encode(ANSWER_CUE, add_special_tokens=False)
 
     def prompts(self, messages: list[dict], answer_a: str, answer_b: str) -> tuple[list[int], list[int]]:
-        """Token ids of the judging prompt in both orders (A first, B first), within ``judge_max_tokens``.
+        """Token ids of the A/B judging prompt in both orders (A first, B first), within ``judge_max_tokens``.
 
         Each answer keeps at most a quarter of the budget (its start, where the substance usually is); then the
         oldest turns go, never the last message, whose beginning is cut as a last resort.
@@ -226,13 +287,58 @@ class Judge:
                 return rows
             turns = [{**turns[-1], "content": self._clip(last, room, keep_end=True)}]
 
-    # ---- scoring ----------------------------------------------------------------------------------------------
+    def recent_turns(self, messages: list[dict], max_tokens: int) -> list[dict]:
+        """The conversation's latest turns within ``max_tokens`` (the last message's end kept, at worst)."""
+        turns = [dict(m) for m in messages if m["role"] in ("user", "assistant", "system")]
+        kept: list[dict] = []
+        used = 0
+        for turn in reversed(turns):
+            size = len(self.tokenizer.encode(turn["content"], add_special_tokens=False)) + 4
+            if kept and used + size > max_tokens:
+                break
+            if not kept and size > max_tokens:
+                turn = {**turn, "content": self._clip(turn["content"], max(8, max_tokens - 4), keep_end=True)}
+            kept.insert(0, turn)
+            used += size
+        return kept
+
+    def answer_tokens(self, answer: str) -> list[int]:
+        """The answer as the assistant turn the model would write: its start, then end-of-turn."""
+        budget = max(16, self.cfg.judge_max_tokens // 6)
+        ids = self.tokenizer.encode(answer.strip(), add_special_tokens=False)[:budget]
+        return ids + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
+
+    def contrastive_prefixes(self, messages: list[dict]) -> tuple[list[int], list[int]]:
+        """(principled, neutral) prompt ids: the same conversation after the principles' or the neutral system."""
+        turns = [m for m in self.recent_turns(messages, self.cfg.judge_max_tokens // 3) if m["role"] != "system"]
+        principled = [{"role": "system", "content": CONTRASTIVE_SYSTEM.format(principles=self.constitution.text.strip())}]
+        neutral = [{"role": "system", "content": NEUTRAL_SYSTEM}]
+        return self._template(principled + turns), self._template(neutral + turns)
+
+    def principle_rows(self, messages: list[dict], answer: str) -> tuple[list[int], list[list[int]]]:
+        """(shared prefix, one suffix per principle): the question about each principle comes after the answer."""
+        turns = self.recent_turns(messages, self.cfg.judge_max_tokens // 3)
+        conversation = "\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
+                                 for m in turns if m["role"] in ("user", "assistant"))
+        answer = self._clip(answer.strip(), max(16, self.cfg.judge_max_tokens // 6))
+        principles = self.constitution.principles or [self.constitution.text.strip()]
+        rows = []
+        for principle in principles:
+            request = (f"Conversation:\n{conversation}\n\nThe assistant's next answer:\n{answer}\n\n"
+                       + PRINCIPLE_QUESTION.format(principle=principle))
+            rows.append(self._template([{"role": "system", "content": PRINCIPLE_SYSTEM},
+                                        {"role": "user", "content": request}]))
+        shared = 0
+        while all(len(r) > shared + 1 for r in rows) and len({r[shared] for r in rows}) == 1:
+            shared += 1
+        return rows[0][:shared], [r[shared:] for r in rows]
+
+    # ---- forward passes ---------------------------------------------------------------------------------------
     @torch.no_grad()
     def letter_margins(self, rows: list[list[int]]) -> torch.Tensor:
         """(N,) log P("A") - log P("B") at the end of each prompt, both letters' spellings pooled; one forward."""
         batch = self.tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt")
-        device = next(self.model.parameters()).device
-        input_ids, attention_mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)  # (N, T)
+        input_ids, attention_mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
         position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # (N, T) left padding aware, as generate()
         with self.base_context():
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
@@ -240,7 +346,93 @@ class Judge:
         logprobs = logits.double().log_softmax(-1)  # (N, V)
         return (logprobs[:, self.a_ids].logsumexp(-1) - logprobs[:, self.b_ids].logsumexp(-1)).cpu()  # (N,)
 
+    @torch.no_grad()
+    def continuation_logprobs(self, prefix: list[int], continuations: list[list[int]]) -> list[torch.Tensor]:
+        """Per continuation, (1 + len_i, V) next-token log-probs: after the prefix, then after each of its tokens.
+
+        The prefix runs once and its KV cache is shared by all continuations (right-padded in one batch, so
+        each real token sees exactly the prefix and its own earlier tokens). Row i's entry j is the distribution
+        of continuation token j (j < len_i) or, at j = len_i, of the token after the whole continuation.
+        """
+        device, n = self.device, len(continuations)
+        width = max(len(c) for c in continuations)
+        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else 0
+        ids = torch.full((n, width), pad, dtype=torch.long, device=device)  # (n, W)
+        mask = torch.zeros(n, len(prefix) + width, dtype=torch.long, device=device)  # (n, P + W)
+        mask[:, :len(prefix)] = 1
+        for i, c in enumerate(continuations):
+            ids[i, :len(c)] = torch.tensor(c, dtype=torch.long)
+            mask[i, len(prefix):len(prefix) + len(c)] = 1
+        position_ids = torch.arange(len(prefix), len(prefix) + width, device=device).expand(n, -1)  # (n, W)
+        with self.base_context():
+            out = self.model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
+            cache = out.past_key_values
+            cache.batch_repeat_interleave(n)
+            logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
+                                past_key_values=cache, use_cache=True).logits  # (n, W, V)
+        first = out.logits[0, -1].double().log_softmax(-1)  # (V,) the distribution of every continuation's start
+        rest = logits.double().log_softmax(-1).cpu()  # (n, W, V)
+        return [torch.cat([first.cpu()[None], rest[i, :len(c)]]) for i, c in enumerate(continuations)]
+
+    def sequence_logprobs(self, prefix: list[int], continuations: list[list[int]]) -> list[torch.Tensor]:
+        """(len_i,) log P(token j | prefix, tokens < j) of each continuation."""
+        out = []
+        for dist, c in zip(self.continuation_logprobs(prefix, continuations), continuations):
+            out.append(dist[:len(c)].gather(-1, torch.tensor(c)[:, None]).squeeze(-1))
+        return out
+
+    # ---- pointwise scores -------------------------------------------------------------------------------------
+    def contrastive_scores(self, messages: list[dict], answers: list[str]) -> dict[str, list[float]]:
+        """{"contrastive_mean": per-token, "contrastive_sum": summed} log-likelihood ratio of each answer."""
+        rows = [self.answer_tokens(a) for a in answers]
+        principled, neutral = self.contrastive_prefixes(messages)
+        with_principles = self.sequence_logprobs(principled, rows)
+        without = self.sequence_logprobs(neutral, rows)
+        ratios = [(p - q) for p, q in zip(with_principles, without)]  # (len_i,) per-token log ratio
+        return {"contrastive_mean": [float(r.mean()) for r in ratios],
+                "contrastive_sum": [float(r.sum()) for r in ratios]}
+
+    def principle_scores(self, messages: list[dict], answers: list[str]) -> list[float]:
+        """Per answer, the sum over principles of log P(Yes) - log P(No) (both spellings pooled)."""
+        scores = []
+        for answer in answers:
+            prefix, suffixes = self.principle_rows(messages, answer)
+            dists = self.continuation_logprobs(prefix, suffixes)
+            scores.append(sum(float(d[len(s)][self.yes_ids].logsumexp(-1) - d[len(s)][self.no_ids].logsumexp(-1))
+                              for d, s in zip(dists, suffixes)))
+        return scores
+
+    def pointwise_scores(self, messages: list[dict], answers: list[str], method: str) -> list[float]:
+        if method == "principles":
+            return self.principle_scores(messages, answers)
+        return self.contrastive_scores(messages, answers)[method]
+
+    # ---- verdicts ---------------------------------------------------------------------------------------------
+    def _decide(self, p_a: float) -> str | None:
+        distance = abs(p_a - 0.5)
+        return None if math.isnan(p_a) or distance == 0 or distance < self.cfg.judge_margin \
+            else "a" if p_a > 0.5 else "b"
+
     def judge(self, messages: list[dict], answer_a: str, answer_b: str) -> Verdict:
+        """The verdict of this judge's method; swapping the answers gives exactly ``1 - p`` for every method."""
+        if self.method == "ab":
+            return self.judge_ab(messages, answer_a, answer_b)
+        return self.verdict_from_scores(*self.canonical_scores(messages, answer_a, answer_b, self.method))
+
+    def canonical_scores(self, messages, answer_a: str, answer_b: str, method: str) -> tuple[float, float, str]:
+        """(score_a, score_b, method), computed in an order fixed by the answers' text, not by which one is A,
+        so judging (b, a) runs the identical batches and returns exactly the swapped scores."""
+        canonical = answer_a <= answer_b
+        scores = self.pointwise_scores(messages, [answer_a, answer_b] if canonical else [answer_b, answer_a], method)
+        return (scores[0], scores[1], method) if canonical else (scores[1], scores[0], method)
+
+    def verdict_from_scores(self, score_a: float, score_b: float, method: str) -> Verdict:
+        diff = score_a - score_b
+        p_a = 0.5 if diff == 0 else 1 / (1 + math.exp(-max(-700.0, min(700.0, diff))))
+        return Verdict(p_a=p_a, p_a_shown_first=p_a, p_a_shown_second=p_a, choice=self._decide(p_a),
+                       method=method, score_a=score_a, score_b=score_b)
+
+    def judge_ab(self, messages: list[dict], answer_a: str, answer_b: str) -> Verdict:
         """P(A better) = mean of P(A | A shown first) and P(A | A shown second).
 
         The two prompts go into the batch in an order fixed by the answers' text, not by which one is called A,
@@ -253,10 +445,32 @@ class Judge:
         p_first = float(torch.sigmoid(margin_a_first))  # "A" said while A is in the first slot
         p_second = float(torch.sigmoid(-margin_b_first))  # "B" said while A is in the second slot
         p_a = (p_first + p_second) / 2
-        distance = abs(p_a - 0.5)
-        choice = None if math.isnan(p_a) or distance == 0 or distance < self.cfg.judge_margin \
-            else "a" if p_a > 0.5 else "b"
-        return Verdict(p_a=p_a, p_a_shown_first=p_first, p_a_shown_second=p_second, choice=choice)
+        return Verdict(p_a=p_a, p_a_shown_first=p_first, p_a_shown_second=p_second, choice=self._decide(p_a),
+                       method="ab")
+
+
+# ---- how much an AI label counts ------------------------------------------------------------------------------
+
+# Accuracy of each method of the embedded judge on held-out human pairs (HH-RLHF harmless, bench/judge.py; the
+# README's "AI feedback" section has the run and the command): the prior for the weight. "ab" scored 0.50 on 100
+# pairs; the pointwise methods have not been shown to beat chance (too few pairs could be judged on the shared CPU),
+# so they start at 0.5 too and earn weight only through live agreement with people.
+MEASURED_ACCURACY = {"contrastive_mean": 0.5, "contrastive_sum": 0.5, "principles": 0.5, "ab": 0.5}
+PRIOR_PAIRS = 20  # the bench's figure counts as this many pairs of live human-AI agreement
+MIN_AI_WEIGHT = 0.02  # never 0: the reward loss divides by the summed weights of a batch
+
+
+def ai_label_weight(method: str, agree: int = 0, pairs: int = 0, cap: float = 1.0) -> float:
+    """Weight of an AI label in the reward loss relative to a human vote (1), from the judge's measured accuracy.
+
+    The accuracy q is the bench's figure for this method, updated by how often the judge agreed with people on
+    the pairs both labelled (a Beta posterior with the bench worth ``PRIOR_PAIRS`` pairs). The weight is
+    ``2q - 1``: a label right with probability q points the right way on average by 2q - 1 of a correct label,
+    so a coin-flip judge adds (almost) nothing and a perfect one counts as a person.
+    """
+    prior = MEASURED_ACCURACY.get(method, 0.5)
+    q = (agree + prior * PRIOR_PAIRS) / (pairs + PRIOR_PAIRS)
+    return max(MIN_AI_WEIGHT, min(cap, 2 * q - 1))
 
 
 def load_judge_model(name: str, quantization: str):

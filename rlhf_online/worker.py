@@ -25,8 +25,8 @@ from rlhf_online.adapters import (ADAPTER_WEIGHTS, AdapterRegistry, VersionInfo,
                                   save_peft_adapter, version_number)
 from rlhf_online.config import AppConfig
 from rlhf_online.generation import BASE_VERSION
-from rlhf_online.judge import (BASE_JUDGE_PREFIX, Judge, current_feedback_mode, load_constitution,
-                               load_judge_model)
+from rlhf_online.judge import (BASE_JUDGE_PREFIX, Judge, ai_label_weight, current_feedback_mode,
+                               load_constitution, load_judge_model)
 from rlhf_online.lifecycle import (TRAINER_LOCKED_EXIT_CODE, TrainerLock, TrainerLockedError, follow_parent,
                                    stop_on_signals)
 from rlhf_online.models import (POLICY_ADAPTER, attach_lora, load_base_model, load_tokenizer,
@@ -329,8 +329,9 @@ class TrainerWorker:
     def label_with_ai(self) -> int:
         """In ai or mixed mode, let the judge label up to `ai_labels_per_step` pairs; returns how many it did.
 
-        A label is a vote with source "ai", the judge's id and constitution version, and weight `ai_weight`
-        (1 in ai mode, where no human votes compete with it). An abstention is stored as a tie, so the pair
+        A label is a vote with source "ai", the judge's id, method and constitution version, and a weight that
+        follows the judge's measured accuracy (`ai_label_weight`: the bench's figure, updated by its live
+        agreement with people, capped by `ai_weight`; 1 in ai mode, where no human votes compete with it). An abstention is stored as a tie, so the pair
         is not judged again and yields no training pair.
         """
         mode = self.feedback_mode()
@@ -341,7 +342,9 @@ class TrainerWorker:
         except (OSError, ValueError) as exc:  # a missing or bad constitution or judge model: say so, keep training
             log.error("AI feedback is off until this is fixed: %s", exc)
             return 0
-        weight = 1.0 if mode == "ai" else self.cfg.feedback.ai_weight
+        agreement = self.store.feedback_counts()["agreement"]
+        weight = 1.0 if mode == "ai" else ai_label_weight(judge.method, agreement["agree"], agreement["pairs"],
+                                                          cap=self.cfg.feedback.ai_weight)
         started = time.perf_counter()
         labelled = abstained = 0
         for _ in range(self.cfg.feedback.ai_labels_per_step):

@@ -1,5 +1,7 @@
-"""The AI judge on the tiny model: valid verdicts, order symmetry by construction, the right logits (padding and
-positions included), the base model under the policy adapter as the default judge, and the constitution file."""
+"""The AI judge on the tiny model: valid verdicts, order symmetry by construction for every method, the right
+logits (padding, positions and the shared-prefix KV cache included), a constitution that prefers a marker word
+making the default (contrastive) judge prefer answers with it, the base model under the policy adapter as the
+default judge, the AI label's weight, and the constitution file."""
 
 import contextlib
 
@@ -8,9 +10,10 @@ import torch
 
 from rlhf_online import models
 from rlhf_online.config import FeedbackConfig, ModelConfig
-from rlhf_online.judge import (MAX_CONSTITUTION_CHARS, SHIPPED_CONSTITUTION, Constitution, Judge,
-                               current_feedback_mode, judge_label, load_constitution, save_constitution,
-                               set_feedback_mode)
+from rlhf_online.judge import (CONTRASTIVE_SYSTEM, JUDGE_METHODS, MAX_CONSTITUTION_CHARS, MEASURED_ACCURACY,
+                               MIN_AI_WEIGHT, NEUTRAL_SYSTEM, SHIPPED_CONSTITUTION, Constitution, Judge,
+                               ai_label_weight, current_feedback_mode, judge_label, load_constitution,
+                               save_constitution, set_feedback_mode)
 from rlhf_online.store import PreferenceStore, store_path
 
 CONSTITUTION = Constitution("1. Be helpful.\n2. Be honest.\n- Be kind.\n")
@@ -31,9 +34,9 @@ def base(tiny_model_dir):
     return models.load_base_model(str(tiny_model_dir), "fp32").model
 
 
-def make_judge(model, tokenizer, margin=0.0, max_tokens=768, **kwargs):
+def make_judge(model, tokenizer, margin=0.0, max_tokens=768, method="ab", constitution=CONSTITUTION, **kwargs):
     cfg = FeedbackConfig(judge_margin=margin, judge_max_tokens=max_tokens)
-    return Judge(model, tokenizer, CONSTITUTION, cfg, judge_id="base:tiny", **kwargs)
+    return Judge(model, tokenizer, constitution, cfg, judge_id="base:tiny", method=method, **kwargs)
 
 
 def unpadded_margin(model, tokenizer, row, judge) -> float:
@@ -76,7 +79,8 @@ def test_single_order_probabilities_equal_separate_unpadded_forwards(base, token
                                              abs=1e-5)
 
 
-def test_default_judge_is_the_base_model_with_the_policy_adapter_disabled(tiny_model_dir, base, tokenizer):
+@pytest.mark.parametrize("method", ["ab", FeedbackConfig().judge_method])
+def test_default_judge_is_the_base_model_with_the_policy_adapter_disabled(tiny_model_dir, base, tokenizer, method):
     policy_base = models.load_base_model(str(tiny_model_dir), "nf4", for_training=True).model
     peft = models.attach_lora(policy_base, ModelConfig(lora_r=8, lora_alpha=16))
     with torch.no_grad():  # a policy adapter far from the identity, so judging through it would show
@@ -86,9 +90,9 @@ def test_default_judge_is_the_base_model_with_the_policy_adapter_disabled(tiny_m
     batch = tokenizer(["hello how are you today?"], return_tensors="pt")
     with torch.no_grad():
         policy_before = peft(**batch).logits
-    base_judge = make_judge(peft, tokenizer, base_context=peft.disable_adapter)
+    base_judge = make_judge(peft, tokenizer, method=method, base_context=peft.disable_adapter)
     plain_nf4 = models.load_base_model(str(tiny_model_dir), "nf4", for_training=True).model
-    reference, through_policy = make_judge(plain_nf4, tokenizer), make_judge(peft, tokenizer)
+    reference, through_policy = make_judge(plain_nf4, tokenizer, method=method), make_judge(peft, tokenizer, method=method)
     for answer_a, answer_b in PAIRS:
         p_base = base_judge.judge(CHAT, answer_a, answer_b).p_a
         assert p_base == pytest.approx(reference.judge(CHAT, answer_a, answer_b).p_a, abs=1e-6)
@@ -141,6 +145,7 @@ def test_shipped_constitution_and_the_admins_edit(tmp_path):
     assert loaded.text == edited.text and loaded.version == edited.version != shipped.version
     assert loaded.principles == ["Answer in French.", "Be brief."]
     assert judge_label("base:embedded", loaded) == f"base:embedded@{loaded.version}"
+    assert judge_label("base:embedded", loaded, "principles") == f"base:embedded/principles@{loaded.version}"
 
     for bad, message in (("  \n", "empty"), ("x" * (MAX_CONSTITUTION_CHARS + 1), "characters")):
         with pytest.raises(ValueError, match=message):
@@ -174,3 +179,127 @@ def test_letters_must_be_single_tokens(base, tokenizer):
 
     with pytest.raises(ValueError, match="single token"):
         Judge(base, NoLetters(), CONSTITUTION, FeedbackConfig(), judge_id="x", base_context=contextlib.nullcontext)
+
+
+# ---- pointwise methods: contrastive likelihood and per-principle yes/no -------------------------------------------
+
+POINTWISE = [m for m in JUDGE_METHODS if m != "ab"]
+
+
+@pytest.mark.parametrize("method", POINTWISE)
+def test_pointwise_verdicts_have_no_position_swapping_swaps_the_scores_exactly(base, tokenizer, method):
+    judge = make_judge(base, tokenizer, method=method)
+    assert judge.label == f"base:tiny/{method}@{CONSTITUTION.version}"
+    for answer_a, answer_b in PAIRS:
+        verdict, swapped = judge.judge(CHAT, answer_a, answer_b), judge.judge(CHAT, answer_b, answer_a)
+        assert verdict.method == method and verdict.choice in ("a", "b") and not verdict.position_flip
+        assert (swapped.score_a, swapped.score_b) == (verdict.score_b, verdict.score_a)  # bit for bit
+        assert verdict.p_a + swapped.p_a == pytest.approx(1.0, abs=1e-12) and swapped.choice == SWAP[verdict.choice]
+        assert verdict.choice == ("a" if verdict.score_a > verdict.score_b else "b")
+    identical = judge.judge(CHAT, "It is four.", "It is four.")
+    assert identical.p_a == 0.5 and identical.choice is None
+
+
+def full_forward_logprobs(model, ids: list[int]) -> torch.Tensor:
+    """(len - 1,) log P(token t | tokens < t) from one plain forward of the whole sequence."""
+    with torch.no_grad():
+        logprobs = model(input_ids=torch.tensor([ids])).logits[0].double().log_softmax(-1)
+    return logprobs[:-1].gather(-1, torch.tensor(ids[1:])[:, None]).squeeze(-1)
+
+
+def test_shared_prefix_scoring_equals_separate_full_forwards(base, tokenizer):
+    """The KV-cached prefix with right-padded continuations of different lengths gives each continuation the
+    log-probs a separate, unpadded forward of prefix + continuation gives."""
+    judge = make_judge(base, tokenizer, method="contrastive_mean")
+    principled, neutral = judge.contrastive_prefixes(CHAT)
+    assert len(principled) > len(neutral)
+    assert "1. Be helpful." in tokenizer.decode(principled) and "1. Be helpful." not in tokenizer.decode(neutral)
+    rows = [judge.answer_tokens(a) for a in ("It is four.", "Rayleigh scattering, banana. " * 3)]
+    assert len(rows[1]) > len(rows[0]) + 5 and rows[0][-1] == tokenizer.eos_token_id
+    for prefix in (principled, neutral):
+        for got, row in zip(judge.sequence_logprobs(prefix, rows), rows):
+            expected = full_forward_logprobs(base, prefix + row)[-len(row):]
+            torch.testing.assert_close(got, expected, rtol=0, atol=1e-4)
+    scores = judge.contrastive_scores(CHAT, ["It is four.", "hello"])
+    for i, row in enumerate(judge.answer_tokens(a) for a in ("It is four.", "hello")):
+        ratio = full_forward_logprobs(base, principled + row)[-len(row):] - \
+            full_forward_logprobs(base, neutral + row)[-len(row):]
+        assert scores["contrastive_sum"][i] == pytest.approx(float(ratio.sum()), abs=1e-3)
+        assert scores["contrastive_mean"][i] == pytest.approx(float(ratio.mean()), abs=1e-4)
+
+
+def test_principle_scores_sum_the_yes_no_log_odds_of_each_principle(base, tokenizer):
+    judge = make_judge(base, tokenizer, method="principles")
+    prefix, suffixes = judge.principle_rows(CHAT, "It is four.")
+    assert len(suffixes) == len(CONSTITUTION.principles) == 3
+    texts = [tokenizer.decode(prefix + s) for s in suffixes]
+    for principle, text in zip(CONSTITUTION.principles, texts):
+        assert "It is four." in text and principle in text and text.index("It is four.") < text.index(principle)
+    expected = 0.0
+    for suffix in suffixes:
+        with torch.no_grad():
+            last = base(input_ids=torch.tensor([prefix + suffix])).logits[0, -1].double().log_softmax(-1)
+        expected += float(last[judge.yes_ids].logsumexp(-1) - last[judge.no_ids].logsumexp(-1))
+    assert judge.principle_scores(CHAT, ["It is four."])[0] == pytest.approx(expected, abs=1e-4)
+
+
+MARKER, MARKER_PRINCIPLE = "banana", "- Always mention a banana.\n"
+QUESTIONS = [("What is two plus two?", "It is four."), ("Why is the sky blue?", "Rayleigh scattering."),
+             ("hello how are you today?", "I am fine, thank you."), ("Please write a short answer.", "Sure!")]
+
+
+def chat_ids(tokenizer, system: str, question: str, answer: str) -> tuple[list[int], int]:
+    prompt = tokenizer.apply_chat_template([{"role": "system", "content": system},
+                                            {"role": "user", "content": question}], add_generation_prompt=True)
+    prompt = list(prompt["input_ids"] if hasattr(prompt, "keys") else prompt)
+    return prompt + tokenizer.encode(answer, add_special_tokens=False) + [tokenizer.eos_token_id], len(prompt)
+
+
+@pytest.fixture(scope="module")
+def marker_model(tiny_model_dir, tokenizer):
+    """The tiny model taught, by real gradient steps, that answers written under the principle "always mention a
+    banana" contain the marker, and answers under the neutral system prompt do not."""
+    model = models.load_base_model(str(tiny_model_dir), "fp32").model
+    model.requires_grad_(True)
+    torch.manual_seed(0)
+    examples = []
+    for question, answer in QUESTIONS:
+        examples.append(chat_ids(tokenizer, NEUTRAL_SYSTEM, question, answer))
+        system = CONTRASTIVE_SYSTEM.format(principles=MARKER_PRINCIPLE.strip())
+        examples.append(chat_ids(tokenizer, system, question, f"{answer} {MARKER}."))
+    optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
+    model.train()
+    for _ in range(150):
+        loss = 0.0
+        for ids, start in examples:  # learn the answers only, as supervised fine-tuning does
+            logprobs = model(input_ids=torch.tensor([ids])).logits[0, :-1].log_softmax(-1)
+            loss = loss - logprobs[start - 1:].gather(-1, torch.tensor(ids[start:])[:, None]).mean()
+        optimizer.zero_grad()
+        (loss / len(examples)).backward()
+        optimizer.step()
+    model.eval()
+    model.requires_grad_(False)
+    return model
+
+
+def test_a_constitution_that_prefers_a_marker_word_makes_the_judge_prefer_answers_with_it(marker_model, tokenizer):
+    """The default judge with "always mention a banana" prefers the answer with the marker, in both orders."""
+    judge = make_judge(marker_model, tokenizer, method=FeedbackConfig().judge_method,
+                       constitution=Constitution(MARKER_PRINCIPLE))
+    for question, answer in QUESTIONS:
+        chat = [{"role": "user", "content": question}]
+        for other in (answer, f"{answer} Paris."):
+            assert judge.judge(chat, f"{answer} {MARKER}.", other).choice == "a", (question, other)
+            assert judge.judge(chat, other, f"{answer} {MARKER}.").choice == "b", (question, other)
+
+
+def test_ai_label_weight_follows_the_measured_accuracy():
+    for method in JUDGE_METHODS:
+        prior = ai_label_weight(method)
+        assert prior == pytest.approx(max(MIN_AI_WEIGHT, 2 * MEASURED_ACCURACY[method] - 1))
+    method = FeedbackConfig().judge_method
+    coin_flip, good, perfect = (ai_label_weight(method, agree, 200) for agree in (100, 160, 200))
+    assert coin_flip == pytest.approx(MIN_AI_WEIGHT, abs=0.03) and MIN_AI_WEIGHT <= coin_flip < good < perfect
+    assert good == pytest.approx(2 * (160 + 20 * MEASURED_ACCURACY[method]) / 220 - 1)
+    assert perfect > 0.85 and ai_label_weight(method, 200, 200, cap=0.5) == 0.5
+    assert ai_label_weight(method, 0, 200) == MIN_AI_WEIGHT  # a judge people always overrule: almost nothing

@@ -17,7 +17,7 @@ from rlhf_online import models
 from rlhf_online.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, AdapterRegistry
 from rlhf_online.config import AppConfig, FeedbackConfig, ModelConfig, PPOConfig, RewardConfig
 from rlhf_online.generation import BASE_VERSION
-from rlhf_online.judge import load_constitution, set_feedback_mode
+from rlhf_online.judge import ai_label_weight, load_constitution, set_feedback_mode
 from rlhf_online.store import AI_PLACEMENT, PreferenceStore, store_path
 from rlhf_online.timeline import load_entries
 from rlhf_online.worker import ACTIVITY_KEY, PAUSED_KEY, REWARD_CHECKPOINT, VALUE_HEAD_FILE, ChatYield, TrainerWorker
@@ -291,7 +291,8 @@ def test_ai_mode_trains_from_its_own_pairs_without_any_human_vote(tmp_path, tiny
     for vote in votes:
         assert (vote["source"], vote["weight"], vote["placement"], vote["version_a"]) == (
             "ai", 1.0, AI_PLACEMENT, BASE_VERSION)
-        assert vote["judge"] == f"base:{tiny_model_dir}@{version}" and vote["choice"] in ("a", "b")
+        assert vote["judge"] == f"base:{tiny_model_dir}/{cfg.feedback.judge_method}@{version}"
+        assert vote["choice"] in ("a", "b")
     assert worker.store.counts()["pairs_shown"] == 0  # nobody was shown these pairs
 
     assert worker.step() == "reward"
@@ -302,7 +303,7 @@ def test_ai_mode_trains_from_its_own_pairs_without_any_human_vote(tmp_path, tiny
     assert worker.store.latest_metrics("ai_feedback")[-1].values["labelled"] == 2
 
 
-def test_mixed_mode_switched_at_run_time_labels_shown_pairs_with_the_lower_weight(cfg):
+def test_mixed_mode_switched_at_run_time_labels_shown_pairs_with_the_measured_weight(cfg):
     cfg.feedback = FeedbackConfig(judge_margin=0.0, ai_labels_per_step=2)  # configured human-only
     worker = TrainerWorker(cfg)
     assert worker.step() == "reward" and worker.step() == "ppo"
@@ -314,13 +315,14 @@ def test_mixed_mode_switched_at_run_time_labels_shown_pairs_with_the_lower_weigh
 
     assert worker.step() == "ai_label"  # the two newest shown pairs: the unvoted one and a human-voted one
     labels = {row["pair_id"]: row for row in worker.store._read("SELECT * FROM votes WHERE source = 'ai'")}
-    assert set(labels) == {unvoted, 3} and {row["weight"] for row in labels.values()} == {0.5}
+    weight = ai_label_weight(cfg.feedback.judge_method)  # no agreement measured yet: the bench's accuracy decides
+    assert set(labels) == {unvoted, 3} and {row["weight"] for row in labels.values()} == {weight} and weight < 1
     ai_prefs = [p for p in worker.store.preferences_since() if p.source == "ai"]
-    assert len(ai_prefs) == 1 and ai_prefs[0].weight == 0.5  # the human-voted pair trains on the human vote only
+    assert len(ai_prefs) == 1 and ai_prefs[0].weight == weight  # the human-voted pair trains on the human vote only
     assert worker.store.feedback_counts()["agreement"]["pairs"] == 1
 
     assert worker.step() == "reward"
-    assert (worker.learner.replay[-1].source, worker.learner.replay[-1].weight) == ("ai", 0.5)
+    assert (worker.learner.replay[-1].source, worker.learner.replay[-1].weight) == ("ai", weight)
     set_feedback_mode(worker.store, "human")
     assert worker.label_with_ai() == 0
     assert len(worker.store._read("SELECT * FROM votes WHERE source = 'ai'")) == 2
