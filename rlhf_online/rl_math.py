@@ -498,6 +498,8 @@ class LogBetaPIController:
     def __post_init__(self) -> None:
         if self.target_kl <= 0:
             raise ValueError(f"target_kl must be > 0, got {self.target_kl}")
+        if self.ki <= 0 or self.kp < 0:
+            raise ValueError(f"need ki > 0 and kp >= 0, got kp={self.kp}, ki={self.ki}")
         if not 0 < self.min_kl_coef <= self.max_kl_coef:
             raise ValueError(f"need 0 < min_kl_coef <= max_kl_coef, got {self.min_kl_coef}, {self.max_kl_coef}")
         self.reset(self.kl_coef)
@@ -513,11 +515,12 @@ class LogBetaPIController:
         error = math.log(max(current_kl, 1e-8) / self.target_kl)
         error = min(max(error, -self.max_error), self.max_error)
         lo, hi = math.log(self.min_kl_coef), math.log(self.max_kl_coef)
-        integral = self.integral + error
-        log_beta = self.log_kl_coef_0 + self.kp * error + self.ki * integral
-        if lo <= log_beta <= hi or (log_beta > hi and error < 0) or (log_beta < lo and error > 0):
-            self.integral = integral  # anti-windup: no integrating further into a bound beta already sits at
-        log_beta = self.log_kl_coef_0 + self.kp * error + self.ki * self.integral
+        # Anti-windup: the integral only grows as far as puts beta on a bound, so leaving the bound later
+        # starts at once instead of first unwinding an integral that piled up while beta was pinned there.
+        proportional = self.log_kl_coef_0 + self.kp * error
+        integral_lo, integral_hi = (lo - proportional) / self.ki, (hi - proportional) / self.ki
+        self.integral = min(max(self.integral + error, integral_lo), integral_hi)
+        log_beta = proportional + self.ki * self.integral
         self.kl_coef = math.exp(min(max(log_beta, lo), hi))
         return self.kl_coef
 
