@@ -107,6 +107,8 @@ class PPOConfig:
     kl_controller: str = _opt("pi", "pi: a per-iteration proportional-integral controller on log(beta) (the "
                                     "leash); adaptive: Ziegler et al.'s controller with --kl-horizon")
     min_kl_coef: float = _opt(0.05, "floor of the KL coefficient under the pi controller")
+    kl_shrink: bool = _opt(True, "after an iteration whose KL exceeded --target-kl, scale the adapter's delta by "
+                                 "sqrt(target/KL) (at least 0.5): a step back towards the reference")
     target_approx_kl: float = _opt(0.02, "stop an iteration's PPO epochs once the update moved the policy more "
                                          "than 1.5x this per-token KL from the one that sampled (0 = off)")
     kl_horizon: int = _opt(32, "adaptive KL horizon, in answers: at most a 20%% correction per this many answers "

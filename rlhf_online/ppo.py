@@ -28,7 +28,7 @@ from rlhf_online.models import POLICY_ADAPTER, lora_parameters
 from rlhf_online.release_gate import is_held_out
 from rlhf_online.rl_math import (RunningMoments, center_per_prompt, clipped_policy_loss, clipped_value_loss, explained_variance,
                                  gae_advantages, length_penalty, make_kl_controller, masked_mean, masked_whiten,
-                                 per_token_rewards, should_stop_epochs)
+                                 kl_shrink_factor, per_token_rewards, should_stop_epochs)
 
 COLD_START_PROMPTS = [
     "What is a good way to learn a new language?",
@@ -87,6 +87,7 @@ class IterationStats:
     explained_variance: float
     seconds: float
     epochs: float = 0.0  # PPO epochs run (fewer than configured when the approx-KL early stop fired)
+    kl_shrink: float = 1.0  # factor the adapter delta was scaled by after the update (1: KL was within target)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -285,6 +286,10 @@ class PPOTrainer:
         mean_kl = float(scored.kl.mean())
         kl_coef_used = self.kl_ctl.kl_coef
         self.kl_ctl.update(mean_kl, len(prompts))
+        shrink = kl_shrink_factor(mean_kl, self.cfg.target_kl) if self.cfg.kl_shrink else 1.0
+        if shrink < 1.0:
+            self.shrink_adapter(shrink)
+            self.optimizer.state.clear()  # Adam's momentum still points the way the policy ran off
         self.iterations += 1
         mask = rollout.response_mask
         return IterationStats(
@@ -294,7 +299,15 @@ class PPOTrainer:
             entropy=update_stats["entropy"], approx_kl=update_stats["approx_kl"],
             clip_fraction=update_stats["clip_fraction"],
             explained_variance=explained_variance(scored.old_values, scored.returns, mask),
-            seconds=time.perf_counter() - started, epochs=update_stats["epochs"])
+            seconds=time.perf_counter() - started, epochs=update_stats["epochs"], kl_shrink=shrink)
+
+    @torch.no_grad()
+    def shrink_adapter(self, factor: float) -> None:
+        """Scale the policy adapter's delta B A by `factor`: a step back towards the reference (see
+        `rl_math.kl_shrink_factor`). The value head is left as it is."""
+        for name, p in lora_parameters(self.policy.peft_model, POLICY_ADAPTER).items():
+            if "lora_B" in name:
+                p.mul_(factor)
 
     def sample_prompts(self, recent: list[list[dict]]) -> list[list[dict]]:
         """Prompts from real recent conversations (topped up from a built-in list on a cold start), each

@@ -52,6 +52,7 @@ __all__ = [
     "LogBetaPIController",
     "make_kl_controller",
     "should_stop_epochs",
+    "kl_shrink_factor",
     "length_penalty",
 ]
 
@@ -489,8 +490,8 @@ class LogBetaPIController:
 
     kl_coef: float  # beta_0, also the value before the first update
     target_kl: float
-    kp: float = 0.5
-    ki: float = 0.25
+    kp: float = 1.0
+    ki: float = 0.5
     min_kl_coef: float = 0.05
     max_kl_coef: float = 5.0
     max_error: float = 1.0  # |log(KL/target)| counted at most this much in one iteration (e^1 = 2.7x off)
@@ -536,6 +537,24 @@ def make_kl_controller(
     if kind != "adaptive":
         raise ValueError(f"unknown KL controller {kind!r} (pi or adaptive)")
     return AdaptiveKLController(kl_coef=kl_coef, target_kl=target_kl, horizon=horizon)
+
+
+def kl_shrink_factor(current_kl: float, target_kl: float, min_factor: float = 0.5) -> float:
+    """How much to shrink the adapter's weight delta so the policy's KL returns to ``target_kl``: a KL-budgeted step.
+
+    The policy is the reference plus a LoRA delta (W = W_ref + B A); scaling B by ``a`` moves the policy along the
+    straight line between the two in weight space (as WARP's interpolation towards the initialisation, Rame et
+    al. 2024, and Elastic Reset, Noukhovitch et al. 2023, do). Near the reference KL grows with the square of the
+    distance, so ``a = sqrt(target / KL)`` brings KL back to about the target; it is bounded below by
+    ``min_factor`` so one noisy KL estimate cannot erase the adapter. 1 (no change) while KL <= target.
+
+    Why beyond the coefficient: with Adam the step size does not depend on the loss scale, so a larger beta turns
+    the update towards the reference but each step still carries noise of the learning rate's size; on a small
+    batch that noise alone keeps KL above target. The shrink removes it directly.
+    """
+    if target_kl <= 0 or current_kl <= target_kl:
+        return 1.0
+    return max(min_factor, math.sqrt(target_kl / current_kl))
 
 
 def should_stop_epochs(approx_kls: list[float], target_approx_kl: float) -> bool:

@@ -471,7 +471,7 @@ def test_log_beta_pi_controller_floor_ceiling_and_anti_windup():
     assert ctl.kl_coef == pytest.approx(5.0)
     # the error is a clipped log-ratio: 1e9 nats count like e^1 times the target
     one = LogBetaPIController(kl_coef=0.1, target_kl=6.0)
-    assert one.update(1e9) == pytest.approx(0.1 * math.exp(0.75 * 1.0))
+    assert one.update(1e9) == pytest.approx(0.1 * math.exp((one.kp + one.ki) * 1.0))
     one.reset(0.3)
     assert one.kl_coef == 0.3 and one.integral == 0.0 and one.update(6.0) == pytest.approx(0.3)
     with pytest.raises(ValueError):
