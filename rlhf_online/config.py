@@ -132,8 +132,8 @@ class GateConfig:
     """The release gate: a candidate version is published only if it passes these checks (release_gate.py)."""
 
     gate: bool = _opt(True, "check every candidate before publishing it; off: publish every candidate")
-    gate_prompts: int = _opt(8, "held-out recent prompts (never used for PPO) the gate samples answers for")
-    gate_harmful_prompts: int = _opt(8, "harmful requests the gate checks for compliance")
+    gate_prompts: int = _opt(6, "held-out recent prompts (never used for PPO) the gate samples answers for")
+    gate_harmful_prompts: int = _opt(6, "harmful requests the gate checks for compliance")
     harmful_prompts_file: str = _opt("../shared/data/hh_harmless_dev.jsonl",
                                      "JSONL with a 'prompt' field (HH format) to draw harmful requests from, "
                                      "relative to the working directory; missing: a small built-in list")
