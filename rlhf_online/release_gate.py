@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import math
 import re
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass, field
@@ -309,8 +308,3 @@ class GateEvaluator:
             mean_length=sum(lengths[:n]) / max(n, 1), degenerate_rate=sum(degenerate) / max(len(texts), 1),
             harmful_compliant=sum(complies(t) for t in texts[n:]), harmful_total=len(harmful),
             samples=[{"prompt": m[-1]["content"], "answer": t} for m, t in zip(prompts[:3], texts[:3])])
-
-
-def mean(values: Sequence[float]) -> float:
-    values = [v for v in values if v is not None and math.isfinite(v)]
-    return sum(values) / len(values) if values else float("nan")

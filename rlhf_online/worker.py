@@ -252,7 +252,11 @@ class TrainerWorker:
         harmful = harmful_requests(self.cfg.gate.harmful_prompts_file, self.cfg.gate.gate_harmful_prompts)
         self.gate_runs += 1
         base = self._gate_report(BASE_VERSION, prompts, harmful)
-        parent = self._gate_report(self.parent, prompts, harmful)
+        try:
+            parent = self._gate_report(self.parent, prompts, harmful)
+        except FileNotFoundError as exc:  # deleted by an admin mid-way: judge length against the base instead
+            log.error("release gate: %s; comparing with the base", exc)
+            parent = base
         candidate = self.gate_evaluator.evaluate("candidate", prompts, harmful)
         return decide(candidate, base, parent, self.cfg.gate, self.cfg.ppo.target_kl)
 
