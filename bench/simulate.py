@@ -11,6 +11,7 @@ higher (equal: tie). At the end, the newest version is compared with the base on
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib.util
 import json
 import random
@@ -19,11 +20,13 @@ import time
 from pathlib import Path
 
 import torch
+from peft import PeftModel
 
 from common import SHARED_HH, peak_rss_mb, write_json
 from rlhf_online.conversation import normalize_prompt
 from rlhf_online.config import load_config
 from rlhf_online.generation import BASE_VERSION
+from rlhf_online.release_gate import complies, degenerate_reasons, harmful_requests, relevance_pmi
 from rlhf_online.services import build_services
 
 
@@ -52,24 +55,61 @@ def vote_for(oracle, messages, answer_a: str, answer_b: str) -> str:
     return "a" if score_a > score_b else "b" if score_b > score_a else "tie"
 
 
-def head_to_head(services, oracle, prompts) -> dict:
-    """Newest version vs base on held-out prompts, one batched pair per prompt; ties count half."""
-    services.live.stop()  # compare one fixed version: no swaps while measuring
-    services.live.refresh()
-    newest, _ = services.live.newest_pair()
-    wins, scores_new, scores_base = 0.0, [], []
-    if newest == BASE_VERSION:
-        return {"newest": newest, "win_rate": 0.5, "score_new": None, "score_base": None}
+def answer_pairs(services, prompts, newest: str) -> tuple[list[str], list[str]]:
+    """(newest answers, base answers) for each prompt, one batched pair per prompt."""
+    new, base = [], []
     for messages in prompts:
         prompt = services.generator.build_prompt(messages)
         answer_new, answer_base = services.generator.sample([prompt.input_ids] * 2, [newest, BASE_VERSION])
+        new.append(answer_new)
+        base.append(answer_base)
+    return new, base
+
+
+def relevance(services, prompts, answers) -> float:
+    """Mean reference PMI per answer token (release_gate.relevance_pmi) with the serving model's adapters off."""
+    generator = services.generator
+    tokenizer = generator.tokenizer
+    prompt_ids = [generator.build_prompt(m).input_ids for m in prompts]
+    answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] + list(generator.end_of_turn_ids[:1])
+                  for a in answers]
+    with generator.exclusive() as model, torch.inference_mode():
+        off = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
+        with off:
+            values = relevance_pmi(model, prompt_ids, answer_ids, tokenizer.pad_token_id)
+    return sum(values) / len(values)
+
+
+def head_to_head(services, oracle, prompts, harmful) -> dict:
+    """Newest version vs base on held-out prompts (ties count half), and the quality figures of both."""
+    services.live.stop()  # compare one fixed version: no swaps while measuring
+    services.live.refresh()
+    newest, _ = services.live.newest_pair()
+    new, base = answer_pairs(services, prompts, newest)
+    harmful_new, harmful_base = answer_pairs(services, harmful, newest)
+    wins, scores_new, scores_base = 0.0, [], []
+    for messages, answer_new, answer_base in zip(prompts, new, base):
         s_new, s_base = oracle(messages, answer_new), oracle(messages, answer_base)
         scores_new.append(s_new)
         scores_base.append(s_base)
         wins += 1.0 if s_new > s_base else 0.5 if s_new == s_base else 0.0
     n = max(1, len(prompts))
-    return {"newest": newest, "win_rate": wins / n, "score_new": sum(scores_new) / n,
-            "score_base": sum(scores_base) / n}
+    degenerate = [bool(degenerate_reasons(a)) for a in new + harmful_new]
+    degenerate_base = [bool(degenerate_reasons(a)) for a in base + harmful_base]
+    return {"newest": newest, "win_rate": wins / n if newest != BASE_VERSION else 0.5,
+            "score_new": sum(scores_new) / n, "score_base": sum(scores_base) / n,
+            "relevance_base": relevance(services, prompts, base), "relevance_final": relevance(services, prompts, new),
+            "degenerate_rate_base": sum(degenerate_base) / len(degenerate_base),
+            "degenerate_rate_final": sum(degenerate) / len(degenerate),
+            "harmful_compliance_base": sum(map(complies, harmful_base)) / max(1, len(harmful)),
+            "harmful_compliance_final": sum(map(complies, harmful_new)) / max(1, len(harmful)),
+            "mean_words_base": sum(len(a.split()) for a in base) / n,
+            "mean_words_final": sum(len(a.split()) for a in new) / n,
+            "samples": [{"prompt": m[-1]["content"], "base": b, "final": f}
+                        for m, b, f in zip(prompts[:3], base[:3], new[:3])],
+            "harmful_samples": [{"prompt": m[-1]["content"], "base": b, "final": f, "base_complies": complies(b),
+                                 "final_complies": complies(f)}
+                                for m, b, f in zip(harmful[:3], harmful_base[:3], harmful_new[:3])]}
 
 
 def main(argv=None) -> int:
@@ -80,6 +120,8 @@ def main(argv=None) -> int:
     parser.add_argument("--minutes", type=float, default=20.0, help="stop voting after this long")
     parser.add_argument("--think-seconds", type=float, default=1.0, help="simulated reading time per vote")
     parser.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts for the final comparison")
+    parser.add_argument("--harmful-prompts", type=int, default=16,
+                        help="harmful requests for the final compliance check (after the ones the gate uses)")
     parser.add_argument("--max-turns", type=int, default=1, help="user turns kept from each prompt")
     parser.add_argument("--workdir", default=None, help="data and adapters folder (default: a fresh temp dir)")
     parser.add_argument("--eval-only", action="store_true",
@@ -133,10 +175,15 @@ def main(argv=None) -> int:
             services.live.refresh()
         if services.supervisor is not None:
             services.supervisor.stop()
-        final = head_to_head(services, oracle, held_out)
+        harmful = harmful_requests(args.prompts, args.harmful_prompts, skip=cfg.gate.gate_harmful_prompts)
+        final = head_to_head(services, oracle, held_out, harmful)
         newest = final["newest"]
         ppo = services.store.latest_metrics("ppo", limit=10_000)
         reward = services.store.latest_metrics("reward", limit=1)
+        gates = [m.values for m in services.store.latest_metrics("gate", limit=10_000)]
+        quality = {k: final[k] for k in ("relevance_base", "relevance_final", "degenerate_rate_base",
+                                         "degenerate_rate_final", "harmful_compliance_base",
+                                         "harmful_compliance_final", "mean_words_base", "mean_words_final")}
         result = {
             "oracle": args.oracle,
             "engine": services.engine.name,
@@ -147,7 +194,22 @@ def main(argv=None) -> int:
             "oracle_score_base": final["score_base"],
             "oracle_score_final": final["score_new"],
             "kl_to_base": ppo[-1].values["kl"] if ppo else 0.0,
+            "kl_end_mean_last3": sum(m.values["kl"] for m in ppo[-3:]) / len(ppo[-3:]) if ppo else 0.0,
+            "target_kl": cfg.ppo.target_kl,
+            "kl_trajectory": [round(m.values["kl"], 3) for m in ppo],
+            "kl_coef_trajectory": [round(m.values["kl_coef"], 4) for m in ppo],
+            "kl_shrink_trajectory": [round(m.values.get("kl_shrink", 1.0), 3) for m in ppo],
+            **quality,
+            "versions_rejected": sum(1 for g in gates if not g.get("passed")),
+            "rejections": [{"kl": g.get("kl"), "relevance": g.get("relevance"), "reasons": g.get("reasons")}
+                           for g in gates if not g.get("passed")],
+            "gate_relevance_base": gates[-1]["base"]["relevance"] if gates and gates[-1].get("base") else None,
+            "samples": final["samples"],
+            "harmful_samples": final["harmful_samples"],
             "rm_prequential_accuracy": reward[-1].values["prequential_accuracy"] if reward else None,
+            "rm_length": {k: reward[-1].values.get(k) for k in ("length_slope_votes", "length_slope_reward",
+                                                                 "length_correction", "length_corr_raw",
+                                                                 "length_corr_adjusted")} if reward else None,
             "ppo_iterations": len(ppo),
             "seconds_per_ppo_iteration": sum(m.values["seconds"] for m in ppo) / len(ppo) if ppo else None,
             "mean_reward_first_last": [ppo[0].values["mean_score"], ppo[-1].values["mean_score"]] if ppo else None,

@@ -133,6 +133,46 @@ def reward_markdown(reward_metrics: Sequence[Any], ppo_metrics: Sequence[Any]) -
     return "\n\n".join(lines)
 
 
+def kl_budget_markdown(ppo_metrics: Sequence[Any]) -> str:
+    """The KL leash: KL to the reference now against its target, the coefficient, and how KL moved lately."""
+    if not ppo_metrics:
+        return "**KL leash:** PPO has not run yet."
+    v = _values(ppo_metrics[-1])
+    target = _number(v.get("target_kl"))
+    kl = _number(v.get("kl"))
+    recent = [_number(_values(m).get("kl")) for m in ppo_metrics[-8:]]
+    trail = " → ".join(_fmt(k, 1) for k in recent)
+    if target is None or kl is None:
+        state = f"KL {_fmt(kl, 2)} nats (no target: fixed coefficient)"
+    else:
+        verdict = "within target" if kl <= target else "**over target**, the controller is pulling back"
+        state = f"KL {kl:.2f} nats against a target of {target:.1f} ({verdict})"
+    return f"**KL leash:** {state}; coefficient β {_fmt(v.get('kl_coef'), 3)}. Last iterations: {trail}"
+
+
+def gate_markdown(gate_metrics: Sequence[Any], limit: int = 6) -> str:
+    """The release gate's recent decisions, rejected candidates first with why (from the trainer's `gate` metrics)."""
+    if not gate_metrics:
+        return "**Release gate:** no candidate checked yet."
+    values = [_values(m) for m in gate_metrics]
+    rejected = [v for v in values if not v.get("passed")]
+    last = values[-1]
+    base = last.get("base") or {}
+    lines = [f"**Release gate:** {len(values) - len(rejected)} published, {len(rejected)} rejected. Checks on "
+             f"held-out prompts: KL ≤ {_fmt(last.get('kl_budget'), 1)} nats, on-topic (reference PMI; base "
+             f"{_fmt(base.get('relevance'))}), not degenerate, no length collapse, harmful compliance ≤ base "
+             f"({base.get('harmful_compliant', '–')}/{base.get('harmful_total', '–')})."]
+    if rejected:
+        lines += ["", "| iteration | KL | relevance | length | degenerate | harmful | why rejected |",
+                  "|---|---|---|---|---|---|---|"]
+        for metric, v in [(m, _values(m)) for m in gate_metrics if not _values(m).get("passed")][-limit:][::-1]:
+            why = "; ".join(str(r) for r in v.get("reasons", [])).replace("|", "/")
+            lines.append(f"| {getattr(metric, 'step', '–')} | {_fmt(v.get('kl'), 1)} | {_fmt(v.get('relevance'))} "
+                         f"| {_fmt(v.get('mean_length'), 1)} | {_fmt(v.get('degenerate_rate'), 2)} | "
+                         f"{v.get('harmful_compliant', '–')}/{v.get('harmful_total', '–')} | {why} |")
+    return "\n".join(lines)
+
+
 def trainer_markdown(status: Any | None, paused: bool, serving: Sequence[str]) -> str:
     """`status` is a `supervisor.TrainerStatus`, or None when training is off."""
     if status is None:

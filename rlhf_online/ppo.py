@@ -25,9 +25,10 @@ from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from rlhf_online.config import PPOConfig, SamplingConfig
 from rlhf_online.models import POLICY_ADAPTER, lora_parameters
+from rlhf_online.release_gate import is_held_out
 from rlhf_online.rl_math import (RunningMoments, center_per_prompt, clipped_policy_loss, clipped_value_loss, explained_variance,
                                  gae_advantages, length_penalty, make_kl_controller, masked_mean, masked_whiten,
-                                 per_token_rewards)
+                                 kl_shrink_factor, per_token_rewards, should_stop_epochs)
 
 COLD_START_PROMPTS = [
     "What is a good way to learn a new language?",
@@ -85,6 +86,8 @@ class IterationStats:
     clip_fraction: float
     explained_variance: float
     seconds: float
+    epochs: float = 0.0  # PPO epochs run (fewer than configured when the approx-KL early stop fired)
+    kl_shrink: float = 1.0  # factor the adapter delta was scaled by after the update (1: KL was within target)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -138,7 +141,8 @@ class PPOTrainer:
         self.yield_fn = yield_fn  # called between steps so live chat gets the CPU first
         self.rng = random.Random(seed)
         self.reward_moments = RunningMoments()  # for reward scaling: the reward model's scale drifts as it learns
-        self.kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.target_kl or None, cfg.kl_horizon)
+        self.kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.target_kl or None, cfg.kl_horizon,
+                                         kind=cfg.kl_controller, min_kl_coef=cfg.min_kl_coef)
         self.optimizer = torch.optim.AdamW(policy.policy_parameters(), lr=cfg.ppo_lr, weight_decay=0.0)
         self.iterations = 0
         self.end_of_turn_ids = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
@@ -236,7 +240,12 @@ class PPOTrainer:
         totals: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "sft_loss", "entropy",
                                                              "approx_kl", "clip_fraction")}
         batch_size = rollout.input_ids.shape[0]
+        epochs_run = 0
         for _ in range(self.cfg.ppo_epochs):
+            if epochs_run and should_stop_epochs(epoch_kls, self.cfg.target_approx_kl):
+                break  # the last epoch already moved the policy far enough from the one that sampled
+            epochs_run += 1
+            epoch_kls: list[float] = []
             order = list(range(batch_size))
             self.rng.shuffle(order)
             for start in range(0, batch_size, self.cfg.ppo_minibatch_size):
@@ -263,8 +272,9 @@ class PPOTrainer:
                                    ("entropy", entropy), ("approx_kl", pg_stats.approx_kl),
                                    ("clip_fraction", pg_stats.clip_fraction)):
                     totals[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
+                epoch_kls.append(pg_stats.approx_kl)
         self.policy.peft_model.eval()
-        return {k: sum(v) / len(v) for k, v in totals.items() if v}
+        return {**{k: sum(v) / len(v) for k, v in totals.items() if v}, "epochs": float(epochs_run)}
 
     def iteration(self, prompts: list[list[dict]], demonstrations=()) -> IterationStats:
         """One PPO iteration on a batch of prompts; also adapts the KL coefficient toward its target."""
@@ -276,6 +286,10 @@ class PPOTrainer:
         mean_kl = float(scored.kl.mean())
         kl_coef_used = self.kl_ctl.kl_coef
         self.kl_ctl.update(mean_kl, len(prompts))
+        shrink = kl_shrink_factor(mean_kl, self.cfg.target_kl) if self.cfg.kl_shrink else 1.0
+        if shrink < 1.0:
+            self.shrink_adapter(shrink)
+            self.optimizer.state.clear()  # Adam's momentum still points the way the policy ran off
         self.iterations += 1
         mask = rollout.response_mask
         return IterationStats(
@@ -285,11 +299,20 @@ class PPOTrainer:
             entropy=update_stats["entropy"], approx_kl=update_stats["approx_kl"],
             clip_fraction=update_stats["clip_fraction"],
             explained_variance=explained_variance(scored.old_values, scored.returns, mask),
-            seconds=time.perf_counter() - started)
+            seconds=time.perf_counter() - started, epochs=update_stats["epochs"], kl_shrink=shrink)
+
+    @torch.no_grad()
+    def shrink_adapter(self, factor: float) -> None:
+        """Scale the policy adapter's delta B A by `factor`: a step back towards the reference (see
+        `rl_math.kl_shrink_factor`). The value head is left as it is."""
+        for name, p in lora_parameters(self.policy.peft_model, POLICY_ADAPTER).items():
+            if "lora_B" in name:
+                p.mul_(factor)
 
     def sample_prompts(self, recent: list[list[dict]]) -> list[list[dict]]:
         """Prompts from real recent conversations (topped up from a built-in list on a cold start), each
         repeated `samples_per_prompt` times in a row so its answers can be compared with each other."""
+        recent = [m for m in recent if not is_held_out(m)]  # the release gate's prompts stay unseen
         pool = list(recent) or [[{"role": "user", "content": p}] for p in COLD_START_PROMPTS]
         repeats = max(1, self.cfg.samples_per_prompt)
         distinct = max(1, self.cfg.ppo_batch_size // repeats)

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import contextlib
+import math
 import os
 import random
 import time
@@ -58,9 +59,14 @@ def attach_reward_adapter(model, model_cfg: ModelConfig, reward_cfg: RewardConfi
 
 
 class RewardModel:
-    """Scores (conversation, answer) at the answer's last token.
+    """Scores (conversation, answer) at the answer's last token, with a small ensemble of scalar heads.
 
     Left padding puts every sequence's last real token at position -1, so pooling is a plain slice.
+
+    Why several heads: each head is one linear layer on the same features (nearly free), trained on its own
+    bootstrap resample of the votes (`bootstrap_weights`), so the heads agree where the votes pin the answer
+    down and disagree where they do not. The mean is the score; the spread is the model's uncertainty, which
+    PPO subtracts (`OnlineRewardLearner.ppo_scores`) so it does not chase answers the votes never covered.
     """
 
     def __init__(self, peft_model: PeftModel, tokenizer, cfg: RewardConfig):
@@ -68,7 +74,8 @@ class RewardModel:
         self.tokenizer = tokenizer
         self.cfg = cfg
         hidden = peft_model.get_base_model().config.hidden_size
-        self.head = torch.nn.Linear(hidden, 1, device=peft_model.get_base_model().device)
+        self.heads = max(1, cfg.reward_heads)
+        self.head = torch.nn.Linear(hidden, self.heads, device=peft_model.get_base_model().device)
         torch.nn.init.zeros_(self.head.weight)  # every answer scores 0 until a vote says otherwise
         torch.nn.init.zeros_(self.head.bias)
         for p in self.lora_parameters().values():
@@ -123,7 +130,7 @@ class RewardModel:
         return [h[-len(r):].to("cpu", torch.float16) for h, r in zip(hidden, rows)]
 
     def forward_features(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """(B,) scores from cached frozen features: only the top LoRA layers run, with gradients."""
+        """(B, K) scores, one per head, from cached frozen features: only the top LoRA layers run, with gradients."""
         width = max(f.shape[0] for f in features)
         embed = self.trunk.embed_tokens.weight  # the trunk's device and activation dtype (fp32 on CPU, bf16 on CUDA)
         dtype = embed.dtype if embed.dtype.is_floating_point else torch.float32
@@ -136,9 +143,10 @@ class RewardModel:
             hidden = self._run_layers(hidden, attention_mask, self.trunk.layers[self.split_layer:])
             hidden = self.trunk.norm(hidden)
         last = hidden[:, -1, :]  # (B, H): left padding puts the final token last
-        return self.head(last.to(self.head.weight.dtype)).squeeze(-1)  # (B,)
+        return self.head(last.to(self.head.weight.dtype))  # (B, K)
 
     def forward(self, conversations: list[tuple[list[dict], str]]) -> torch.Tensor:
+        """(B, K) per-head scores."""
         return self.forward_features(self.frozen_features(self.token_rows(conversations)))
 
     @contextlib.contextmanager
@@ -153,17 +161,21 @@ class RewardModel:
                 p.requires_grad_(True)
 
     @torch.no_grad()
-    def score(self, conversations: list[tuple[list[dict], str]], batch_size: int = 8) -> list[float]:
-        """Batched scores for the PPO loop and the UI; no gradient."""
+    def head_scores(self, conversations: list[tuple[list[dict], str]], batch_size: int = 8) -> torch.Tensor:
+        """(B, K) per-head scores, batched, no gradient."""
         was_training = self.model.training
         self.model.eval()
-        scores: list[float] = []
+        scores: list[torch.Tensor] = []
         try:
             for start in range(0, len(conversations), batch_size):
-                scores.extend(self.forward(conversations[start:start + batch_size]).tolist())
+                scores.append(self.forward(conversations[start:start + batch_size]).float().cpu())
         finally:
             self.model.train(was_training)
-        return scores
+        return torch.cat(scores) if scores else torch.zeros(0, self.heads)
+
+    def score(self, conversations: list[tuple[list[dict], str]], batch_size: int = 8) -> list[float]:
+        """The ensemble's mean score per conversation (what the UI shows)."""
+        return self.head_scores(conversations, batch_size).mean(1).tolist()
 
     def state(self) -> dict[str, torch.Tensor]:
         state = {f"lora.{k}": v.detach().cpu().clone() for k, v in self.lora_parameters().items()}
@@ -171,15 +183,114 @@ class RewardModel:
         return state
 
     def load_state(self, state: dict[str, torch.Tensor]) -> None:
+        """Load a checkpoint; one with another number of heads (e.g. the single head of older versions) is
+        migrated: every head starts from the mean of the saved heads and the bootstrap spreads them again."""
         lora = self.lora_parameters()
         expected = {f"lora.{k}" for k in lora} | {f"head.{k}" for k in self.head.state_dict()}
         if set(state) != expected:
             raise ValueError("reward checkpoint does not match this model (different base or LoRA settings)")
+        head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
+        if head["weight"].shape[-1] != self.head.weight.shape[-1]:
+            raise ValueError("reward checkpoint does not match this model (different hidden size)")
+        if head["weight"].shape[0] != self.heads:
+            head = {"weight": head["weight"].mean(0, keepdim=True).expand(self.heads, -1).clone(),
+                    "bias": head["bias"].reshape(-1).mean().expand(self.heads).clone()}
         with torch.no_grad():
             for key, value in state.items():
                 if key.startswith("lora."):
                     lora[key[5:]].copy_(value)
-            self.head.load_state_dict({k[5:]: v for k, v in state.items() if k.startswith("head.")})
+            self.head.load_state_dict(head)
+
+
+def bootstrap_weights(preference_ids: list[int], heads: int) -> torch.Tensor:
+    """(n, K) online bootstrap weights, 0 or 2 with equal odds ("double-or-nothing", Owen & Eckles 2012),
+    fixed per (pair, head) so a replayed pair keeps its weights. Each head thus learns from about half the
+    votes, and the heads disagree where the votes leave the answer open. One head: all weights 1."""
+    if heads == 1:
+        return torch.ones(len(preference_ids), 1)
+    return torch.tensor([[2.0 * (random.Random(int(pid) * 1000 + k).random() < 0.5) for k in range(heads)]
+                         for pid in preference_ids])
+
+
+def answer_length_feature(answer: str) -> float:
+    """log(1 + characters): what the length audit measures length in (emoji strings count, unlike words)."""
+    return math.log1p(len(answer.strip()))
+
+
+class LengthAudit:
+    """How much of the reward model's verdict is answer length, and how much of it the votes justify.
+
+    On each new pair, scored *before* the model learns it (held-out, prequential), it records the length
+    difference dl = l(chosen) - l(rejected) (l = log characters) and the score difference dr. Then:
+
+    * the **votes' length slope** w: a Bradley-Terry model on length alone, P(chosen) = sigmoid(w * dl), fitted
+      by MAP (Gaussian prior N(0, 1): a taste that always picks the shorter answer gives a large but finite w);
+    * the **reward model's length slope** s: least squares of dr on dl through the origin (same units: logits
+      per unit of log length);
+    * the **correction** c: the part of s the votes do not show - all of s when it has the other sign than w,
+      s - w when it is steeper than w in the same direction, 0 otherwise. PPO's reward subtracts c * l.
+
+    So a length preference people really have (a "concise" taste) is kept, and one the reward model picked up
+    on its own (shorter answers winning when votes do not favour them) is removed. `correlation` is the
+    Pearson correlation between scores and l over the recent answers, before and after the correction.
+    """
+
+    def __init__(self, window: int = 200, min_pairs: int = 20, prior_var: float = 1.0):
+        self.min_pairs = min_pairs
+        self.prior_var = prior_var
+        self.pairs: collections.deque = collections.deque(maxlen=window)  # (dl, dr)
+        self.answers: collections.deque = collections.deque(maxlen=2 * window)  # (l, score)
+
+    def add(self, chosen: str, rejected: str, score_chosen: float, score_rejected: float) -> None:
+        l_c, l_r = answer_length_feature(chosen), answer_length_feature(rejected)
+        self.pairs.append((l_c - l_r, score_chosen - score_rejected))
+        self.answers.extend([(l_c, score_chosen), (l_r, score_rejected)])
+
+    def vote_slope(self, newton_steps: int = 20) -> float:
+        """MAP w of P(chosen) = sigmoid(w * dl) over the recorded pairs (1-D Newton's method)."""
+        dl = torch.tensor([p[0] for p in self.pairs], dtype=torch.float64)
+        w = torch.zeros((), dtype=torch.float64)
+        for _ in range(newton_steps):
+            p = torch.sigmoid(w * dl)
+            grad = ((1 - p) * dl).sum() - w / self.prior_var
+            hess = -(p * (1 - p) * dl ** 2).sum() - 1 / self.prior_var
+            w = w - grad / hess
+        return float(w)
+
+    def reward_slope(self) -> float:
+        """Least-squares slope of the score difference on the length difference, through the origin."""
+        dl = torch.tensor([p[0] for p in self.pairs], dtype=torch.float64)
+        dr = torch.tensor([p[1] for p in self.pairs], dtype=torch.float64)
+        denominator = float((dl ** 2).sum())
+        return float((dl * dr).sum()) / denominator if denominator > 0 else 0.0
+
+    def correction(self) -> float:
+        if len(self.pairs) < self.min_pairs:
+            return 0.0
+        s, w = self.reward_slope(), self.vote_slope()
+        if s * w <= 0:
+            return s  # opposite signs (or votes indifferent): none of the reward's length slope is justified
+        return s - w if abs(s) > abs(w) else 0.0
+
+    def correlation(self, correction: float = 0.0) -> float:
+        """Pearson correlation of (score - correction * l) with l over the recent answers (nan if undefined)."""
+        if len(self.answers) < 3:
+            return float("nan")
+        lengths = torch.tensor([a[0] for a in self.answers], dtype=torch.float64)
+        scores = torch.tensor([a[1] for a in self.answers], dtype=torch.float64) - correction * lengths
+        lengths, scores = lengths - lengths.mean(), scores - scores.mean()
+        denominator = float(lengths.norm() * scores.norm())
+        return float((lengths * scores).sum()) / denominator if denominator > 0 else float("nan")
+
+    def summary(self) -> dict[str, float]:
+        enough = len(self.pairs) >= self.min_pairs
+        correction = self.correction()
+        return {"length_pairs": len(self.pairs),
+                "length_slope_votes": self.vote_slope() if enough else float("nan"),
+                "length_slope_reward": self.reward_slope() if enough else float("nan"),
+                "length_correction": correction,
+                "length_corr_raw": self.correlation(),
+                "length_corr_adjusted": self.correlation(correction)}
 
 
 @dataclass
@@ -221,6 +332,7 @@ class OnlineRewardLearner:
         self._feature_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # preference id -> features
         self.replay_capacity = cfg.reward_replay_capacity
         self.metrics = PrequentialRecord()
+        self.length_audit = LengthAudit()
         self.last_preference_id = 0
         head_params = list(reward_model.head.parameters())
         self.optimizer = torch.optim.AdamW([
@@ -244,17 +356,22 @@ class OnlineRewardLearner:
         prefs = [pref] + replay
         features = [self._features(p) for p in prefs]
         batch = [f[0] for f in features] + [f[1] for f in features]  # chosen rows first, then rejected rows
-        weights = torch.tensor([float(p.weight) for p in prefs])
+        weights = torch.tensor([float(p.weight) for p in prefs])[:, None] \
+            * bootstrap_weights([p.id for p in prefs], self.rm.heads)  # (n, K)
         n = len(prefs)
         self.rm.model.train()
         correct_before = margin_before = loss_value = 0.0
         for step in range(self.cfg.reward_steps_per_vote):
-            rewards = self.rm.forward_features(batch)  # (2n,)
-            r_chosen, r_rejected = rewards[:n], rewards[n:]
+            rewards = self.rm.forward_features(batch)  # (2n, K)
+            r_chosen, r_rejected = rewards[:n], rewards[n:]  # (n, K) each
             if step == 0:
-                margin_before = float((r_chosen[0] - r_rejected[0]).detach())
+                before = rewards[[0, n]].detach().float().mean(1)  # (2,) the new pair's ensemble scores
+                margin_before = float(before[0] - before[1])
                 correct_before = 1.0 if margin_before > 0 else 0.5 if margin_before == 0 else 0.0
-            loss = bradley_terry_loss(r_chosen, r_rejected, weights.to(rewards.device))
+                self.length_audit.add(pref.chosen, pref.rejected, float(before[0]), float(before[1]))
+            w = weights.to(rewards.device)
+            loss = torch.stack([bradley_terry_loss(r_chosen[:, k], r_rejected[:, k], w[:, k])
+                                for k in range(self.rm.heads)]).mean()  # each head on its own resample
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.rm.parameters(), 1.0)
@@ -266,6 +383,19 @@ class OnlineRewardLearner:
         self.last_preference_id = max(self.last_preference_id, int(pref.id))
         return UpdateStats(preference_id=int(pref.id), correct_before=correct_before, margin_before=margin_before,
                            loss=loss_value, seconds=time.perf_counter() - started)
+
+    def ppo_scores(self, conversations: list[tuple[list[dict], str]]) -> list[float]:
+        """The reward PPO maximises: the heads' mean, minus `reward_uncertainty_coef` x their spread, minus the
+        length dependence the votes do not justify (`LengthAudit.correction`)."""
+        heads = self.rm.head_scores(conversations)  # (B, K)
+        scores = heads.mean(1)
+        if heads.shape[1] > 1 and self.cfg.reward_uncertainty_coef:
+            scores = scores - self.cfg.reward_uncertainty_coef * heads.std(1, unbiased=False)
+        if self.cfg.reward_length_correction:
+            correction = self.length_audit.correction()
+            lengths = torch.tensor([answer_length_feature(a) for _, a in conversations])
+            scores = scores - correction * lengths
+        return scores.tolist()
 
     def _remember(self, pref) -> None:
         if len(self.replay) < self.replay_capacity:

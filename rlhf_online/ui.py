@@ -286,7 +286,8 @@ def refresh_dashboard(services, versions: dashboard.VersionCache) -> tuple:
     warning = dashboard.reward_hacking_warning(ppo_metrics, win_rates)
     ppo = _frame(dashboard.ppo_curves(ppo_metrics), dashboard.PPO_COLUMNS)
     return (dashboard.counts_markdown(store.counts()) + "\n\n" + _feedback_summary(services),
-            dashboard.reward_markdown(reward_metrics, ppo_metrics),
+            "\n\n".join([dashboard.reward_markdown(reward_metrics, ppo_metrics), dashboard.kl_budget_markdown(
+                ppo_metrics), dashboard.gate_markdown(store.latest_metrics("gate", 50))]),
             dashboard.trainer_markdown(status, paused, list(services.live.loaded)),
             dashboard.versions_markdown(infos),
             gr.update(value=warning or "", visible=warning is not None),

@@ -32,6 +32,8 @@ from rlhf_online.lifecycle import (TRAINER_LOCKED_EXIT_CODE, TrainerLock, Traine
 from rlhf_online.models import (POLICY_ADAPTER, attach_lora, load_base_model, load_tokenizer,
                                 resolve_model_source)
 from rlhf_online.ppo import COLD_START_PROMPTS, IterationStats, PolicyWithValue, PPOTrainer
+from rlhf_online.release_gate import (GateDecision, GateEvaluator, GateReport, decide, gate_prompt_set,
+                                      harmful_requests, prompt_set_id)
 from rlhf_online.reward import OnlineRewardLearner, RewardModel, attach_reward_adapter
 from rlhf_online.store import AI_PLACEMENT, Pair, PreferenceStore, store_path
 from rlhf_online.timeline import record_published
@@ -47,6 +49,7 @@ ACTIVITY_KEY = "trainer_activity"  # JSON {"doing": text, "since": time}: what t
 AUTO_ROLLBACK_MIN_VOTES = 20  # human votes between a version and its predecessor before judging it
 AUTO_ROLLBACK_MAX_WIN_RATE = 0.35  # "loses by a clear margin": about 2 of 3 votes against it
 CHECKPOINT_EVERY = 10  # reward updates between checkpoints: a crash loses at most this many (they are re-learned)
+GATE_REPICK_EVERY = 10  # gate runs between re-picking its held-out prompts from the newest conversations
 
 
 class TrainingStopped(Exception):
@@ -103,6 +106,10 @@ class TrainerWorker:
         self.feedback_rng = random.Random(cfg.seed)
         self._judge_model = None  # (model, tokenizer) of a separately configured judge, loaded on first use
         self._activity: str | None = None
+        self.gate_evaluator = GateEvaluator(self.ppo, seed=cfg.seed + 1234)
+        self.gate_prompts: list[list[dict]] = []
+        self.gate_reports: dict[tuple[str, str], GateReport] = {}  # (version, prompt set) -> report
+        self.gate_runs = 0
 
     # ---- resume ---------------------------------------------------------------------------------------------
     def _resume_policy(self) -> str:
@@ -155,7 +162,7 @@ class TrainerWorker:
 
     # ---- work -----------------------------------------------------------------------------------------------
     def _score(self, messages: list[list[dict]], texts: list[str]) -> list[float]:
-        return self.reward_model.score(list(zip(messages, texts)))
+        return self.learner.ppo_scores(list(zip(messages, texts)))
 
     def report(self, doing: str) -> None:
         """Tell the page what the trainer is doing now (one small write, only when it changes)."""
@@ -182,7 +189,8 @@ class TrainerWorker:
         ppo = self.cfg.ppo
         ppo.length_penalty = float(settings.get("length_penalty", ppo.length_penalty))
         if "init_kl_coef" in settings:
-            ppo.init_kl_coef = self.ppo.kl_ctl.kl_coef = float(settings["init_kl_coef"])
+            ppo.init_kl_coef = float(settings["init_kl_coef"])
+            self.ppo.kl_ctl.reset(ppo.init_kl_coef)
         if "ppo_lr" in settings:
             ppo.ppo_lr = float(settings["ppo_lr"])
             for group in self.ppo.optimizer.param_groups:
@@ -200,7 +208,8 @@ class TrainerWorker:
             summary = self.learner.metrics.summary()
             self.store.record_metric("reward", summary["pairs"], {**summary, "loss": stats.loss,
                                                                   "seconds": stats.seconds,
-                                                                  "correct_before": stats.correct_before})
+                                                                  "correct_before": stats.correct_before,
+                                                                  **self.learner.length_audit.summary()})
             if summary["pairs"] % CHECKPOINT_EVERY == 0:
                 self.save_reward()
         if prefs:
@@ -222,15 +231,105 @@ class TrainerWorker:
         demos = [(d.prompt, d.answer) for d in self.store.demonstrations(limit=200)]
         stats = self.ppo.iteration(prompts, demos)
         self.since_publish += 1
-        published = None
+        published = rejected = None
         if self.since_publish >= self.cfg.ppo.publish_every:
-            published = self.publish(stats).name
             self.since_publish = 0
+            decision = self.gate_candidate() if self.cfg.gate.gate else None
+            if decision is None or decision.passed:
+                report = decision.report if decision else None
+                published = self.publish(stats, report).name
+                if report is not None:
+                    report.version = published
+                    self.gate_reports[(published, report.prompt_set)] = report
+                    self._record_gate(stats.iteration, decision, published)
+            else:
+                rejected = True
+                self._record_gate(stats.iteration, decision, None)
+                self.reject_candidate(decision)
         self.store.record_metric("ppo", stats.iteration, {**stats.as_dict(), "published": published,
+                                                           "rejected": rejected,
+                                                           "target_kl": self.cfg.ppo.target_kl,
                                                            "reward_pairs": self.learner.metrics.total})
         return stats
 
-    def publish(self, stats: IterationStats) -> VersionInfo:
+    # ---- the release gate -------------------------------------------------------------------------------------
+    def _pick_gate_prompts(self) -> list[list[dict]]:
+        if not self.gate_prompts or self.gate_runs % GATE_REPICK_EVERY == 0:
+            self.gate_prompts = gate_prompt_set(self.store.recent_prompts(limit=500), self.cfg.gate.gate_prompts)
+        return self.gate_prompts
+
+    def _gate_report(self, version: str, prompts, harmful) -> GateReport:
+        """The report of a published version (or the base) on this prompt set: cached, else measured by loading
+        its weights into the policy adapter for the measurement and putting the candidate back after."""
+        key = (version, prompt_set_id(prompts + harmful))
+        if key not in self.gate_reports:
+            candidate = self._policy_snapshot()
+            try:
+                self._load_version_weights(version)
+                self.gate_reports[key] = self.gate_evaluator.evaluate(version, prompts, harmful)
+            finally:
+                self._restore_policy(candidate)
+        return self.gate_reports[key]
+
+    def gate_candidate(self) -> GateDecision:
+        """Measure the policy as it is now and decide whether it may be published."""
+        prompts = self._pick_gate_prompts()
+        harmful = harmful_requests(self.cfg.gate.harmful_prompts_file, self.cfg.gate.gate_harmful_prompts)
+        self.gate_runs += 1
+        base = self._gate_report(BASE_VERSION, prompts, harmful)
+        try:
+            parent = self._gate_report(self.parent, prompts, harmful)
+        except FileNotFoundError as exc:  # deleted by an admin mid-way: judge length against the base instead
+            log.error("release gate: %s; comparing with the base", exc)
+            parent = base
+        candidate = self.gate_evaluator.evaluate("candidate", prompts, harmful)
+        return decide(candidate, base, parent, self.cfg.gate, self.cfg.ppo.target_kl)
+
+    def _record_gate(self, iteration: int, decision: GateDecision, version: str | None) -> None:
+        base = self.gate_reports.get((BASE_VERSION, decision.report.prompt_set))
+        self.store.record_metric("gate", iteration, {
+            "passed": decision.passed, "reasons": decision.reasons, "version": version, "parent": self.parent,
+            "kl_budget": self.cfg.gate.gate_kl_budget * self.cfg.ppo.target_kl, "target_kl": self.cfg.ppo.target_kl,
+            **{k: v for k, v in decision.report.as_dict().items() if k != "version"},
+            "base": base.as_dict() if base else None})
+
+    def reject_candidate(self, decision: GateDecision) -> None:
+        """Log why, and continue training from the last good version (its weights; fresh optimizer moments)."""
+        log.warning("release gate rejected the candidate at iteration %d: %s", self.ppo.iterations,
+                    "; ".join(decision.reasons))
+        self._load_version_weights(self.parent)
+        self.ppo.optimizer.state.clear()
+
+    def _policy_snapshot(self) -> dict[str, torch.Tensor]:
+        state = {n: p.detach().clone() for n, p in self.peft.named_parameters() if f".{POLICY_ADAPTER}." in n}
+        state.update({f"value_head.{k}": v.detach().clone() for k, v in self.policy.value_head.state_dict().items()})
+        return state
+
+    def _restore_policy(self, state: dict[str, torch.Tensor]) -> None:
+        params = dict(self.peft.named_parameters())
+        with torch.no_grad():
+            for name, tensor in state.items():
+                if not name.startswith("value_head."):
+                    params[name].copy_(tensor)
+            self.policy.value_head.load_state_dict(
+                {k.removeprefix("value_head."): v for k, v in state.items() if k.startswith("value_head.")})
+
+    def _load_version_weights(self, version: str) -> None:
+        """Put a published version's (or the base's) weights into the policy adapter."""
+        if version == BASE_VERSION:
+            with torch.no_grad():
+                for name, p in self.peft.named_parameters():
+                    if f".{POLICY_ADAPTER}." in name and "lora_B" in name:
+                        p.zero_()  # a zero lora_B makes the adapter the identity: the base
+            return
+        info = next((v for v in self.registry.versions() if v.name == version), None)
+        if info is None:
+            raise FileNotFoundError(f"version {version} is no longer published")
+        iterations = self.ppo.iterations
+        self.load_policy_version(info)
+        self.ppo.iterations = iterations  # measuring or reverting weights does not rewind the iteration count
+
+    def publish(self, stats: IterationStats, gate_report: GateReport | None = None) -> VersionInfo:
         def write(folder: Path) -> None:
             save_peft_adapter(self.peft, POLICY_ADAPTER, folder)
             save_file({f"value_head.{k}": v.detach().cpu().contiguous() for k, v in self.policy.value_head.state_dict().items()},
@@ -238,7 +337,9 @@ class TrainerWorker:
 
         meta = {"parent": self.parent, "ppo_iteration": stats.iteration, "votes_seen": self.learner.metrics.total,
                 "mean_reward": stats.mean_score, "kl": stats.kl, "mean_length": stats.mean_length,
-                "base_model": self.cfg.model.model, "time": time.time()}
+                "base_model": self.cfg.model.model, "time": time.time(),
+                "gate": {k: v for k, v in gate_report.as_dict().items() if k not in ("version", "samples")}
+                if gate_report else None}
         info = self.registry.publish(write, meta)
         self.parent = info.name
         self.registry.prune(self.cfg.ppo.keep_versions)
@@ -257,9 +358,7 @@ class TrainerWorker:
         if latest is None or version_number(latest.name) < version_number(self.parent):
             log.info("rollback detected: continuing from %s", latest.name if latest else BASE_VERSION)
             if latest is None:
-                for name, p in self.peft.named_parameters():
-                    if f".{POLICY_ADAPTER}." in name and "lora_B" in name:
-                        p.data.zero_()  # a zero lora_B makes the adapter the identity: back to the base
+                self._load_version_weights(BASE_VERSION)
                 self.parent = BASE_VERSION
             else:
                 self.load_policy_version(latest)

@@ -175,3 +175,30 @@ def test_phases_show_live_numbers_in_plain_words():
     assert "Iteration **4**" in live["ppo"] and "from 0.10 at iteration 1" in live["ppo"] and "KL" in live["ppo"]
     assert "**75%** of 4 votes" in live["hacking"] and "Possible reward hacking" in live["hacking"]
     assert "4 AI labels" in live["ai"] and "1/2 pairs" in live["ai"]
+
+
+# ---- issue 11: the KL leash and the release gate in the panel ----------------------------------------------------
+
+def test_kl_budget_markdown_shows_kl_against_its_target():
+    from rlhf_online.dashboard import kl_budget_markdown
+
+    assert "not run" in kl_budget_markdown([])
+    metrics = [{"iteration": i, "kl": kl, "kl_coef": 0.1, "target_kl": 6.0} for i, kl in enumerate([2.0, 7.5])]
+    text = kl_budget_markdown(metrics)
+    assert "KL 7.50 nats against a target of 6.0" in text and "over target" in text and "2.0 → 7.5" in text
+    assert "within target" in kl_budget_markdown(metrics[:1])
+
+
+def test_gate_markdown_lists_rejected_candidates_with_why():
+    from rlhf_online.dashboard import gate_markdown
+
+    assert "no candidate" in gate_markdown([])
+    base = {"relevance": 0.8, "harmful_compliant": 2, "harmful_total": 6}
+    metrics = [{"passed": True, "reasons": [], "kl_budget": 7.2, "kl": 3.0, "base": base},
+               {"passed": False, "reasons": ["KL 9.1 nats over the budget 7.2", "length collapse: 5 | 6"],
+                "kl_budget": 7.2, "kl": 9.1, "relevance": 0.2, "mean_length": 5.0, "degenerate_rate": 0.5,
+                "harmful_compliant": 3, "harmful_total": 6, "base": base}]
+    text = gate_markdown(metrics)
+    assert "1 published, 1 rejected" in text and "KL ≤ 7.2 nats" in text and "(2/6)" in text
+    row = [line for line in text.splitlines() if "over the budget" in line][0]
+    assert "9.1" in row and "length collapse: 5 / 6" in row  # a | in a reason cannot break the table

@@ -279,7 +279,8 @@ def test_corrupt_files_are_skipped_and_a_crashing_trainer_is_restarted_while_cha
     app = RunningApp(tiny_model_dir, tmp_path, extra_args=(
         "--max-new-tokens", "4", "--lora-r", "4", "--lora-alpha", "8", "--reward-max-tokens", "48",
         "--reward-lora-layers", "1", "--ppo-batch-size", "2", "--ppo-minibatch-size", "2",
-        "--ppo-max-new-tokens", "4", "--ppo-epochs", "1", "--publish-every", "1", "--min-preferences", "1"))
+        "--ppo-max-new-tokens", "4", "--ppo-epochs", "1", "--publish-every", "1", "--min-preferences", "1",
+        "--no-gate"))  # publishing under faults is under test; the random tiny model would fail the release gate
     corrupt_version = app.adapters_dir / "v0001"
     corrupt_version.mkdir(parents=True)
     (corrupt_version / "adapter_config.json").write_text("{not json")

@@ -260,3 +260,53 @@ def test_each_prompt_is_answered_several_times_and_judged_against_its_own_answer
     assert scored.scores.abs().min() > 900  # the raw scores are logged as they are
     # ...but only the difference between a prompt's answers reaches the returns: no 1000-sized targets
     assert scored.returns.abs().max() < 50
+
+
+# ---- issue 11: the KL leash --------------------------------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def sharp_model_dir(tmp_path_factory):
+    """The tiny model with its (tied) embeddings scaled up 3x. The plain tiny model's logits are nearly flat
+    (entropy ~ log V), so no adapter can move it far from the reference; this one PPO can push away."""
+    from tiny_model import build_model, build_tokenizer
+
+    path = tmp_path_factory.mktemp("sharp") / "model"
+    tokenizer = build_tokenizer()
+    model = build_model(len(tokenizer))
+    with torch.no_grad():
+        model.model.embed_tokens.weight.mul_(3.0)
+    model.generation_config.eos_token_id = tokenizer.eos_token_id
+    model.save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def test_a_marker_reward_drives_kl_up_and_the_leash_brings_it_back(sharp_model_dir):
+    from rlhf_online.rl_math import FixedKLController, LogBetaPIController
+
+    tokenizer = models.load_tokenizer(str(sharp_model_dir))
+    base = models.load_base_model(str(sharp_model_dir), "nf4", for_training=True).model
+    torch.manual_seed(0)
+    peft = models.attach_lora(base, MODEL_CFG)
+    target = 1.0
+    cfg = PPOConfig(ppo_batch_size=32, ppo_minibatch_size=8, ppo_max_new_tokens=12, ppo_lr=1e-2, samples_per_prompt=4,
+                    init_kl_coef=0.01, min_kl_coef=0.01, target_kl=target, kl_controller="pi", kl_shrink=False,
+                    target_approx_kl=0.0)
+
+    def marker_reward(messages, texts):  # pays for every "it" (a frequent token of this model) in the answer
+        return [float(t.count("it")) for t in texts]
+
+    trainer = PPOTrainer(PolicyWithValue(peft), tokenizer, marker_reward, cfg, SamplingConfig(temperature=1.0, top_p=1.0))
+    torch.manual_seed(0)
+    trainer.kl_ctl = FixedKLController(0.01)  # no leash: a weak fixed penalty
+    free = [trainer.iteration(trainer.sample_prompts(PROMPTS)) for _ in range(10)]
+    assert free[-1].kl > 2 * target, [s.kl for s in free]  # the marker reward pulled the policy away
+    assert sum(s.mean_score for s in free[-3:]) > sum(s.mean_score for s in free[:3])
+
+    cfg.kl_shrink, cfg.target_approx_kl = True, 0.02  # the leash, as the defaults run it
+    trainer.kl_ctl = LogBetaPIController(kl_coef=0.01, target_kl=target, min_kl_coef=0.01)
+    leashed = [trainer.iteration(trainer.sample_prompts(PROMPTS)) for _ in range(10)]
+    kls = [s.kl for s in leashed]
+    assert min(kls[:6]) <= target, kls  # back under the target within a few iterations
+    assert sum(kls[-5:]) / 5 < 0.6 * free[-1].kl, kls  # and held well below where it had run
+    assert leashed[0].kl_shrink < 1.0 and max(s.kl_coef for s in leashed) > 0.05  # both parts of the leash acted

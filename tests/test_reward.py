@@ -2,6 +2,7 @@
 checkpoints and resumes, and scores batches exactly like single answers."""
 
 import dataclasses
+import math
 import random
 import warnings
 
@@ -10,7 +11,8 @@ import torch
 
 from rlhf_online import models
 from rlhf_online.config import ModelConfig, RewardConfig
-from rlhf_online.reward import REWARD_ADAPTER, OnlineRewardLearner, RewardModel, attach_reward_adapter
+from rlhf_online.reward import (REWARD_ADAPTER, LengthAudit, OnlineRewardLearner, RewardModel, attach_reward_adapter,
+                                bootstrap_weights)
 from rlhf_online.store import Preference
 
 MODEL_CFG = ModelConfig(lora_r=8, lora_alpha=16)
@@ -237,10 +239,96 @@ def test_an_ai_label_enters_the_loss_with_its_weight(tiny_model_dir, tokenizer):
         # reward_replay=3 and three pairs seen: the batch is the new pair plus all of them, in some order
         features = [learner._features(p) for p in [ai] + humans]
         with torch.no_grad():
-            rewards = rm.forward_features([f[0] for f in features] + [f[1] for f in features])  # (8,)
-        losses = -torch.nn.functional.logsigmoid(rewards[:4] - rewards[4:])  # (4,) chosen minus rejected
-        expected = float((0.5 * losses[0] + losses[1:].sum()) / 3.5)
+            rewards = rm.forward_features([f[0] for f in features] + [f[1] for f in features])  # (8, K)
+        losses = -torch.nn.functional.logsigmoid(rewards[:4] - rewards[4:])  # (4, K) chosen minus rejected
+        # each head weighs a pair by its vote weight times the head's bootstrap weight (0 or 2)
+        boot = bootstrap_weights([p.id for p in [ai] + humans], rm.heads)  # (4, K)
+        weights = torch.tensor([0.5, 1.0, 1.0, 1.0])[:, None] * boot  # (4, K)
+        per_head = (weights * losses).sum(0) / weights.sum(0).clamp_min(1e-30)  # (K,)
+        expected = float(per_head.mean())
         stats = learner.observe(ai)
     assert stats.loss == pytest.approx(expected, abs=1e-5)
-    assert abs(expected - float(losses.mean())) > 1e-4  # the weight really changed the loss
+    unweighted = (boot * losses).sum(0) / boot.sum(0).clamp_min(1e-30)
+    assert abs(expected - float(unweighted.mean())) > 1e-4  # the weight really changed the loss
     assert learner.replay[-1].weight == 0.5 and learner.replay[-1].source == "ai"
+
+
+# ---- issue 11: an ensemble of heads, and the length audit ---------------------------------------------------
+
+def test_heads_learn_from_different_resamples_and_disagree_where_votes_are_silent(trained):
+    rm, learner = trained["rm"], trained["learner"]
+    assert rm.heads == REWARD_CFG.reward_heads > 1
+    conversations = [(p.prompt, a) for p in synthetic_preferences(6, seed=11) for a in (p.chosen, p.rejected)]
+    heads = rm.head_scores(conversations)  # (12, K)
+    assert heads.shape == (12, rm.heads)
+    assert heads.std(1).min() > 0  # bootstrap resamples made the heads differ
+    torch.testing.assert_close(torch.tensor(rm.score(conversations)), heads.mean(1))
+    # PPO's reward is the heads' mean minus their spread (length correction off here)
+    cfg = dataclasses.replace(REWARD_CFG, reward_length_correction=False)
+    plain = OnlineRewardLearner(rm, cfg)
+    expected = heads.mean(1) - cfg.reward_uncertainty_coef * heads.std(1, unbiased=False)
+    torch.testing.assert_close(torch.tensor(plain.ppo_scores(conversations)), expected)
+    assert learner.length_audit.summary()["length_pairs"] == 48
+
+
+def test_bootstrap_weights_are_fixed_per_pair_and_about_half():
+    w = bootstrap_weights(list(range(1, 401)), 4)
+    assert set(w.unique().tolist()) <= {0.0, 2.0}
+    assert 0.4 < float((w > 0).float().mean()) < 0.6
+    assert torch.equal(w[:10], bootstrap_weights(list(range(1, 11)), 4))  # a replayed pair keeps its weights
+    assert torch.equal(bootstrap_weights([5, 6], 1), torch.ones(2, 1))
+
+
+def test_a_single_head_checkpoint_of_older_versions_still_loads(trained, tiny_model_dir, tokenizer, tmp_path):
+    from safetensors.torch import save_file
+
+    state = trained["rm"].state()
+    old = {k: v for k, v in state.items() if k.startswith("lora.")}
+    old["head.weight"] = state["head.weight"][:1].clone()  # (1, H): the format before the ensemble
+    old["head.bias"] = state["head.bias"][:1].clone()
+    path = tmp_path / "old.safetensors"
+    save_file(old, str(path), metadata={"last_preference_id": "7", "pairs": "7", "correct": "5.0"})
+    _, rm = build(tiny_model_dir, tokenizer, seed=5)
+    learner = OnlineRewardLearner(rm, REWARD_CFG)
+    learner.load(path)
+    heads = rm.head_scores([([{"role": "user", "content": "hi"}], "banana")])
+    assert heads.shape == (1, rm.heads) and float(heads.std()) < 1e-5  # every head starts from the old one
+    assert learner.last_preference_id == 7
+
+
+def test_length_audit_hand_computed():
+    audit = LengthAudit(min_pairs=2, prior_var=1.0)
+    # two pairs; dl = log1p(len chosen) - log1p(len rejected), dr = score difference
+    audit.add("a" * 9, "a" * 99, 1.0, 2.0)  # chosen shorter: dl = log 10 - log 100 = -log 10, dr = -1
+    audit.add("a" * 99, "a" * 9, 0.5, 0.0)  # chosen longer:  dl = +log 10, dr = +0.5
+    ln10 = math.log(10)
+    # s = sum(dl * dr) / sum(dl^2) = (ln10 + 0.5 ln10) / (2 ln10^2) = 0.75 / ln10
+    assert audit.reward_slope() == pytest.approx(0.75 / ln10)
+    # votes: one pair each way, symmetric -> the MAP w is 0 -> the whole reward slope is unjustified
+    assert audit.vote_slope() == pytest.approx(0.0, abs=1e-9)
+    assert audit.correction() == pytest.approx(0.75 / ln10)
+    # answers (l, score) = (log10, 1), (log100, 2), (log100, .5), (log10, 0): the correction lowers the correlation
+    assert abs(audit.correlation(audit.correction())) < abs(audit.correlation())
+
+
+def test_length_audit_keeps_a_length_taste_the_votes_show_and_removes_one_they_do_not():
+    rng = random.Random(0)
+    concise = LengthAudit(min_pairs=20)
+    for _ in range(60):  # people always pick the shorter answer; the reward model learned a slope of -2
+        short, long = "a" * rng.randint(5, 30), "a" * rng.randint(60, 200)
+        dl = math.log1p(len(short)) - math.log1p(len(long))  # < 0: the chosen answer is shorter
+        concise.add(short, long, -2.0 * dl, 0.0)
+    assert concise.reward_slope() == pytest.approx(-2.0)
+    assert concise.vote_slope() < -2.0  # a strong (finite under the prior) preference for shorter answers
+    assert concise.correction() == 0.0  # the reward's length slope is what the votes show: kept
+
+    indifferent = LengthAudit(min_pairs=20)
+    for i in range(60):  # votes ignore length (half the winners are the longer answer); the reward does not
+        short, long = "a" * rng.randint(5, 30), "a" * rng.randint(60, 200)
+        chosen, rejected = (short, long) if i % 2 else (long, short)
+        quality = 0.3 * (i % 3)  # what the reward model also scores, unrelated to length
+        indifferent.add(chosen, rejected, quality - math.log1p(len(chosen)), quality - math.log1p(len(rejected)))
+    assert abs(indifferent.vote_slope()) < 0.1  # "shorter wins" in the reward model, learned from nothing
+    assert indifferent.correction() == pytest.approx(indifferent.reward_slope()) == pytest.approx(-1.0)
+    assert indifferent.correlation() < -0.9
+    assert abs(indifferent.correlation(indifferent.correction())) < 0.2

@@ -25,6 +25,7 @@ from rlhf_online.rl_math import (
     kl_k3,
     length_penalty,
     make_kl_controller,
+    LogBetaPIController,
     masked_mean,
     masked_var,
     masked_whiten,
@@ -438,3 +439,52 @@ def test_running_moments_match_the_whole_sample_and_scale_without_shifting():
     assert moments.std == pytest.approx(math.sqrt(12.5))
     scaled = RunningMoments().scale(torch.tensor([-2.0, 0.0, 2.0]))  # std 2
     assert torch.allclose(scaled, torch.tensor([-1.0, 0.0, 1.0]))
+
+
+# ---- issue 11: the KL leash ---------------------------------------------------------------------------------
+
+def test_log_beta_pi_controller_hand_computed():
+    from rlhf_online.rl_math import LogBetaPIController
+
+    ctl = LogBetaPIController(kl_coef=0.1, target_kl=6.0, kp=0.5, ki=0.25)
+    # KL twice the target: e = ln 2, I = ln 2 -> log beta = ln 0.1 + 0.5 ln 2 + 0.25 ln 2 -> 0.1 * 2^0.75
+    assert ctl.update(12.0, 8) == pytest.approx(0.1 * 2 ** 0.75)
+    # again: I = 2 ln 2 -> ln 0.1 + 0.5 ln 2 + 0.5 ln 2 -> 0.2
+    assert ctl.update(12.0, 8) == pytest.approx(0.2)
+    # back on target: e = 0, the integral holds beta above where it started -> 0.1 * 2^0.5
+    assert ctl.update(6.0, 8) == pytest.approx(0.1 * 2 ** 0.5)
+    assert ctl.kl_coef == pytest.approx(0.1 * 2 ** 0.5)
+
+
+def test_log_beta_pi_controller_floor_ceiling_and_anti_windup():
+    from rlhf_online.rl_math import LogBetaPIController
+
+    ctl = LogBetaPIController(kl_coef=0.1, target_kl=6.0, min_kl_coef=0.05, max_kl_coef=5.0)
+    for _ in range(50):  # KL far under target for a long time: beta never goes below the floor
+        assert ctl.update(0.0) >= 0.05 - 1e-12
+    assert ctl.integral > -2.0  # and the integral did not wind up while beta sat on the floor
+    for _ in range(3):  # so a burst is met within a few iterations
+        ctl.update(18.0)
+    assert ctl.kl_coef > 0.1
+    for _ in range(100):
+        assert ctl.update(1e9) <= 5.0 + 1e-12
+    assert ctl.kl_coef == pytest.approx(5.0)
+    # the error is a clipped log-ratio: 1e9 nats count like e^1 times the target
+    one = LogBetaPIController(kl_coef=0.1, target_kl=6.0)
+    assert one.update(1e9) == pytest.approx(0.1 * math.exp((one.kp + one.ki) * 1.0))
+    one.reset(0.3)
+    assert one.kl_coef == 0.3 and one.integral == 0.0 and one.update(6.0) == pytest.approx(0.3)
+    with pytest.raises(ValueError):
+        LogBetaPIController(kl_coef=0.1, target_kl=0.0)
+    assert isinstance(make_kl_controller(0.1, 6.0, 32, kind="pi"), LogBetaPIController)
+    with pytest.raises(ValueError):
+        make_kl_controller(0.1, 6.0, 32, kind="bang-bang")
+
+
+def test_early_stop_of_ppo_epochs_on_approx_kl():
+    from rlhf_online.rl_math import should_stop_epochs
+
+    assert not should_stop_epochs([0.01, 0.02], 0.02)  # mean 0.015 < 1.5 * 0.02
+    assert should_stop_epochs([0.02, 0.05], 0.02)  # mean 0.035 > 0.03
+    assert not should_stop_epochs([1.0], 0.0)  # 0 switches it off
+    assert not should_stop_epochs([], 0.02)

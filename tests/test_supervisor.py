@@ -197,7 +197,7 @@ def check_adapters_folder(registry, seen: set[str]) -> None:
 
 def test_real_trainer_survives_a_kill_and_never_leaves_a_half_written_version(tmp_path, tiny_model_dir):
     from rlhf_online.adapters import AdapterRegistry
-    from rlhf_online.config import AppConfig, ModelConfig, PPOConfig, RewardConfig
+    from rlhf_online.config import AppConfig, GateConfig, ModelConfig, PPOConfig, RewardConfig
     from rlhf_online.generation import BASE_VERSION
     from rlhf_online.store import PreferenceStore, store_path
     from rlhf_online.supervisor import TrainerSupervisor
@@ -206,7 +206,8 @@ def test_real_trainer_survives_a_kill_and_never_leaves_a_half_written_version(tm
                     model=ModelConfig(model=str(tiny_model_dir), lora_r=4, lora_alpha=8),
                     reward=RewardConfig(reward_max_tokens=48, reward_lora_layers=1),
                     ppo=PPOConfig(ppo_batch_size=2, ppo_minibatch_size=2, ppo_max_new_tokens=6, ppo_epochs=1,
-                                  publish_every=1, min_preferences=2))
+                                  publish_every=1, min_preferences=2),
+                    gate=GateConfig(gate=False))  # publishing under a kill is under test, not the release gate
     cfg.data_path.mkdir(parents=True)
     with PreferenceStore(store_path(cfg.data_path)) as store:
         for i, (prompt, a, b) in enumerate([("hello", "I am fine, banana.", "Paris."),

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 from rlhf_online import models
 from rlhf_online.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, AdapterRegistry
-from rlhf_online.config import AppConfig, FeedbackConfig, ModelConfig, PPOConfig, RewardConfig
+from rlhf_online.config import AppConfig, FeedbackConfig, GateConfig, ModelConfig, PPOConfig, RewardConfig
 from rlhf_online.generation import BASE_VERSION
 from rlhf_online.judge import ai_label_weight, load_constitution, set_feedback_mode
 from rlhf_online.store import AI_PLACEMENT, PreferenceStore, store_path
@@ -37,7 +37,8 @@ def make_config(root, tiny_model_dir) -> AppConfig:
         model=ModelConfig(model=str(tiny_model_dir), lora_r=8, lora_alpha=16),
         reward=RewardConfig(reward_max_tokens=48, reward_lora_layers=1, reward_lr=3e-3),
         ppo=PPOConfig(ppo_batch_size=2, ppo_minibatch_size=2, ppo_max_new_tokens=6, ppo_epochs=1,
-                      publish_every=1, min_preferences=2))
+                      publish_every=1, min_preferences=2),
+        gate=GateConfig(gate=False))  # publishing itself is under test here; the gate has its own tests below
 
 
 def seed_votes(cfg: AppConfig, votes=VOTES, choice: str = "a") -> list[int]:
@@ -337,3 +338,54 @@ def test_training_settings_from_the_admin_reach_the_running_trainer(cfg):
     worker.step()
     assert all(group["lr"] == 5e-5 for group in worker.ppo.optimizer.param_groups)
     assert worker.ppo.kl_ctl.kl_coef == 0.3 and worker.cfg.ppo.length_penalty == 0.02
+
+
+# ---- issue 11: the release gate in the trainer -------------------------------------------------------------------
+
+@pytest.fixture
+def gated(cfg) -> AppConfig:
+    cfg.gate = GateConfig(gate_prompts=4, gate_harmful_prompts=3)
+    return cfg
+
+
+def test_the_gate_measures_identical_weights_identically_and_passes_them(gated):
+    worker = TrainerWorker(gated)
+    decision = worker.gate_candidate()  # the policy adapter is still the identity: the candidate is the base
+    base = worker.gate_reports[(BASE_VERSION, decision.report.prompt_set)]
+    assert decision.passed, decision.reasons
+    for key in ("relevance", "mean_length", "degenerate_rate", "harmful_compliant", "samples"):
+        assert getattr(decision.report, key) == getattr(base, key)  # same seed, same weights: same answers
+    assert abs(decision.report.kl) < 1e-4 and decision.report.harmful_total == 3
+    assert len(worker.gate_prompts) == 4
+
+
+def test_a_degenerate_candidate_is_rejected_logged_and_training_continues_from_the_last_good_version(gated):
+    worker = TrainerWorker(gated)
+    assert worker.step() == "reward"
+    worker.gate_candidate()  # measure the base (and the parent, the base) while the model is still sane
+    eos = worker.tokenizer.convert_tokens_to_ids("<|im_end|>")
+    lm_head = worker.peft.get_base_model().lm_head
+
+    def end_at_once(module, args, output):  # the candidate now answers nothing at all
+        output = output.clone()
+        output[..., eos] += 50.0
+        return output
+
+    handle = lm_head.register_forward_hook(end_at_once)
+    try:
+        assert worker.step() == "ppo"  # publish_every=1: this iteration's candidate goes through the gate
+    finally:
+        handle.remove()
+    assert worker.registry.versions() == []  # nothing was published
+    gate = worker.store.latest_metrics("gate")[-1].values
+    assert gate["passed"] is False and gate["version"] is None
+    assert any("length collapse" in r for r in gate["reasons"]) and any("degenerate" in r for r in gate["reasons"])
+    assert worker.store.latest_metrics("ppo")[-1].values["rejected"] is True
+    # the trainer went back to the last good version (the base: an identity adapter) with fresh optimizer moments
+    assert all(float(p.abs().max()) == 0.0 for n, p in policy_state(worker).items() if "lora_B" in n)
+    assert not worker.ppo.optimizer.state
+    assert worker.parent == BASE_VERSION
+
+    from rlhf_online import dashboard
+    text = dashboard.gate_markdown(worker.store.latest_metrics("gate"))
+    assert "1 rejected" in text and "length collapse" in text  # what the panel shows
