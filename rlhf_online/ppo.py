@@ -241,11 +241,12 @@ class PPOTrainer:
                                                              "approx_kl", "clip_fraction")}
         batch_size = rollout.input_ids.shape[0]
         epochs_run = 0
+        epoch_kls: list[float] = []  # approx-KL of each minibatch step in the epoch just run
         for _ in range(self.cfg.ppo_epochs):
             if epochs_run and should_stop_epochs(epoch_kls, self.cfg.target_approx_kl):
                 break  # the last epoch already moved the policy far enough from the one that sampled
             epochs_run += 1
-            epoch_kls: list[float] = []
+            epoch_kls = []
             order = list(range(batch_size))
             self.rng.shuffle(order)
             for start in range(0, batch_size, self.cfg.ppo_minibatch_size):
