@@ -26,6 +26,7 @@ from common import SHARED_HH, peak_rss_mb, write_json
 from rlhf_online.conversation import normalize_prompt
 from rlhf_online.config import load_config
 from rlhf_online.generation import BASE_VERSION
+from rlhf_online.models import load_base_model, resolve_model_source
 from rlhf_online.release_gate import complies, degenerate_reasons, harmful_requests, relevance_pmi
 from rlhf_online.services import build_services
 
@@ -66,17 +67,29 @@ def answer_pairs(services, prompts, newest: str) -> tuple[list[str], list[str]]:
     return new, base
 
 
+@contextlib.contextmanager
+def reference_model(services):
+    """The reference model in PyTorch for PMI: the transformers engine's own model with its adapters off, or, when
+    another engine serves (llama.cpp holds no PyTorch model), the base loaded here as the trainer loads it."""
+    generator = services.generator
+    if isinstance(getattr(generator, "model", None), torch.nn.Module):
+        with generator.exclusive() as model:
+            with model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext():
+                yield model
+        return
+    source = resolve_model_source(services.cfg.model)
+    yield load_base_model(source, services.cfg.model.quantization, for_training=True).model
+
+
 def relevance(services, prompts, answers) -> float:
-    """Mean reference PMI per answer token (release_gate.relevance_pmi) with the serving model's adapters off."""
+    """Mean reference PMI per answer token (release_gate.relevance_pmi) under the base model."""
     generator = services.generator
     tokenizer = generator.tokenizer
     prompt_ids = [generator.build_prompt(m).input_ids for m in prompts]
-    answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] + list(generator.end_of_turn_ids[:1])
-                  for a in answers]
-    with generator.exclusive() as model, torch.inference_mode():
-        off = model.disable_adapter() if isinstance(model, PeftModel) else contextlib.nullcontext()
-        with off:
-            values = relevance_pmi(model, prompt_ids, answer_ids, tokenizer.pad_token_id)
+    # the answer ends with its end-of-turn token, as the chat template closes it (SmolLM2: EOS is <|im_end|>)
+    answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in answers]
+    with reference_model(services) as model, torch.inference_mode():
+        values = relevance_pmi(model, prompt_ids, answer_ids, tokenizer.pad_token_id)
     return sum(values) / len(values)
 
 
