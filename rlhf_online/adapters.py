@@ -241,6 +241,20 @@ def _same_shape(config: LoraConfig, shape: LoraConfig) -> bool:
     return key(config) == key(shape)
 
 
+
+def watch_registry(live, interval_s: float) -> threading.Thread:
+    """Call `live.refresh()` every `interval_s` in a daemon thread until `live._stop` is set; a failing refresh is
+    logged and retried, never fatal. Shared by both serving sides (LiveAdapters, served_versions.ServedVersions)."""
+    def loop():
+        while not live._stop.wait(interval_s):
+            try:
+                live.refresh()
+            except Exception:
+                log.exception("adapter refresh failed; still serving %s", live.loaded or [BASE_VERSION])
+    thread = threading.Thread(target=loop, name="adapter-watch", daemon=True)
+    thread.start()
+    return thread
+
 class LiveAdapters:
     """Keeps the newest published versions loaded in the serving model and switches new requests to them.
 
@@ -425,16 +439,7 @@ class LiveAdapters:
         return event
 
     def watch(self, interval_s: float = 2.0) -> threading.Thread:
-        """Poll the registry in a daemon thread; a failing refresh is logged and retried, never fatal."""
-        def loop():
-            while not self._stop.wait(interval_s):
-                try:
-                    self.refresh()
-                except Exception:
-                    log.exception("adapter refresh failed; still serving %s", self.loaded or [BASE_VERSION])
-        thread = threading.Thread(target=loop, name="adapter-watch", daemon=True)
-        thread.start()
-        return thread
+        return watch_registry(self, interval_s)
 
     def stop(self) -> None:
         self._stop.set()

@@ -275,7 +275,8 @@ class VersionCache:
 
 # ---- the panel's status line and the chat's "new version" notices ---------------------------------------------
 
-def _ago(seconds: float) -> str:
+def ago(seconds: float) -> str:
+    """"12 s ago", "4 min ago", "1.5 h ago": the status line's and the timeline's age of things."""
     seconds = max(0, int(seconds))
     if seconds < 90:
         return f"{seconds} s ago"
@@ -292,7 +293,7 @@ def status_line(serving: str, version_meta: dict | None, reward_metrics: Sequenc
         parts = ["**Serving the base model** (no version published yet)"]
     else:
         since = _number(version_meta.get("published_at") or version_meta.get("time"))
-        when = f" since {_ago(now - since)}" if since is not None else ""
+        when = f" since {ago(now - since)}" if since is not None else ""
         votes = version_meta.get("votes_seen")
         learned = f", learned from {votes} vote{'s' if votes != 1 else ''}" if votes is not None else ""
         parts = [f"**Serving `{serving}`**{when}{learned}"]
@@ -310,7 +311,7 @@ def status_line(serving: str, version_meta: dict | None, reward_metrics: Sequenc
         parts.append("trainer: **paused**")
     elif activity and activity.get("doing"):
         since = _number(activity.get("since"))
-        parts.append(f"trainer: {activity['doing']}" + (f" ({_ago(now - since)})" if since is not None else ""))
+        parts.append(f"trainer: {activity['doing']}" + (f" ({ago(now - since)})" if since is not None else ""))
     else:
         parts.append("trainer: starting")
     return " · ".join(parts)

@@ -21,7 +21,7 @@ import logging
 import threading
 import time
 
-from rlhf_online.adapters import AdapterRegistry, SwapEvent, VersionInfo, version_number
+from rlhf_online.adapters import AdapterRegistry, SwapEvent, VersionInfo, version_number, watch_registry
 from rlhf_online.generation import BASE_VERSION
 
 log = logging.getLogger(__name__)
@@ -88,16 +88,7 @@ class ServedVersions:
         return event
 
     def watch(self, interval_s: float = 2.0) -> threading.Thread:
-        """Poll the registry in a daemon thread; a failing refresh is logged and retried, never fatal."""
-        def loop():
-            while not self._stop.wait(interval_s):
-                try:
-                    self.refresh()
-                except Exception:
-                    log.exception("adapter refresh failed; still serving %s", self.loaded or [BASE_VERSION])
-        thread = threading.Thread(target=loop, name="adapter-watch", daemon=True)
-        thread.start()
-        return thread
+        return watch_registry(self, interval_s)
 
     def stop(self) -> None:
         self._stop.set()

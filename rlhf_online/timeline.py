@@ -28,6 +28,7 @@ import torch
 from transformers import StoppingCriteria
 
 from rlhf_online.config import AppConfig, TimelineConfig
+from rlhf_online.dashboard import ago
 from rlhf_online.generation import BASE_VERSION, answer_repetition_penalty
 
 log = logging.getLogger(__name__)
@@ -224,15 +225,6 @@ def _score(value) -> str:
     return "–" if value is None else f"{value:+.2f}"
 
 
-def _age(seconds: float) -> str:
-    seconds = max(0, int(seconds))
-    if seconds < 90:
-        return f"{seconds} s ago"
-    if seconds < 5400:
-        return f"{seconds // 60} min ago"
-    return f"{seconds / 3600:.1f} h ago"
-
-
 def timeline_html(entries: Sequence[Entry], max_versions: int = 6, now: float | None = None) -> str:
     """One card per probe: the newest versions' answers (newest first) above the base's, changes highlighted."""
     if not entries:
@@ -260,7 +252,7 @@ def timeline_html(entries: Sequence[Entry], max_versions: int = 6, now: float | 
             label = "base model" if entry is base else entry.version
             rows.append(
                 f"<div class='tl-row{' tl-base' if entry is base else ''}'>"
-                f"<div class='tl-meta'><b>{html.escape(label)}</b> · {_age(now - entry.created_at)}{votes} · "
+                f"<div class='tl-meta'><b>{html.escape(label)}</b> · {ago(now - entry.created_at)}{votes} · "
                 f"{entry.tokens[index] if index < len(entry.tokens) else '?'} tokens · reward "
                 f"{_score(entry.scores[index] if index < len(entry.scores) else None)}{note}</div>"
                 f"<div class='tl-answer'>{body or '<i>(empty answer)</i>'}</div></div>")
