@@ -30,6 +30,9 @@ from rlhf_online.rl_math import (
     masked_var,
     masked_whiten,
     per_token_rewards,
+    bootstrap_accuracy_ci,
+    length_balanced_mask,
+    pearson_correlation,
     preference_accuracy,
 )
 
@@ -146,6 +149,32 @@ def test_bradley_terry_tie_loss_pulls_scores_together():
 def test_preference_accuracy_counts_ties_as_half():
     # win, tie, loss, win -> (1 + 0.5 + 0 + 1) / 4
     assert preference_accuracy(t([1.0, 2.0, 3.0, 0.0]), t([0.0, 2.0, 4.0, -1.0])) == pytest.approx(0.625)
+
+
+def test_bootstrap_interval_contains_the_accuracy_and_narrows_with_more_pairs():
+    g = torch.Generator().manual_seed(0)
+    few = torch.rand(50, generator=g) < 0.7  # about 70% of pairs ordered right
+    many = torch.rand(2000, generator=g) < 0.7
+    intervals = []
+    for right in (few, many):
+        chosen, rejected = right.double(), (~right).double()
+        low, high = bootstrap_accuracy_ci(chosen, rejected)
+        assert low <= preference_accuracy(chosen, rejected) <= high
+        intervals.append(high - low)
+    assert intervals[1] < intervals[0] / 3  # sqrt(2000 / 50) = 6.3x narrower in theory
+    assert bootstrap_accuracy_ci(t([1.0] * 10), t([0.0] * 10)) == (1.0, 1.0)  # no spread when all agree
+
+
+def test_length_balanced_pairs_are_within_twenty_percent():
+    # 100 vs 85 (15% apart) and 10 vs 10 are balanced; 100 vs 70 and 5 vs 4 (20% of 5 is 1: the edge) ...
+    mask = length_balanced_mask(t([100, 10, 100, 5, 3]), t([85, 10, 70, 4, 1]))
+    assert mask.tolist() == [True, True, False, True, False]
+
+
+def test_pearson_correlation_hand_computed_and_undefined_for_a_constant():
+    assert pearson_correlation(t([1, 2, 3]), t([2, 4, 6])) == pytest.approx(1.0)
+    assert pearson_correlation(t([1, 2, 3]), t([3, 1, 2])) == pytest.approx(-0.5)  # cov -1 / (sqrt2 sqrt2)
+    assert math.isnan(pearson_correlation(t([1, 1, 1]), t([1, 2, 3])))
 
 
 # ---------------------------------------------------------------------------------------------------------------

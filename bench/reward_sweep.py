@@ -1,0 +1,148 @@
+"""Compare reward-model options on cached frozen features, over several random splits.
+
+    python bench/reward_features.py --out bench/cache/hh_features.pt      # once (~20 min on 2 cores)
+    python bench/reward_sweep.py --features bench/cache/hh_features.pt --splits 5 --out bench/results/reward_sweep.json
+
+Each option streams `--train-size` pairs one at a time through an online linear-head learner (the prequential
+protocol of the app: score the new pair, then learn it with a replay sample), and is evaluated on the
+`--eval-size` held-out pairs of the same split after 100, 200, 400 and 800 pairs. A split is a seeded shuffle;
+every option sees the same splits, so differences between options are paired. Printed: mean and standard
+deviation over splits of the held-out accuracy, the accuracy on the length-balanced held-out pairs, the
+correlation of the score with answer length, and the "prefer the shorter answer" baseline.
+"""
+
+from __future__ import annotations
+
+import argparse
+import random
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from common import write_json
+from rlhf_online.reward import bootstrap_weights
+
+CHECKPOINTS = (100, 200, 400, 800)
+
+
+def length_balanced(tokens_c: torch.Tensor, tokens_r: torch.Tensor, tolerance: float = 0.2) -> torch.Tensor:
+    """Pairs whose answers are within `tolerance` of each other in tokens: where length cannot decide."""
+    return (tokens_c - tokens_r).abs() <= tolerance * torch.maximum(tokens_c, tokens_r)
+
+
+def accuracy(sc: torch.Tensor, sr: torch.Tensor) -> float:
+    return float(((sc > sr).float() + 0.5 * (sc == sr).float()).mean()) if len(sc) else float("nan")
+
+
+def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
+    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
+    d = float(x.norm() * y.norm())
+    return float((x * y).sum()) / d if d > 0 else float("nan")
+
+
+def stream(option: dict, xc: torch.Tensor, xr: torch.Tensor, train: list[int], evaluation: list[int], seed: int,
+           tokens: tuple[torch.Tensor, torch.Tensor]) -> dict:
+    """One online run of a linear-head learner; returns the held-out metrics at each checkpoint."""
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    heads = option.get("heads", 4)
+    head = torch.nn.Linear(xc.shape[1], heads)
+    torch.nn.init.zeros_(head.weight)
+    torch.nn.init.zeros_(head.bias)
+    opt = torch.optim.AdamW(head.parameters(), lr=option.get("lr", 3e-3), weight_decay=option.get("wd", 0.0))
+    smoothing = option.get("smoothing", 0.0)
+    replay, seen, curve, update_seconds = [], 0, [], []
+    ec, er = xc[evaluation], xr[evaluation]
+    balanced = length_balanced(tokens[0][evaluation].float(), tokens[1][evaluation].float())
+    for i in train:
+        started = time.perf_counter()
+        batch = [i] + rng.sample(replay, min(option.get("replay", 3), len(replay)))
+        w = bootstrap_weights(batch, heads)  # (n, K)
+        for _ in range(option.get("steps", 1)):
+            margin = head(xc[batch]) - head(xr[batch])  # (n, K)
+            loss = -((1 - smoothing) * F.logsigmoid(margin) + smoothing * F.logsigmoid(-margin))
+            loss = (loss * w).sum() / w.sum().clamp_min(1e-8)
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        replay.append(i)
+        seen += 1
+        update_seconds.append(time.perf_counter() - started)
+        if seen in CHECKPOINTS or seen == len(train):
+            with torch.no_grad():
+                sc, sr = head(ec).mean(1), head(er).mean(1)
+            scores = torch.cat([sc, sr])
+            lengths = torch.cat([tokens[0][evaluation], tokens[1][evaluation]]).float()
+            curve.append({"pairs": seen, "eval_accuracy": accuracy(sc, sr),
+                          "eval_accuracy_length_balanced": accuracy(sc[balanced], sr[balanced]),
+                          "score_length_correlation": pearson(scores, lengths.log())})
+    return {"curve": curve, "length_balanced_pairs": int(balanced.sum()),
+            "length_baseline_accuracy": accuracy(-tokens[0][evaluation].float(), -tokens[1][evaluation].float()),
+            "head_seconds_per_update": sum(update_seconds) / len(update_seconds)}
+
+
+def options(grid: str, feature_names: list[str]) -> list[dict]:
+    base = {"feature": "L30_last", "lr": 3e-3, "replay": 3, "steps": 1, "heads": 4}
+    if grid == "features":
+        return [{**base, "feature": f} for f in feature_names]
+    raise ValueError(grid)
+
+
+def summarize(runs: list[dict]) -> dict:
+    out = {}
+    for key in ("eval_accuracy", "eval_accuracy_length_balanced", "score_length_correlation"):
+        for point in range(len(runs[0]["curve"])):
+            values = [r["curve"][point][key] for r in runs]
+            pairs = runs[0]["curve"][point]["pairs"]
+            out[f"{key}@{pairs}"] = (statistics.mean(values), statistics.stdev(values) if len(values) > 1 else 0.0)
+    out["length_baseline_accuracy"] = statistics.mean(r["length_baseline_accuracy"] for r in runs)
+    out["length_balanced_pairs"] = statistics.mean(r["length_balanced_pairs"] for r in runs)
+    out["head_seconds_per_update"] = statistics.mean(r["head_seconds_per_update"] for r in runs)
+    return out
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--features", default="bench/cache/hh_features.pt")
+    parser.add_argument("--grid", default="features")
+    parser.add_argument("--splits", type=int, default=5)
+    parser.add_argument("--train-size", type=int, default=800)
+    parser.add_argument("--eval-size", type=int, default=400)
+    parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--out", default="bench/results/reward_sweep.json")
+    args = parser.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    cache = torch.load(args.features)
+    features = cache["features"]
+    tokens = features["answer_tokens"]
+    tokens = (tokens[0::2], tokens[1::2])
+    names = [k for k in features if k.startswith("L")]
+    pairs = len(tokens[0])
+    results = []
+    final = max(c for c in CHECKPOINTS if c <= args.train_size)
+    print(f"{'option':<60} {'acc@' + str(final):>14} {'balanced':>14} {'len corr':>9} {'shorter':>8} {'ms/upd':>7}")
+    for option in options(args.grid, names):
+        runs = []
+        for split in range(args.splits):
+            order = list(range(pairs))
+            random.Random(split).shuffle(order)
+            evaluation, train = order[:args.eval_size], order[args.eval_size:args.eval_size + args.train_size]
+            x = features[option["feature"]]
+            runs.append(stream(option, x[0::2], x[1::2], train, evaluation, split, tokens))
+        summary = summarize(runs)
+        results.append({"option": option, "summary": summary, "runs": runs})
+        a, b = summary[f"eval_accuracy@{final}"], summary[f"eval_accuracy_length_balanced@{final}"]
+        label = ",".join(f"{k}={v}" for k, v in option.items())
+        print(f"{label:<60} {a[0]:.3f}±{a[1]:.3f}    {b[0]:.3f}±{b[1]:.3f} "
+              f"{summary[f'score_length_correlation@{final}'][0]:>9.2f} {summary['length_baseline_accuracy']:>8.3f} "
+              f"{1000 * summary['head_seconds_per_update']:>7.1f}", flush=True)
+    write_json(args.out, {"features": args.features, "data": cache["data"], "max_tokens": cache["max_tokens"],
+                          "quantization": cache["quantization"], "splits": args.splits, "train_size": args.train_size,
+                          "eval_size": args.eval_size, "results": results})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
