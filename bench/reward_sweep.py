@@ -1,7 +1,8 @@
 """Compare reward-model options on cached frozen features, over several random splits.
 
     python bench/reward_features.py --out bench/cache/hh_features.pt      # once (~20 min on 2 cores)
-    python bench/reward_sweep.py --features bench/cache/hh_features.pt --splits 5 --out bench/results/reward_sweep.json
+    python bench/reward_sweep.py --grid features --splits 5 --out bench/results/reward_sweep_features.json
+    python bench/reward_sweep.py --grid learning --feature L18_mean --out bench/results/reward_sweep_learning.json
 
 Each option streams `--train-size` pairs one at a time through an online linear-head learner (the prequential
 protocol of the app: score the new pair, then learn it with a replay sample), and is evaluated on the
@@ -83,11 +84,21 @@ def stream(option: dict, xc: torch.Tensor, xr: torch.Tensor, train: list[int], e
             "head_seconds_per_update": sum(update_seconds) / len(update_seconds)}
 
 
-def options(grid: str, feature_names: list[str]) -> list[dict]:
-    base = {"feature": "L30_last", "lr": 3e-3, "replay": 3, "steps": 1, "heads": 4}
+BASE_OPTION = {"feature": "L30_last", "lr": 3e-3, "replay": 3, "steps": 1, "heads": 4, "smoothing": 0.0, "wd": 0.0}
+LEARNING_VARIATIONS = [{}, {"lr": 1e-3}, {"lr": 1e-2}, {"replay": 16}, {"replay": 64}, {"steps": 4},
+                       {"replay": 16, "steps": 4}, {"heads": 1}, {"smoothing": 0.1}, {"wd": 0.1},
+                       {"replay": 16, "lr": 1e-2}, {"replay": 64, "lr": 1e-3, "steps": 4}]
+
+
+def options(grid: str, feature_names: list[str], feature: str | None) -> list[dict]:
+    """`features`: every cached feature with the learning settings of BASE_OPTION; `learning`: one setting at a
+    time varied around BASE_OPTION on one feature."""
+    base = {**BASE_OPTION, "feature": feature or BASE_OPTION["feature"]}
     if grid == "features":
         return [{**base, "feature": f} for f in feature_names]
-    raise ValueError(grid)
+    if grid == "learning":
+        return [{**base, **variation} for variation in LEARNING_VARIATIONS]
+    raise ValueError(f"unknown grid {grid!r}: features or learning")
 
 
 def summarize(runs: list[dict]) -> dict:
@@ -106,7 +117,8 @@ def summarize(runs: list[dict]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--features", default="bench/cache/hh_features.pt")
-    parser.add_argument("--grid", default="features")
+    parser.add_argument("--grid", default="features", help="features or learning")
+    parser.add_argument("--feature", default=None, help="the feature the learning grid varies around")
     parser.add_argument("--splits", type=int, default=5)
     parser.add_argument("--train-size", type=int, default=800)
     parser.add_argument("--eval-size", type=int, default=400)
@@ -123,7 +135,7 @@ def main(argv=None) -> int:
     results = []
     final = max(c for c in CHECKPOINTS if c <= args.train_size)
     print(f"{'option':<60} {'acc@' + str(final):>14} {'balanced':>14} {'len corr':>9} {'shorter':>8} {'ms/upd':>7}")
-    for option in options(args.grid, names):
+    for option in options(args.grid, names, args.feature):
         runs = []
         for split in range(args.splits):
             order = list(range(pairs))
@@ -134,7 +146,7 @@ def main(argv=None) -> int:
         summary = summarize(runs)
         results.append({"option": option, "summary": summary, "runs": runs})
         a, b = summary[f"eval_accuracy@{final}"], summary[f"eval_accuracy_length_balanced@{final}"]
-        label = ",".join(f"{k}={v}" for k, v in option.items())
+        label = ",".join(f"{k}={v}" for k, v in option.items() if k == "feature" or v != BASE_OPTION[k])
         print(f"{label:<60} {a[0]:.3f}±{a[1]:.3f}    {b[0]:.3f}±{b[1]:.3f} "
               f"{summary[f'score_length_correlation@{final}'][0]:>9.2f} {summary['length_baseline_accuracy']:>8.3f} "
               f"{1000 * summary['head_seconds_per_update']:>7.1f}", flush=True)

@@ -43,11 +43,16 @@ class UpdateStats:
     seconds: float
 
 
-def attach_reward_adapter(model, model_cfg: ModelConfig, reward_cfg: RewardConfig) -> PeftModel:
-    """Add the reward LoRA to a PeftModel (sharing its base with the policy), or wrap a plain base."""
-    layers = model.config.num_hidden_layers if not isinstance(model, PeftModel) \
-        else model.get_base_model().config.num_hidden_layers
-    top = list(range(max(0, layers - reward_cfg.reward_lora_layers), layers))
+def attach_reward_adapter(model, model_cfg: ModelConfig, reward_cfg: RewardConfig):
+    """Add the reward LoRA to a PeftModel (sharing its base with the policy), or wrap a plain base.
+
+    With `reward_lora_layers=0` the reward model is heads on frozen features and needs no adapter: the model
+    is returned as it is."""
+    config = model.get_base_model().config if isinstance(model, PeftModel) else model.config
+    depth = feature_depth(config, reward_cfg)
+    if reward_cfg.reward_lora_layers <= 0:
+        return model
+    top = list(range(max(0, depth - reward_cfg.reward_lora_layers), depth))
     config = lora_config(model_cfg, layers=top)
     config.task_type = None  # the head is ours, not PEFT's sequence-classification head
     if isinstance(model, PeftModel):
@@ -58,10 +63,29 @@ def attach_reward_adapter(model, model_cfg: ModelConfig, reward_cfg: RewardConfi
     return get_peft_model(model, config, adapter_name=REWARD_ADAPTER)
 
 
-class RewardModel:
-    """Scores (conversation, answer) at the answer's last token, with a small ensemble of scalar heads.
+def feature_depth(model_config, cfg: RewardConfig) -> int:
+    """How many decoder blocks the reward features go through (`reward_feature_layer`, 0 = all of them)."""
+    layers = model_config.num_hidden_layers
+    if cfg.reward_feature_layer < 0 or cfg.reward_feature_layer > layers:
+        raise ValueError(f"reward_feature_layer {cfg.reward_feature_layer} is not within 0..{layers}")
+    return cfg.reward_feature_layer or layers
 
-    Left padding puts every sequence's last real token at position -1, so pooling is a plain slice.
+
+@dataclass(frozen=True)
+class TokenRow:
+    """A chat-templated (conversation, answer), cut to its last `reward_max_tokens`; the answer is at the end."""
+
+    ids: list[int]
+    answer_tokens: int
+
+
+class RewardModel:
+    """Scores (conversation, answer) from the base's hidden states, with a small ensemble of scalar heads.
+
+    The features: the hidden states after `reward_feature_layer` blocks, through the model's final RMSNorm,
+    either at the answer's last token or averaged over the answer's tokens (`reward_pooling`). LoRA, when
+    `reward_lora_layers` > 0, adapts the top blocks of that stack; with 0 the features are frozen, so each
+    answer's feature vector is computed once and an update trains only the heads (see `RewardConfig`).
 
     Why several heads: each head is one linear layer on the same features (nearly free), trained on its own
     bootstrap resample of the votes (`bootstrap_weights`), so the heads agree where the votes pin the answer
@@ -69,20 +93,29 @@ class RewardModel:
     PPO subtracts (`OnlineRewardLearner.ppo_scores`) so it does not chase answers the votes never covered.
     """
 
-    def __init__(self, peft_model: PeftModel, tokenizer, cfg: RewardConfig):
-        self.model = peft_model
+    def __init__(self, model, tokenizer, cfg: RewardConfig):
+        self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg
-        hidden = peft_model.get_base_model().config.hidden_size
+        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        self.depth = feature_depth(base.config, cfg)
+        if cfg.reward_pooling not in ("last", "mean"):
+            raise ValueError(f"reward_pooling {cfg.reward_pooling!r}: use last or mean")
+        hidden = base.config.hidden_size
         self.heads = max(1, cfg.reward_heads)
-        self.head = torch.nn.Linear(hidden, self.heads, device=peft_model.get_base_model().device)
+        self.head = torch.nn.Linear(hidden, self.heads, device=base.device)
         torch.nn.init.zeros_(self.head.weight)  # every answer scores 0 until a vote says otherwise
         torch.nn.init.zeros_(self.head.bias)
         for p in self.lora_parameters().values():
             p.requires_grad_(True)
 
+    @property
+    def frozen(self) -> bool:
+        """No reward LoRA: features never change, so they are computed once per answer and cached pooled."""
+        return self.cfg.reward_lora_layers <= 0
+
     def lora_parameters(self) -> dict[str, torch.nn.Parameter]:
-        return lora_parameters(self.model, REWARD_ADAPTER)
+        return {} if self.frozen else lora_parameters(self.model, REWARD_ADAPTER)
 
     def parameters(self) -> list[torch.nn.Parameter]:
         return list(self.lora_parameters().values()) + list(self.head.parameters())
@@ -90,21 +123,27 @@ class RewardModel:
     @property
     def split_layer(self) -> int:
         """Layers below this index carry no reward LoRA: their output for a sequence never changes."""
-        return max(0, self.trunk.config.num_hidden_layers - self.cfg.reward_lora_layers)
+        return max(0, self.depth - max(0, self.cfg.reward_lora_layers))
 
     @property
     def trunk(self):
-        return self.model.get_base_model().model  # the transformer without the LM head: no vocab matmul
+        base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
+        return base.model  # the transformer without the LM head: no vocab matmul
 
-    def token_rows(self, conversations: list[tuple[list[dict], str]]) -> list[list[int]]:
-        """Chat-template each (messages, answer) and keep the last `reward_max_tokens` tokens."""
+    def token_rows(self, conversations: list[tuple[list[dict], str]]) -> list[TokenRow]:
+        """Chat-template each (messages, answer), keep the last `reward_max_tokens` tokens, and count the
+        answer's tokens (what mean pooling averages over)."""
         rows = []
         for messages, answer in conversations:
-            full = list(messages) + [{"role": "assistant", "content": answer}]
-            ids = self.tokenizer.apply_chat_template(full, tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-            rows.append(ids[-self.cfg.reward_max_tokens:])  # the end holds the answer and the latest turns
+            full = self._template(list(messages) + [{"role": "assistant", "content": answer}])
+            prompt = self._template(list(messages), add_generation_prompt=True) if messages else []
+            kept = full[-self.cfg.reward_max_tokens:]  # the end holds the answer and the latest turns
+            rows.append(TokenRow(kept, min(len(kept), max(1, len(full) - len(prompt)))))
         return rows
+
+    def _template(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
+        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
+        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
 
     def _run_layers(self, hidden, attention_mask, layers) -> torch.Tensor:
         """Run a slice of the decoder stack on left-padded hidden states (B, T, H), as LlamaModel.forward does."""
@@ -118,32 +157,49 @@ class RewardModel:
                            position_ids=position_ids)
         return hidden
 
+    def _pool(self, hidden: torch.Tensor, answer_tokens: list[int]) -> torch.Tensor:
+        """(B, T, H) normed, left-padded hidden states -> (B, H) features."""
+        if self.cfg.reward_pooling == "last":
+            return hidden[:, -1, :]  # left padding puts the final token last
+        width = hidden.shape[1]
+        positions = torch.arange(width, device=hidden.device)
+        counts = torch.tensor(answer_tokens, device=hidden.device)
+        mask = (positions[None, :] >= width - counts[:, None]).to(hidden.dtype)  # (B, T) the answer's tokens
+        return (hidden * mask[..., None]).sum(1) / counts[:, None].to(hidden.dtype)
+
     @torch.no_grad()
-    def frozen_features(self, rows: list[list[int]]) -> list[torch.Tensor]:
-        """Hidden states entering the first LoRA layer, one (len_i, H) fp16 tensor per row, cacheable forever."""
-        batch = self.tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt")
+    def frozen_features(self, rows: list[TokenRow]) -> list[tuple[torch.Tensor, int]]:
+        """What never changes for a row, cacheable forever: with reward LoRA, the hidden states entering its
+        first layer ((len_i, H) fp16); without, the pooled feature vector itself ((H,) fp32)."""
+        batch = self.tokenizer.pad({"input_ids": [r.ids for r in rows]}, padding=True, padding_side="left",
+                                   return_tensors="pt")
         device = self.trunk.embed_tokens.weight.device
         with self._reward_active():
             hidden = self.trunk.embed_tokens(batch["input_ids"].to(device))  # (B, T, H)
             hidden = self._run_layers(hidden, batch["attention_mask"].to(device), self.trunk.layers[:self.split_layer])
+            if self.frozen:
+                pooled = self._pool(self.trunk.norm(hidden), [r.answer_tokens for r in rows])  # (B, H)
+                return [(p.to("cpu", torch.float32), r.answer_tokens) for p, r in zip(pooled, rows)]
         # strip left padding; the cache lives in CPU memory whatever the device
-        return [h[-len(r):].to("cpu", torch.float16) for h, r in zip(hidden, rows)]
+        return [(h[-len(r.ids):].to("cpu", torch.float16), r.answer_tokens) for h, r in zip(hidden, rows)]
 
-    def forward_features(self, features: list[torch.Tensor]) -> torch.Tensor:
-        """(B, K) scores, one per head, from cached frozen features: only the top LoRA layers run, with gradients."""
-        width = max(f.shape[0] for f in features)
+    def forward_features(self, features: list[tuple[torch.Tensor, int]]) -> torch.Tensor:
+        """(B, K) scores, one per head, from cached frozen features: only the reward LoRA layers (if any) run."""
         embed = self.trunk.embed_tokens.weight  # the trunk's device and activation dtype (fp32 on CPU, bf16 on CUDA)
+        if self.frozen:
+            pooled = torch.stack([f for f, _ in features]).to(self.head.weight.device, self.head.weight.dtype)
+            return self.head(pooled)  # (B, K)
+        width = max(f.shape[0] for f, _ in features)
         dtype = embed.dtype if embed.dtype.is_floating_point else torch.float32
-        hidden = torch.zeros(len(features), width, features[0].shape[1], device=embed.device, dtype=dtype)  # (B, T, H)
+        hidden = torch.zeros(len(features), width, features[0][0].shape[1], device=embed.device, dtype=dtype)
         attention_mask = torch.zeros(len(features), width, dtype=torch.long, device=embed.device)  # (B, T)
-        for i, f in enumerate(features):
+        for i, (f, _) in enumerate(features):
             hidden[i, width - f.shape[0]:] = f.to(embed.device, dtype)
             attention_mask[i, width - f.shape[0]:] = 1
         with self._reward_active():
-            hidden = self._run_layers(hidden, attention_mask, self.trunk.layers[self.split_layer:])
-            hidden = self.trunk.norm(hidden)
-        last = hidden[:, -1, :]  # (B, H): left padding puts the final token last
-        return self.head(last.to(self.head.weight.dtype))  # (B, K)
+            hidden = self._run_layers(hidden, attention_mask, self.trunk.layers[self.split_layer:self.depth])
+            pooled = self._pool(self.trunk.norm(hidden), [n for _, n in features])  # (B, H)
+        return self.head(pooled.to(self.head.weight.dtype))  # (B, K)
 
     def forward(self, conversations: list[tuple[list[dict], str]]) -> torch.Tensor:
         """(B, K) per-head scores."""
@@ -151,6 +207,12 @@ class RewardModel:
 
     @contextlib.contextmanager
     def _reward_active(self):
+        """Run the trunk as the reward model sees it: its own adapter, or, when frozen, no adapter at all (the
+        base is shared with the policy, whose LoRA must not move the reward's features)."""
+        if self.frozen:
+            with self.model.disable_adapter() if isinstance(self.model, PeftModel) else contextlib.nullcontext():
+                yield
+            return
         previous = self.model.active_adapter
         self.model.set_adapter(REWARD_ADAPTER)
         try:
@@ -335,10 +397,10 @@ class OnlineRewardLearner:
         self.length_audit = LengthAudit()
         self.last_preference_id = 0
         head_params = list(reward_model.head.parameters())
-        self.optimizer = torch.optim.AdamW([
-            {"params": list(reward_model.lora_parameters().values()), "lr": cfg.reward_lr},
-            {"params": head_params, "lr": cfg.reward_lr * 3},  # the head starts at zero and must move first
-        ], weight_decay=0.0)
+        groups = [{"params": head_params, "lr": cfg.reward_head_lr}]  # the head starts at zero and must move first
+        if reward_model.lora_parameters():
+            groups.append({"params": list(reward_model.lora_parameters().values()), "lr": cfg.reward_lr})
+        self.optimizer = torch.optim.AdamW(groups, weight_decay=0.0)
 
     def _features(self, pref) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen features of (chosen, rejected), computed once per pair and kept with it for replay."""
@@ -348,6 +410,21 @@ class OnlineRewardLearner:
             cached = tuple(self.rm.frozen_features(rows))
             self._feature_cache[pref.id] = cached
         return cached
+
+    def prefetch(self, prefs: list, batch_size: int = 8) -> None:
+        """Compute the frozen features of several new pairs in a few batched forwards (answers of similar
+        length together), so a burst of votes or an imported file costs less than one forward per answer."""
+        todo = [p for p in prefs if p.id not in self._feature_cache]
+        conversations = [(p.prompt, answer) for p in todo for answer in (p.chosen, p.rejected)]
+        rows = self.rm.token_rows(conversations)
+        order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+        features: list = [None] * len(rows)
+        for start in range(0, len(order), batch_size):
+            chunk = order[start:start + batch_size]
+            for i, f in zip(chunk, self.rm.frozen_features([rows[i] for i in chunk])):
+                features[i] = f
+        for k, p in enumerate(todo):
+            self._feature_cache[p.id] = (features[2 * k], features[2 * k + 1])
 
     def observe(self, pref) -> UpdateStats:
         """Score the new pair (prequential), then take gradient steps on it plus a replay sample."""
@@ -370,7 +447,8 @@ class OnlineRewardLearner:
                 correct_before = 1.0 if margin_before > 0 else 0.5 if margin_before == 0 else 0.0
                 self.length_audit.add(pref.chosen, pref.rejected, float(before[0]), float(before[1]))
             w = weights.to(rewards.device)
-            loss = torch.stack([bradley_terry_loss(r_chosen[:, k], r_rejected[:, k], w[:, k])
+            loss = torch.stack([bradley_terry_loss(r_chosen[:, k], r_rejected[:, k], w[:, k],
+                                                   label_smoothing=self.cfg.reward_label_smoothing)
                                 for k in range(self.rm.heads)]).mean()  # each head on its own resample
             self.optimizer.zero_grad(set_to_none=True)
             loss.backward()

@@ -138,7 +138,8 @@ def _weighted_mean(losses: torch.Tensor, weights: torch.Tensor | None) -> torch.
 
 
 def bradley_terry_loss(
-    r_chosen: torch.Tensor, r_rejected: torch.Tensor, weights: torch.Tensor | None = None
+    r_chosen: torch.Tensor, r_rejected: torch.Tensor, weights: torch.Tensor | None = None,
+    label_smoothing: float = 0.0,
 ) -> torch.Tensor:
     """Negative log-likelihood of the human vote under the Bradley-Terry model.
 
@@ -148,9 +149,13 @@ def bradley_terry_loss(
     ``log(sigmoid(.))`` for numerical stability at large margins.
 
     ``weights`` (B,) e.g. down-weight stale or low-confidence votes; the result is ``sum(w * l) / sum(w)``.
+    ``label_smoothing`` eps treats each vote as right with probability 1 - eps (the "conservative" loss of DPO
+    implementations, e.g. TRL's ``label_smoothing``): the loss stops pushing once the margin reaches
+    log((1 - eps) / eps), so a few mislabelled pairs cannot drive the scores apart without bound.
     """
     _check_pair(r_chosen, r_rejected)
-    losses = -F.logsigmoid(r_chosen - r_rejected)  # (B,)
+    margin = r_chosen - r_rejected  # (B,)
+    losses = -(1 - label_smoothing) * F.logsigmoid(margin) - label_smoothing * F.logsigmoid(-margin)  # (B,)
     return _weighted_mean(losses, weights)
 
 

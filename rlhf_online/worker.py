@@ -202,6 +202,7 @@ class TrainerWorker:
         prefs = self.store.preferences_since(self.learner.last_preference_id, limit=limit)
         if prefs:
             self.report(f"learning {len(prefs)} new vote{'s' if len(prefs) > 1 else ''} (reward model)")
+            self.learner.prefetch(prefs)
         for pref in prefs:
             self.chat_yield()
             stats = self.learner.observe(pref)

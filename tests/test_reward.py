@@ -173,7 +173,7 @@ def test_batch_scores_equal_one_at_a_time(trained):
             prompt = prompt + [{"role": "assistant", "content": "Paris."}, {"role": "user", "content": "Why?"}]
         conversations.append((prompt, " ".join(rng.choice(FILLERS) for _ in range(1 + 2 * (i % 4)))
                               + (" banana" if i % 3 == 0 else "")))
-    lengths = {len(r) for r in rm.token_rows(conversations)}
+    lengths = {len(r.ids) for r in rm.token_rows(conversations)}
     assert len(lengths) > 3
     batched = rm.score(conversations, batch_size=8)
     single = [rm.score([c])[0] for c in conversations]
@@ -185,9 +185,16 @@ def test_long_conversations_are_cut_to_reward_max_tokens(trained):
     rm = trained["rm"]
     long_prompt = [{"role": "user", "content": "hello how are you today? " * 40}]
     rows = rm.token_rows([(long_prompt, "banana")])
-    assert len(rows[0]) == REWARD_CFG.reward_max_tokens
-    end = rm.token_rows([([], "banana")])[0]
-    assert rows[0][-len(end) + 2:] == end[2:]  # the answer (the end of the conversation) is what is kept
+    assert len(rows[0].ids) == REWARD_CFG.reward_max_tokens
+    end = rm.token_rows([([], "banana")])[0].ids
+    assert rows[0].ids[-len(end) + 2:] == end[2:]  # the answer (the end of the conversation) is what is kept
+    answer = tokenizer_answer_ids(rm.tokenizer, "banana")
+    assert rows[0].answer_tokens >= len(answer)  # the answer and its end-of-turn marker, not the prompt
+    assert rows[0].answer_tokens < REWARD_CFG.reward_max_tokens // 2
+
+
+def tokenizer_answer_ids(tokenizer, text: str) -> list[int]:
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
 def test_reward_lora_gradients_survive_a_generate(tiny_model_dir, tokenizer):
@@ -332,3 +339,76 @@ def test_length_audit_keeps_a_length_taste_the_votes_show_and_removes_one_they_d
     assert indifferent.correction() == pytest.approx(indifferent.reward_slope()) == pytest.approx(-1.0)
     assert indifferent.correlation() < -0.9
     assert abs(indifferent.correlation(indifferent.correction())) < 0.2
+
+
+# ---- issue 17: what the reward model learns beyond length ---------------------------------------------------
+
+FROZEN_CFG = RewardConfig(reward_lora_layers=0, reward_pooling="mean", reward_max_tokens=64, reward_replay=16,
+                          reward_steps_per_vote=2, reward_head_lr=1e-2)
+
+
+def filler_answer(rng: random.Random, words: int, marker: str = "") -> str:
+    text = " ".join(rng.choice(FILLERS) for _ in range(words))
+    return f"{text} {marker}".strip() if marker else text
+
+
+def marker_preferences(n: int, seed: int, first_id: int = 1) -> list[Preference]:
+    """"banana" beats "Paris", and each side's length is drawn on its own: length says nothing about the vote."""
+    rng = random.Random(seed)
+    return [Preference(first_id + i, [{"role": "user", "content": rng.choice(PROMPTS)}],
+                       filler_answer(rng, rng.randint(1, 4), "banana"), filler_answer(rng, rng.randint(1, 4), "Paris"),
+                       "human", 1.0) for i in range(n)]
+
+
+def shorter_wins_preferences(n: int, seed: int, first_id: int = 1) -> list[Preference]:
+    """The shorter answer always wins, whatever it says."""
+    rng = random.Random(seed)
+    prefs = []
+    for i in range(n):
+        short, long = rng.randint(1, 2), rng.randint(3, 5)
+        prefs.append(Preference(first_id + i, [{"role": "user", "content": rng.choice(PROMPTS)}],
+                                filler_answer(rng, short), filler_answer(rng, long), "human", 1.0))
+    return prefs
+
+
+def held_out_report(rm: RewardModel, prefs: list[Preference]) -> dict:
+    """The benchmark's measurements (bench/reward_online.py) on held-out synthetic pairs."""
+    from rlhf_online.rl_math import length_balanced_mask, pearson_correlation, preference_accuracy
+
+    chosen = torch.tensor(rm.score([(p.prompt, p.chosen) for p in prefs]))
+    rejected = torch.tensor(rm.score([(p.prompt, p.rejected) for p in prefs]))
+    tokens = [torch.tensor([len(tokenizer_answer_ids(rm.tokenizer, getattr(p, side))) for p in prefs])
+              for side in ("chosen", "rejected")]
+    balanced = length_balanced_mask(*tokens)
+    return {"accuracy": preference_accuracy(chosen, rejected),
+            "balanced_pairs": int(balanced.sum()),
+            "balanced_accuracy": preference_accuracy(chosen[balanced], rejected[balanced]),
+            "length_correlation": pearson_correlation(torch.cat([chosen, rejected]), torch.cat(tokens).float().log())}
+
+
+@pytest.mark.parametrize("reward_cfg", [REWARD_CFG, FROZEN_CFG], ids=["lora-last", "frozen-mean"])
+def test_a_marker_preference_independent_of_length_is_learned_beyond_length(tiny_model_dir, tokenizer, reward_cfg):
+    _, rm = build(tiny_model_dir, tokenizer, reward_cfg)
+    learner = OnlineRewardLearner(rm, reward_cfg, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for pref in marker_preferences(64, seed=5):
+            learner.observe(pref)
+    report = held_out_report(rm, marker_preferences(60, seed=77, first_id=1000))
+    assert report["balanced_pairs"] >= 10
+    assert report["balanced_accuracy"] >= 0.8, report  # right where length cannot decide
+    assert abs(report["length_correlation"]) < 0.35, report  # and the scores do not track length
+
+
+def test_a_length_only_preference_is_detected_as_such(tiny_model_dir, tokenizer):
+    _, rm = build(tiny_model_dir, tokenizer, FROZEN_CFG)
+    learner = OnlineRewardLearner(rm, FROZEN_CFG, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for pref in shorter_wins_preferences(64, seed=6):
+            learner.observe(pref)
+    report = held_out_report(rm, shorter_wins_preferences(60, seed=88, first_id=1000))
+    assert report["accuracy"] >= 0.8, report  # it learned the votes ...
+    assert report["length_correlation"] < -0.5, report  # ... and its scores are mostly answer length
+    audit = learner.length_audit.summary()
+    assert audit["length_slope_votes"] < -1.0  # the audit sees that the votes themselves favour short answers
