@@ -29,11 +29,11 @@ import torch
 from peft import LoraConfig, PeftModel
 from safetensors.torch import load_file
 
-from rlhf_online.generation import BASE_VERSION, Generator
+from rlhf_online.generation import Generator
+from rlhf_online.versions import BASE_VERSION, is_version_name, sorted_versions, version_name, version_number
 
 log = logging.getLogger(__name__)
 
-VERSION_PATTERN = re.compile(r"^v(\d{4,})$")
 ADAPTER_WEIGHTS = "adapter_model.safetensors"
 ADAPTER_CONFIG = "adapter_config.json"
 META_FILE = "meta.json"
@@ -56,20 +56,6 @@ class VersionInfo:
         return version_number(self.name)
 
 
-def version_name(number: int) -> str:
-    return f"v{number:04d}"
-
-
-def version_number(name: str) -> int:
-    """'base' is version 0, so it sorts before every published version."""
-    if name == BASE_VERSION:
-        return 0
-    match = VERSION_PATTERN.match(name)
-    if not match:
-        raise ValueError(f"not a version name: {name!r}")
-    return int(match.group(1))
-
-
 def _fsync_tree(folder: Path) -> None:
     for path in folder.iterdir():
         with open(path, "rb") as f:
@@ -89,7 +75,7 @@ class AdapterRegistry:
         self.root.mkdir(parents=True, exist_ok=True)
 
     def _candidate_names(self) -> list[str]:
-        return sorted((p.name for p in self.root.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name)),
+        return sorted((p.name for p in self.root.iterdir() if p.is_dir() and is_version_name(p.name)),
                       key=version_number)
 
     def validate(self, path: Path, expected_name: str | None = None) -> VersionInfo:
@@ -413,7 +399,7 @@ class LiveAdapters:
             if info.name in self._unloading:  # retired a moment ago and still in the model: serve it again
                 with self._pins_lock:
                     self._unloading.remove(info.name)
-                    self.loaded = sorted(self.loaded + [info.name], key=version_number)
+                    self.loaded = sorted_versions(self.loaded + [info.name])
                 return SwapEvent(version=info.name, pause_ms=0.0)
             slot = self._free_slot(config, saved)
             if slot is not None:
@@ -429,7 +415,7 @@ class LiveAdapters:
                 self._slots[slot_name] = info.name
                 self.generator.adapter_aliases[info.name] = slot_name
             with self._pins_lock:  # new requests get the new version from here on
-                self.loaded = sorted(self.loaded + [info.name], key=version_number)
+                self.loaded = sorted_versions(self.loaded + [info.name])
                 self._stop_serving(self.loaded[:-self.keep] if len(self.loaded) > self.keep else [])
             dropped = self._drop_unpinned(model)
         event = SwapEvent(version=info.name, pause_ms=(time.perf_counter() - started) * 1000, dropped=dropped,

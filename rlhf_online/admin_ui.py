@@ -19,9 +19,9 @@ import gradio as gr
 
 from rlhf_online import dashboard
 from rlhf_online.export import export_zip
-from rlhf_online.generation import BASE_VERSION
 from rlhf_online.judge import current_feedback_mode, load_constitution, save_constitution, set_feedback_mode
 from rlhf_online.store import StoreWriteError
+from rlhf_online.versions import BASE_VERSION
 from rlhf_online.worker import PAUSED_KEY, TRAINING_SETTINGS, TRAINING_SETTINGS_KEY
 
 log = logging.getLogger(__name__)

@@ -17,9 +17,10 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from rlhf_online.config import SamplingConfig
-from rlhf_online.generation import BASE_VERSION, Generator
+from rlhf_online.generation import Generator
 from rlhf_online.limits import Limits
 from rlhf_online.store import AI_PLACEMENT, PreferenceStore, UnknownPairError
+from rlhf_online.versions import BASE_VERSION
 
 CHOICES = ("a", "b", "tie", "both_bad")
 MAX_TOKEN_CHARS = 64  # a pair token is 22 characters; anything much longer is not one of ours

@@ -11,6 +11,8 @@ import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
+from rlhf_online.versions import BASE_VERSION, is_version_name
+
 VOTE_LABELS = {"a": "A better", "b": "B better", "tie": "tie", "both_bad": "both bad"}
 RECENT_WINDOW = 50  # the reward trainer's "recent accuracy" covers its last 50 pairs
 
@@ -253,13 +255,13 @@ class VersionCache:
         self._versions: list = []
 
     def _fingerprint(self) -> tuple:
-        from rlhf_online.adapters import RETIRED_MARKER, VERSION_PATTERN
+        from rlhf_online.adapters import RETIRED_MARKER
 
         entries = []
         try:
             with os.scandir(self.registry.root) as scan:
                 for entry in scan:
-                    if entry.is_dir() and VERSION_PATTERN.match(entry.name):
+                    if entry.is_dir() and is_version_name(entry.name):
                         entries.append((entry.name, entry.stat().st_mtime_ns,
                                         os.path.exists(os.path.join(entry.path, RETIRED_MARKER))))
         except OSError:
@@ -289,7 +291,7 @@ def status_line(serving: str, version_meta: dict | None, reward_metrics: Sequenc
                 training: bool, paused: bool, now: float) -> str:
     """One line a presenter can read aloud: which version serves since when, from how many votes it learned,
     how often the reward model is right lately, and what the trainer is doing now."""
-    if serving == "base" or not version_meta:
+    if serving == BASE_VERSION or not version_meta:
         parts = ["**Serving the base model** (no version published yet)"]
     else:
         since = _number(version_meta.get("published_at") or version_meta.get("time"))

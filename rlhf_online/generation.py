@@ -23,8 +23,8 @@ from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, 
 from transformers.generation.streamers import BaseStreamer
 
 from rlhf_online.config import SamplingConfig
+from rlhf_online.versions import BASE_VERSION
 
-BASE_VERSION = "base"
 PEFT_BASE = "__base__"  # PEFT's reserved name for "no adapter" in `adapter_names`
 
 

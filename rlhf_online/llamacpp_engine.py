@@ -34,9 +34,10 @@ from pathlib import Path
 
 from rlhf_online.adapters import VersionInfo
 from rlhf_online.config import SamplingConfig
-from rlhf_online.generation import BASE_VERSION, ChatEngine, StreamUpdate
+from rlhf_online.generation import ChatEngine, StreamUpdate
 from rlhf_online.gguf_adapter import GGUF_ADAPTER_FILE, BaseShape, convert_peft_folder
 from rlhf_online.served_versions import EngineStates
+from rlhf_online.versions import BASE_VERSION
 
 log = logging.getLogger(__name__)
 

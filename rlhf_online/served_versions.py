@@ -21,8 +21,8 @@ import logging
 import threading
 import time
 
-from rlhf_online.adapters import AdapterRegistry, SwapEvent, VersionInfo, version_number, watch_registry
-from rlhf_online.generation import BASE_VERSION
+from rlhf_online.adapters import AdapterRegistry, SwapEvent, VersionInfo, watch_registry
+from rlhf_online.versions import BASE_VERSION, sorted_versions
 
 log = logging.getLogger(__name__)
 
@@ -92,10 +92,6 @@ class ServedVersions:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def sorted_versions(names) -> list[str]:
-    return sorted(names, key=version_number)
 
 
 class EngineStates:

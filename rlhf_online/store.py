@@ -19,6 +19,7 @@ from pathlib import Path
 from typing import Any
 
 from rlhf_online.conversation import Message, answer_text, normalize_prompt, split_hh_transcript
+from rlhf_online.versions import version_order
 
 DB_FILENAME = "preferences.sqlite"
 
@@ -348,11 +349,6 @@ class VersionRecord:
         return (self.wins + 0.5 * self.ties) / self.total if self.total else 0.0
 
 
-def _version_key(name: str) -> tuple[int, str]:
-    """Order adapter versions; "base" is the untrained model and so older than any named version."""
-    return (0, "") if name == "base" else (1, name)
-
-
 def _dumps(value: Any) -> str:
     """Deterministic JSON so that equal conversations are equal strings (``recent_prompts`` dedupes on it)."""
     return json.dumps(value, ensure_ascii=False, separators=(",", ":"), sort_keys=True)
@@ -669,7 +665,7 @@ class PreferenceStore:
             params = (source,)
         tally: dict[tuple[str, str], list[int]] = {}
         for version_a, version_b, choice in self._read(sql, params):
-            newer_is_a = _version_key(version_a) > _version_key(version_b)
+            newer_is_a = version_order(version_a) > version_order(version_b)
             newer, older = (version_a, version_b) if newer_is_a else (version_b, version_a)
             counts = tally.setdefault((newer, older), [0, 0, 0])
             if choice in ("tie", "both_bad"):
@@ -677,7 +673,7 @@ class PreferenceStore:
             else:
                 counts[0 if (choice == "a") == newer_is_a else 1] += 1
         return [VersionRecord(newer, older, *counts) for (newer, older), counts in
-                sorted(tally.items(), key=lambda item: (_version_key(item[0][0]), _version_key(item[0][1])))]
+                sorted(tally.items(), key=lambda item: (version_order(item[0][0]), version_order(item[0][1])))]
 
     # -- metrics and control --------------------------------------------------------------------------------
 

@@ -29,7 +29,8 @@ from transformers import StoppingCriteria
 
 from rlhf_online.config import AppConfig, TimelineConfig
 from rlhf_online.dashboard import ago
-from rlhf_online.generation import BASE_VERSION, answer_repetition_penalty
+from rlhf_online.generation import answer_repetition_penalty
+from rlhf_online.versions import BASE_VERSION, version_number, version_order
 
 log = logging.getLogger(__name__)
 
@@ -169,18 +170,13 @@ def record_published(store, cfg: AppConfig, version: str, votes_seen: int | None
         for name, use_adapter in todo:
             answers, lengths = answer_probes(model, tokenizer, prompts, use_adapter=use_adapter, **kwargs)
             scores = score_fn(messages, answers) if score_fn is not None else None
-            store.record_metric(METRIC_KIND, version_number_of(name), _entry_values(
+            store.record_metric(METRIC_KIND, version_number(name), _entry_values(
                 name, prompts, answers, lengths, scores, votes_seen if use_adapter else 0))
         log.info("timeline: %s answered %d probes in %.1f s", version, len(prompts), time.perf_counter() - started)
         return True
     except Exception:  # the timeline is a view; training must go on whatever happens here
         log.exception("timeline: could not record the probe answers of %s", version)
         return False
-
-
-def version_number_of(name: str) -> int:
-    match = re.fullmatch(r"v(\d+)", name)
-    return int(match.group(1)) if match else 0
 
 
 # ---- reading and rendering (in the server) ---------------------------------------------------------------------
@@ -195,7 +191,7 @@ def load_entries(store, limit: int = 200) -> list[Entry]:
         return []
     newest_set = max(latest.values(), key=lambda e: e.created_at).probe_set
     entries = [e for e in latest.values() if e.probe_set == newest_set]
-    return sorted(entries, key=lambda e: version_number_of(e.version), reverse=True)
+    return sorted(entries, key=lambda e: version_order(e.version), reverse=True)
 
 
 _WORDS = re.compile(r"\S+\s*")

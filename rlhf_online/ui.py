@@ -45,9 +45,9 @@ from rlhf_online.admin_ui import _constitution, _feedback_mode, build_admin_pane
 from rlhf_online.ui_chat import (PAGE_CSS, PAGE_HEAD, VOTE_BUTTONS, VOTE_KEYS, ChatControls,  # noqa: F401 (re-exported)
                                  build_chat, controls_ui)
 from rlhf_online.arena import CHOICES, MAX_TOKEN_CHARS, EmptyMessageError
-from rlhf_online.generation import BASE_VERSION
 from rlhf_online.limits import LimitExceededError, client_key, trusted_proxy_count
 from rlhf_online.store import StoreWriteError, UnknownPairError
+from rlhf_online.versions import BASE_VERSION
 from rlhf_online.worker import ACTIVITY_KEY, PAUSED_KEY
 
 log = logging.getLogger(__name__)

@@ -13,7 +13,8 @@ from rlhf_online import models
 from rlhf_online.adapters import (ADAPTER_WEIGHTS, META_FILE, AdapterRegistry, CorruptAdapterError, LiveAdapters,
                                   save_peft_adapter)
 from rlhf_online.config import ModelConfig, SamplingConfig
-from rlhf_online.generation import BASE_VERSION, PEFT_BASE, Generator
+from rlhf_online.generation import PEFT_BASE, Generator
+from rlhf_online.versions import BASE_VERSION
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,8 @@ import torch
 
 from rlhf_online import models
 from rlhf_online.config import ModelConfig, SamplingConfig
-from rlhf_online.generation import BASE_VERSION, Generator, StreamUpdate
+from rlhf_online.generation import Generator, StreamUpdate
+from rlhf_online.versions import BASE_VERSION
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 

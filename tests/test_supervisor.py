@@ -198,7 +198,7 @@ def check_adapters_folder(registry, seen: set[str]) -> None:
 def test_real_trainer_survives_a_kill_and_never_leaves_a_half_written_version(tmp_path, tiny_model_dir):
     from rlhf_online.adapters import AdapterRegistry
     from rlhf_online.config import AppConfig, GateConfig, ModelConfig, PPOConfig, RewardConfig
-    from rlhf_online.generation import BASE_VERSION
+    from rlhf_online.versions import BASE_VERSION
     from rlhf_online.store import PreferenceStore, store_path
     from rlhf_online.supervisor import TrainerSupervisor
 
