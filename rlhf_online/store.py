@@ -29,6 +29,15 @@ PREFERENCE_SOURCES = ("human", "ai", "import")
 AI_PLACEMENT = "ai_generated"  # placement of pairs the trainer sampled for the AI judge; nobody was shown them
 
 
+def parse_choice(choice: Any) -> str:
+    """The one check of a vote's choice, for every way a vote arrives (page, API, arena, AI judge): case and
+    surrounding spaces are forgiven; anything else is a ValueError that names the valid choices."""
+    key = str(choice or "").strip().lower()
+    if key not in CHOICES:
+        raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+    return key
+
+
 def store_path(data_dir: str | Path) -> Path:
     """Where the app, the trainer and the exporter all find the same database inside a data folder."""
     return Path(data_dir) / DB_FILENAME
@@ -284,12 +293,25 @@ class Pair:
 
 @dataclass(frozen=True)
 class VoteReceipt:
+    """A saved vote (or, with `duplicate`, the earlier one that counted) and its pair as read in the vote's
+    transaction: versions, answers, and the reward model's scores once the trainer has scored it."""
+
     vote_id: int
-    pair_id: int
     choice: str
-    version_a: str
-    version_b: str
     duplicate: bool
+    pair: Pair
+
+    @property
+    def pair_id(self) -> int:
+        return self.pair.id
+
+    @property
+    def version_a(self) -> str:
+        return self.pair.version_a
+
+    @property
+    def version_b(self) -> str:
+        return self.pair.version_b
 
 
 @dataclass(frozen=True)
@@ -494,8 +516,7 @@ class PreferenceStore:
         one AI label. An AI label on a pair a person already voted on is kept only to measure agreement; the
         person's verdict is the training pair.
         """
-        if choice not in CHOICES:
-            raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+        choice = parse_choice(choice)
         if source not in VOTE_SOURCES:
             raise ValueError(f"vote source must be one of {', '.join(VOTE_SOURCES)}, got {source!r}")
         better = better_answer.strip() if isinstance(better_answer, str) and better_answer.strip() else None
@@ -509,8 +530,7 @@ class PreferenceStore:
             earlier = conn.execute("SELECT id, choice FROM votes WHERE pair_id = ? AND source = ?",
                                    (pair_id, source)).fetchone()
             if earlier is not None:
-                return VoteReceipt(earlier["id"], pair_id, earlier["choice"], pair["version_a"],
-                                   pair["version_b"], duplicate=True)
+                return VoteReceipt(earlier["id"], earlier["choice"], duplicate=True, pair=self._pair(pair))
             now = time.time()
             vote_id = conn.execute(
                 "INSERT INTO votes (pair_id, choice, better_answer, session_id, source, judge, weight, created_at)"
@@ -528,8 +548,7 @@ class PreferenceStore:
                 conn.execute(
                     "INSERT INTO demonstrations (vote_id, prompt_json, answer, session_id, source, created_at) "
                     "VALUES (?,?,?,?,?,?)", (vote_id, pair["messages_json"], better, session_id, source, now))
-            return VoteReceipt(int(vote_id), pair_id, choice, pair["version_a"], pair["version_b"],
-                               duplicate=False)
+            return VoteReceipt(int(vote_id), choice, duplicate=False, pair=self._pair(pair))
 
     def set_reward_scores(self, pair_id: int, reward_a: float, reward_b: float, *,
                           reward_model_version: str | None = None) -> None:
@@ -546,6 +565,13 @@ class PreferenceStore:
                 raise UnknownPairError(f"no answer pair with id {pair_id}")
 
     # -- training views -------------------------------------------------------------------------------------
+
+    def latest_scored_vote(self) -> tuple[Pair, str] | None:
+        """The newest human-voted pair the reward model has scored, with the person's choice: the panel shows
+        how the reward model's scores compare with the vote (the reveal right after a vote comes too early)."""
+        rows = self._read("SELECT p.*, v.choice AS vote_choice FROM pairs p JOIN votes v ON v.pair_id = p.id "
+                          "AND v.source = 'human' WHERE p.reward_a IS NOT NULL ORDER BY v.id DESC LIMIT 1")
+        return (self._pair(rows[0]), rows[0]["vote_choice"]) if rows else None
 
     def unscored_voted_pairs(self, limit: int = 32) -> list[Pair]:
         """Voted pairs the reward model has not scored yet, so the UI can show each answer's reward."""

@@ -150,6 +150,31 @@ def test_vote_on_unknown_pair_or_with_bad_choice_is_refused(store, db_path):
     assert table_count(db_path, "votes") == 0
 
 
+def test_choice_is_forgiven_case_and_spaces_and_the_receipt_carries_the_stored_pair(store):
+    assert store_module.parse_choice(" Both_Bad ") == "both_bad"
+    pair_id = add_pair(store)
+    store.set_reward_scores(pair_id, 0.5, -0.25, reward_model_version="7")
+    receipt = store.record_vote(pair_id=pair_id, choice=" A", session_id="s1")
+    assert (receipt.choice, receipt.pair_id, receipt.version_a, receipt.version_b) == ("a", pair_id, "v0002", "v0001")
+    assert (receipt.pair.reward_a, receipt.pair.reward_b, receipt.pair.reward_model_version) == (0.5, -0.25, "7")
+    again = store.record_vote(pair_id=pair_id, choice="b", session_id="s1")
+    assert again.duplicate and (again.vote_id, again.choice) == (receipt.vote_id, "a")
+
+
+def test_latest_scored_vote_is_the_newest_human_vote_with_scores(store):
+    assert store.latest_scored_vote() is None
+    first, second, unvoted = add_pair(store), add_pair(store, turn=1), add_pair(store, turn=2)
+    store.record_vote(pair_id=first, choice="a", session_id="s1")
+    store.record_vote(pair_id=second, choice="tie", session_id="s1")
+    assert store.latest_scored_vote() is None  # nothing scored yet
+    for pair_id in (first, unvoted):
+        store.set_reward_scores(pair_id, 1.0, 0.0, reward_model_version="3")
+    pair, choice = store.latest_scored_vote()
+    assert (pair.id, choice, pair.reward_model_version) == (first, "a", "3")
+    store.set_reward_scores(second, 0.0, 1.0)
+    assert store.latest_scored_vote()[0].id == second
+
+
 def test_full_disk_rejects_the_vote_without_partial_rows_and_a_retry_succeeds(store, db_path):
     pair_id = add_pair(store)
     conn = store._conn  # the page limit is per connection, so it has to be set on the store's own one

@@ -75,6 +75,14 @@ def test_vote_handler_records_each_choice(services, choice):
     assert history[-2:] == [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": preferred}]
 
 
+def test_the_reveal_shows_reward_scores_when_the_pair_was_scored_and_forgives_the_choices_case(services):
+    state = send(services)[-1][0]
+    services.store.set_reward_scores(row_id(services, state), 0.5, -0.25, reward_model_version="4")
+    reveal = ui.vote_ui(services, " B ", state)[4]
+    assert "(reward 0.50)" in reveal and "(reward -0.25)" in reveal
+    assert db_rows(services, "SELECT choice FROM votes WHERE pair_id = ?", (row_id(services, state),)) == [("b",)]
+
+
 def test_double_vote_is_recorded_once(services):
     state = send(services)[-1][0]
     first = ui.api_vote(services, state.pair_token, "a", "", state.session_id)
