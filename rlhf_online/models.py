@@ -34,7 +34,6 @@ class LoadedBase:
 
     model: PreTrainedModel
     quantization: str  # what was actually used: may differ from the request after a fallback
-    source: str
 
 
 def embedded_gguf_path() -> Path:
@@ -136,7 +135,7 @@ def load_base_model(source: str, quantization: str = "nf4", for_training: bool =
     model.requires_grad_(False)
     model.eval()
     log.info("loaded %s as %s on %s (%.0f MB)", source, quantization, device, model.get_memory_footprint() / 1e6)
-    return LoadedBase(model=model, quantization=quantization, source=source)
+    return LoadedBase(model=model, quantization=quantization)
 
 
 def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:

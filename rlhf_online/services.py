@@ -134,7 +134,9 @@ def build_services(cfg: AppConfig, start_trainer: bool | None = None) -> Service
     except Exception:
         log.exception("could not load the newest adapter; serving the base model")
     live.watch()
-    chat_busy = mp.get_context("spawn").Value("i", 0)
+    # How many chat answers are generating now, shared with the trainer process; read only with --trainer-yield
+    # (the trainer then pauses between steps while it is above 0), so not even counted otherwise.
+    chat_busy = mp.get_context("spawn").Value("i", 0) if cfg.ppo.trainer_yield else None
     supervisor = None
     want_training = cfg.train if start_trainer is None else start_trainer
     if want_training and not hardware.can_train:

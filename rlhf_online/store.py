@@ -600,9 +600,6 @@ class PreferenceStore:
         return [Preference(row["id"], json.loads(row["prompt_json"]), row["chosen"], row["rejected"],
                            row["source"], row["weight"], row["judge"]) for row in rows]
 
-    def count_preferences(self) -> int:
-        return self._read("SELECT COUNT(*) FROM preferences")[0][0]
-
     def demonstrations(self, limit: int | None = None) -> list[Demonstration]:
         rows = self._read("SELECT * FROM demonstrations ORDER BY id LIMIT ?", (-1 if limit is None else limit,))
         return [Demonstration(row["id"], row["vote_id"], json.loads(row["prompt_json"]), row["answer"],
@@ -707,12 +704,6 @@ class PreferenceStore:
         with self._write("save the training metrics") as conn:
             return int(conn.execute("INSERT INTO metrics (kind, step, values_json, created_at) VALUES (?,?,?,?)",
                                     (kind, int(step), _dumps(values), time.time())).lastrowid)
-
-    def metrics(self, kind: str, since_id: int = 0, limit: int | None = None) -> list[Metric]:
-        rows = self._read("SELECT * FROM metrics WHERE kind = ? AND id > ? ORDER BY id LIMIT ?",
-                          (kind, since_id, -1 if limit is None else limit))
-        return [Metric(row["id"], row["kind"], row["step"], json.loads(row["values_json"]), row["created_at"])
-                for row in rows]
 
     def get_control(self, key: str, default: str | None = None) -> str | None:
         """Settings the app and the trainer exchange through the file (pause flags, current version...)."""

@@ -95,7 +95,11 @@ def test_stream_yields_growing_texts_and_ends_finished(serving_base, tokenizer):
     assert updates[-1].finished == (True, True)
     assert any(updates[-1].texts)
     assert not generator.lock.locked()
-    assert generator.sample([prompt.input_ids], [BASE_VERSION], max_new_tokens=3)[0] is not None
+    torch.manual_seed(1)  # the lock was released: a next call runs, and `sample` is the stream's final text
+    sampled = generator.sample([prompt.input_ids], [BASE_VERSION], max_new_tokens=3)
+    torch.manual_seed(1)
+    streamed = list(generator.stream([prompt.input_ids], [BASE_VERSION], max_new_tokens=3))
+    assert len(sampled) == 1 and sampled == list(streamed[-1].texts) and len(streamed) <= 3 + 1
 
 
 def test_plain_model_refuses_adapter_versions(serving_base, tokenizer):

@@ -32,6 +32,10 @@ def add_pair(store, messages=CHAT, answer_a="Boil it 8 minutes.", answer_b="Fry 
                              session_id="s1", placement="newest_left")
 
 
+def preference_count(store) -> int:
+    return sum(store.counts()["preferences"].values())
+
+
 def table_count(path, table):
     with sqlite3.connect(path) as conn:
         return conn.execute(f"SELECT COUNT(*) FROM {table}").fetchone()[0]
@@ -100,13 +104,13 @@ def test_blank_better_answer_counts_as_none(store):
     pair_id = add_pair(store)
     store.record_vote(pair_id=pair_id, choice="tie", better_answer="   \n", session_id="s1")
     assert store.demonstrations() == []
-    assert store.count_preferences() == 0
+    assert preference_count(store) == 0
 
 
 def test_identical_answers_give_no_training_pair(store):
     pair_id = add_pair(store, answer_a="Same.", answer_b="Same.", version_a="v0001", version_b="v0001")
     store.record_vote(pair_id=pair_id, choice="a", session_id="s1")
-    assert store.count_preferences() == 0
+    assert preference_count(store) == 0
     assert store.counts()["votes"]["a"] == 1
 
 
@@ -115,7 +119,7 @@ def test_second_vote_on_a_pair_returns_the_first_receipt_and_writes_nothing(stor
     first = store.record_vote(pair_id=pair_id, choice="a", session_id="s1")
     again = store.record_vote(pair_id=pair_id, choice="b", better_answer="Other", session_id="s1")
     assert again.duplicate and again.vote_id == first.vote_id and again.choice == "a"
-    assert store.count_preferences() == 1 and store.demonstrations() == []
+    assert preference_count(store) == 1 and store.demonstrations() == []
     assert store.counts()["votes"] == {"a": 1, "b": 0, "tie": 0, "both_bad": 0}
 
 
@@ -137,8 +141,8 @@ def test_two_store_instances_on_one_file_see_each_others_writes(db_path):
         pair_id = add_pair(app)
         app.record_vote(pair_id=pair_id, choice="a", session_id="s1")
         trainer.record_metric("reward", 1, {"loss": 0.5})
-        assert trainer.count_preferences() == 1
-        assert app.metrics("reward")[0].values == {"loss": 0.5}
+        assert preference_count(trainer) == 1
+        assert app.latest_metrics("reward")[0].values == {"loss": 0.5}
 
 
 def test_vote_on_unknown_pair_or_with_bad_choice_is_refused(store, db_path):
@@ -187,7 +191,7 @@ def test_full_disk_rejects_the_vote_without_partial_rows_and_a_retry_succeeds(st
         assert table_count(db_path, table) == 0, table
     conn.execute("PRAGMA max_page_count = 1073741823")
     assert not store.record_vote(pair_id=pair_id, choice="a", better_answer=big_answer, session_id="s1").duplicate
-    assert store.count_preferences() == 3
+    assert preference_count(store) == 3
     assert store.integrity_check() == "ok"
 
 
@@ -268,11 +272,11 @@ def test_reward_scores_metrics_and_control_round_trip(store):
     assert (pair.reward_a, pair.reward_b, pair.reward_model_version) == (0.25, -1.5, "r0003")
     with pytest.raises(UnknownPairError):
         store.set_reward_scores(pair_id + 10, 0.0, 0.0)
-    first = store.record_metric("ppo", 1, {"kl": 0.01})
+    assert store.record_metric("ppo", 1, {"kl": 0.01}) > 0
     store.record_metric("reward", 1, {"loss": 0.7})
     store.record_metric("ppo", 2, {"kl": 0.02})
-    assert [(m.step, m.values) for m in store.metrics("ppo")] == [(1, {"kl": 0.01}), (2, {"kl": 0.02})]
-    assert [m.step for m in store.metrics("ppo", since_id=first)] == [2]
+    assert [(m.step, m.values) for m in store.latest_metrics("ppo")] == [(1, {"kl": 0.01}), (2, {"kl": 0.02})]
+    assert [m.step for m in store.latest_metrics("ppo", limit=1)] == [2]
     assert store.get_control("paused", default="no") == "no"
     store.set_control("paused", "yes")
     store.set_control("paused", "no longer")
@@ -332,7 +336,7 @@ def test_opening_a_version_1_file_upgrades_it_and_keeps_the_data(db_path):
         assert store.schema_version == SCHEMA_VERSION == 4
         pair = store.get_pair(pair_id)
         assert (pair.answer_b, pair.reward_b, pair.reward_model_version) == ("Fry it.", 2.0, None)
-        assert store.counts()["votes"]["b"] == 1 and store.count_preferences() == 3
+        assert store.counts()["votes"]["b"] == 1 and preference_count(store) == 3
         store.set_reward_scores(pair_id, 0.0, 1.0, reward_model_version="r0001")
         assert store.get_pair(pair_id).reward_model_version == "r0001"
     with sqlite3.connect(db_path) as conn:

@@ -78,7 +78,7 @@ def test_step_learns_votes_then_runs_ppo_and_publishes(cfg, tiny_model_dir):
     worker = TrainerWorker(cfg)
     assert worker.parent == BASE_VERSION
     assert worker.step() == "reward"
-    metrics = worker.store.metrics("reward")
+    metrics = worker.store.latest_metrics("reward")
     assert [m.step for m in metrics] == [1, 2, 3]
     assert {"pairs", "prequential_accuracy", "loss", "correct_before"} <= set(metrics[-1].values)
     assert worker.learner.last_preference_id == 3
@@ -98,7 +98,7 @@ def test_step_learns_votes_then_runs_ppo_and_publishes(cfg, tiny_model_dir):
     assert meta["ppo_iteration"] == 1 and meta["votes_seen"] == 3
     assert all(isinstance(meta[k], float) for k in ("mean_reward", "kl"))
     assert worker.parent == "v0001"
-    ppo_metrics = worker.store.metrics("ppo")
+    ppo_metrics = worker.store.latest_metrics("ppo")
     assert len(ppo_metrics) == 1 and ppo_metrics[0].values["published"] == "v0001"
     assert not [p for p in cfg.adapters_path.iterdir() if ".tmp" in p.name]
     # publishing answered the timeline's probes (the base's too), and the page can tell what the trainer did last
@@ -178,7 +178,7 @@ def test_pause_makes_step_do_nothing(cfg):
     before = worker.reward_model.state()
     for _ in range(2):
         assert worker.step() == "paused"
-    assert worker.store.metrics("reward") == [] and worker.store.metrics("ppo") == []
+    assert worker.store.latest_metrics("reward") == [] and worker.store.latest_metrics("ppo") == []
     assert worker.learner.metrics.total == 0
     assert worker.store.get_pair(1).reward_a is None
     assert all(torch.equal(v, before[k]) for k, v in worker.reward_model.state().items())
