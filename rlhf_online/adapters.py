@@ -67,12 +67,32 @@ def _fsync_tree(folder: Path) -> None:
         os.close(fd)
 
 
+def _fingerprint(path: Path) -> tuple:
+    """Changes whenever a file that validation reads is written, replaced or removed (size, mtime, inode)."""
+    stats = []
+    for name in (META_FILE, ADAPTER_CONFIG, ADAPTER_WEIGHTS):
+        try:
+            stat = os.stat(path / name)
+            stats.append((stat.st_size, stat.st_mtime_ns, stat.st_ino))
+        except OSError:
+            stats.append(None)
+    return tuple(stats)
+
+
 class AdapterRegistry:
-    """The `adapters/` folder as the single source of truth shared by the trainer and the server."""
+    """The `adapters/` folder as the single source of truth shared by the trainer and the server.
+
+    A version is validated (its weights loaded and checked for non-finite values) once per fingerprint of its
+    files, not on every look: the server polls every 2 s and the trainer looks every step, and re-reading every
+    kept version each time cost a full load of each. A folder that changes (a hand edit, a disk error caught on
+    rewrite) is validated again; a corrupt one is logged once, not on every poll.
+    """
 
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
+        self._checked: dict[str, tuple[tuple, VersionInfo | CorruptAdapterError]] = {}  # name -> (fingerprint, result)
+        self._checked_lock = threading.Lock()
 
     def _candidate_names(self) -> list[str]:
         return sorted((p.name for p in self.root.iterdir() if p.is_dir() and is_version_name(p.name)),
@@ -94,17 +114,36 @@ class AdapterRegistry:
                 raise CorruptAdapterError(f"{path}: non-finite values in {key}")
         return VersionInfo(name=expected_name, path=path, meta=meta)
 
+    def _checked_version(self, name: str) -> VersionInfo | CorruptAdapterError:
+        """`validate` of the folder `name`, from the cache while its files are unchanged."""
+        path = self.root / name
+        fingerprint = _fingerprint(path)
+        with self._checked_lock:
+            cached = self._checked.get(name)
+        if cached is not None and cached[0] == fingerprint:
+            return cached[1]
+        try:
+            result = self.validate(path)
+        except CorruptAdapterError as exc:
+            log.error("skipping corrupt adapter version: %s", exc)
+            result = exc
+        with self._checked_lock:
+            self._checked[name] = (fingerprint, result)
+        return result
+
     def versions(self, include_retired: bool = False) -> list[VersionInfo]:
-        """Valid versions, oldest first; corrupt ones are logged and skipped."""
+        """Valid versions, oldest first; corrupt ones are logged (once) and skipped."""
+        names = self._candidate_names()
+        with self._checked_lock:  # forget deleted folders
+            for gone in set(self._checked) - set(names):
+                del self._checked[gone]
         found = []
-        for name in self._candidate_names():
-            path = self.root / name
-            if not include_retired and (path / RETIRED_MARKER).exists():
+        for name in names:
+            if not include_retired and (self.root / name / RETIRED_MARKER).exists():
                 continue
-            try:
-                found.append(self.validate(path))
-            except CorruptAdapterError as exc:
-                log.error("skipping corrupt adapter version: %s", exc)
+            result = self._checked_version(name)
+            if isinstance(result, VersionInfo):
+                found.append(result)
         return found
 
     def latest(self) -> VersionInfo | None:
@@ -137,7 +176,10 @@ class AdapterRegistry:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
-        return VersionInfo(name=name, path=self.root / name, meta=full_meta)
+        info = VersionInfo(name=name, path=self.root / name, meta=full_meta)
+        with self._checked_lock:  # validated just above: the publisher need not load it again
+            self._checked[name] = (_fingerprint(info.path), info)
+        return info
 
     def retire_after(self, version: str) -> list[str]:
         """Rollback: mark every version newer than `version` retired (kept on disk for inspection)."""

@@ -7,11 +7,10 @@ may be `store.Metric` objects (with `.values` and `.step`) or plain dicts of val
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any
 
-from rlhf_online.versions import BASE_VERSION, is_version_name
+from rlhf_online.versions import BASE_VERSION
 
 VOTE_LABELS = {"a": "A better", "b": "B better", "tie": "tie", "both_bad": "both bad"}
 RECENT_WINDOW = 50  # the reward trainer's "recent accuracy" covers its last 50 pairs
@@ -253,40 +252,6 @@ def reward_hacking_warning(ppo_metrics: Sequence[Any], win_rates: Sequence[Any],
     return (f"⚠️ **Possible reward hacking:** the mean reward rose from {early:.2f} to {late:.2f} over the last "
             f"PPO iterations, but people preferred `{newest.newer}` over `{newest.older}` only "
             f"{newest.win_rate:.0%} of the time ({newest.total} votes). Consider pausing training or rolling back.")
-
-
-# ---- cheap version listing ---------------------------------------------------------------------------------
-
-class VersionCache:
-    """`registry.versions()` validates (loads) every adapter file; redo that only when the folder changes.
-
-    The key is each candidate folder's name, mtime and retired marker, all from `stat` calls.
-    """
-
-    def __init__(self, registry: Any):
-        self.registry = registry
-        self._key: tuple | None = None
-        self._versions: list = []
-
-    def _fingerprint(self) -> tuple:
-        from rlhf_online.adapters import RETIRED_MARKER
-
-        entries = []
-        try:
-            with os.scandir(self.registry.root) as scan:
-                for entry in scan:
-                    if entry.is_dir() and is_version_name(entry.name):
-                        entries.append((entry.name, entry.stat().st_mtime_ns,
-                                        os.path.exists(os.path.join(entry.path, RETIRED_MARKER))))
-        except OSError:
-            return ()
-        return tuple(sorted(entries))
-
-    def versions(self) -> list:
-        key = self._fingerprint()
-        if key != self._key:
-            self._versions, self._key = self.registry.versions(), key
-        return self._versions
 
 
 # ---- the panel's status line and the chat's "new version" notices ---------------------------------------------

@@ -265,12 +265,12 @@ def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def refresh_dashboard(services, versions: dashboard.VersionCache) -> tuple:
+def refresh_dashboard(services) -> tuple:
     """Counts, metrics, trainer status, versions, plots and the reward-hacking warning, for the Timer."""
     store = services.store
     reward_metrics, ppo_metrics = store.latest_metrics("reward", 500), store.latest_metrics("ppo", 500)
     win_rates = store.version_win_rates()
-    infos = versions.versions()
+    infos = services.registry.versions()  # cheap: the registry validates each version once
     paused = store.get_control(PAUSED_KEY, "0") == "1"
     status = services.supervisor.status if services.supervisor is not None else None
     warning = dashboard.reward_hacking_warning(ppo_metrics, win_rates)
@@ -364,7 +364,7 @@ def build_app(services) -> gr.Blocks:
 
         panel = [counts_md, reward_md, trainer_md, versions_md, warning, reward_plot, kl_plot, length_plot,
                  accuracy_plot, win_plot, admin.rollback_to]
-        refresh = bind(refresh_dashboard, services, dashboard.VersionCache(services.registry))
+        refresh = bind(refresh_dashboard, services)
         status = bind(refresh_status, services)
         for tick in (timer.tick, demo.load):
             tick(refresh, None, panel, show_progress="hidden", concurrency_id="dashboard", **private)

@@ -9,7 +9,7 @@ import torch
 from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
-from rlhf_online import models
+from rlhf_online import adapters, models
 from rlhf_online.adapters import (ADAPTER_WEIGHTS, META_FILE, AdapterRegistry, CorruptAdapterError, LiveAdapters,
                                   save_peft_adapter)
 from rlhf_online.config import ModelConfig, SamplingConfig
@@ -121,6 +121,33 @@ def test_corrupt_versions_are_skipped_with_a_logged_error(registry, trainer, cap
     assert any("v0005" in e and "non-finite" in e for e in errors)
     assert registry.latest().name == "v0002"
     assert publish(registry, trainer, seed=3).name == "v0006"  # corrupt numbers are not reused
+
+
+def test_a_version_is_validated_once_until_its_files_change(registry, trainer, monkeypatch, caplog):
+    publish(registry, trainer, seed=1)
+    good = publish(registry, trainer, seed=2)
+    loads = []
+    monkeypatch.setattr(adapters, "load_file", lambda path: loads.append(path) or load_file(path))
+    fresh = AdapterRegistry(registry.root)  # another process's view (the trainer's, the server's)
+    assert names(fresh.versions()) == ["v0001", "v0002"] and len(loads) == 2
+    for _ in range(3):  # the server's 2 s poll, the trainer's step, the panel: no weights loaded again
+        assert fresh.latest().name == "v0002" and names(fresh.versions()) == ["v0001", "v0002"]
+    assert len(loads) == 2 and names(registry.versions()) == ["v0001", "v0002"] and len(loads) == 2  # publisher too
+
+    (good.path / "RETIRED").write_text("x")  # a rollback marks the folder without touching its files
+    assert names(fresh.versions()) == ["v0001"] and len(loads) == 2
+    (good.path / "RETIRED").unlink()
+    time.sleep(0.05)  # file times tick at the kernel's clock granularity (a few ms)
+    weights = load_file(str(good.path / ADAPTER_WEIGHTS))  # a hand edit of the same size: NaNs in one tensor
+    first = next(iter(weights))
+    weights[first] = weights[first].clone().fill_(float("nan"))
+    save_file(weights, str(good.path / ADAPTER_WEIGHTS))
+    with caplog.at_level(logging.ERROR, logger="rlhf_online.adapters"):
+        assert names(fresh.versions()) == ["v0001"] and names(fresh.versions()) == ["v0001"]
+    assert len(loads) == 3  # checked again once, then cached as corrupt
+    assert len([r for r in caplog.records if "non-finite" in r.getMessage()]) == 1  # logged once, not per poll
+    registry.delete("v0002")
+    assert names(fresh.versions()) == ["v0001"] and len(loads) == 3
 
 
 def test_version_numbers_are_never_reused(registry, trainer):

@@ -117,29 +117,6 @@ def test_reward_hacking_warning_ignores_missing_scores():
     assert dashboard.reward_hacking_warning(metrics, [VersionRecord("v0002", "v0001", 1, 11, 0)]) is not None
 
 
-class FakeRegistry:
-    def __init__(self, root):
-        self.root = root
-        self.calls = 0
-
-    def versions(self):
-        self.calls += 1
-        return sorted(p.name for p in self.root.iterdir() if not (p / "RETIRED").exists())
-
-
-def test_version_cache_revalidates_only_when_folders_change(tmp_path):
-    registry = FakeRegistry(tmp_path)
-    cache = dashboard.VersionCache(registry)
-    (tmp_path / "v0001").mkdir()
-    assert cache.versions() == ["v0001"] and cache.versions() == ["v0001"]
-    assert registry.calls == 1
-    (tmp_path / "v0002").mkdir()
-    assert cache.versions() == ["v0001", "v0002"]
-    (tmp_path / "v0002" / "RETIRED").write_text("x")  # a rollback marks a folder without renaming it
-    assert cache.versions() == ["v0001"]
-    assert registry.calls == 3
-
-
 def test_status_line_says_what_serves_since_when_from_how_many_votes_and_what_the_trainer_does():
     now = 10_000.0
     line = dashboard.status_line("v0003", {"published_at": now - 240, "votes_seen": 24},
