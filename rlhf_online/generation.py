@@ -23,6 +23,7 @@ from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, 
 from transformers.generation.streamers import BaseStreamer
 
 from rlhf_online.config import SamplingConfig
+from rlhf_online.models import chat_ids, end_of_turn_ids
 from rlhf_online.versions import BASE_VERSION
 
 PEFT_BASE = "__base__"  # PEFT's reserved name for "no adapter" in `adapter_names`
@@ -87,7 +88,7 @@ class ChatEngine:
         turns = messages[len(system):]
         truncated = False
         while True:
-            ids = self._template(system + turns)
+            ids = chat_ids(self.tokenizer, system + turns)
             if len(ids) <= budget or len(turns) <= 1:
                 break
             turns = turns[1:]
@@ -98,13 +99,9 @@ class ChatEngine:
             content_ids = self.tokenizer(last["content"], add_special_tokens=False)["input_ids"]
             last["content"] = self.tokenizer.decode(content_ids[overflow:])
             turns = turns[:-1] + [last]
-            ids = self._template(system + turns)[-budget:]
+            ids = chat_ids(self.tokenizer, system + turns)[-budget:]
             truncated = True
         return Prompt(input_ids=ids, messages=system + turns, truncated=truncated)
-
-    def _template(self, messages: list[dict]) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
     def stream(self, prompt_ids: Sequence[list[int]], versions: Sequence[str], max_new_tokens: int | None = None,
                ignore_end: bool = False) -> Iterator[StreamUpdate]:
@@ -144,15 +141,8 @@ class Generator(ChatEngine):
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.lock = threading.Lock()
-        self.end_of_turn_ids = self._end_of_turn_ids()
+        self.end_of_turn_ids = end_of_turn_ids(tokenizer)
         self.adapter_aliases: dict[str, str] = {}  # version -> the PEFT adapter (slot) holding it, see LiveAdapters
-
-    def _end_of_turn_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
-            ids.add(im_end)
-        return sorted(i for i in ids if i is not None)
 
     @contextlib.contextmanager
     def exclusive(self):

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from transformers.masking_utils import create_causal_mask
 
 from rlhf_online.config import ModelConfig, RewardConfig
-from rlhf_online.models import lora_config, lora_parameters
+from rlhf_online.models import chat_ids, lora_config, lora_parameters
 from rlhf_online.rl_math import bradley_terry_loss
 
 REWARD_ADAPTER = "reward"
@@ -101,8 +101,7 @@ class RewardModel:
         rows = []
         for messages, answer in conversations:
             full = list(messages) + [{"role": "assistant", "content": answer}]
-            ids = self.tokenizer.apply_chat_template(full, tokenize=True)
-            ids = list(ids["input_ids"] if hasattr(ids, "keys") else ids)
+            ids = chat_ids(self.tokenizer, full, add_generation_prompt=False)
             rows.append(ids[-self.cfg.reward_max_tokens:])  # the end holds the answer and the latest turns
         return rows
 

@@ -30,6 +30,7 @@ from transformers import StoppingCriteria
 from rlhf_online.config import AppConfig, TimelineConfig
 from rlhf_online.dashboard import ago
 from rlhf_online.generation import answer_repetition_penalty
+from rlhf_online.models import chat_ids, end_of_turn_ids
 from rlhf_online.versions import BASE_VERSION, version_number, version_order
 
 log = logging.getLogger(__name__)
@@ -97,11 +98,6 @@ class _CallEachToken(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def _end_of_turn_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    return sorted(i for i in ids - {None, tokenizer.unk_token_id} if isinstance(i, int))
-
-
 @torch.no_grad()
 def answer_probes(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, repetition_penalty: float = 1.0,
                   use_adapter: bool = True, yield_fn: Callable[[], None] | None = None) -> tuple[list[str], list[int]]:
@@ -109,12 +105,8 @@ def answer_probes(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
 
     Returns the answers and their lengths in tokens.
     """
-    eos = _end_of_turn_ids(tokenizer)
-    rows = []
-    for prompt in prompts:
-        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        rows.append(list(out["input_ids"] if hasattr(out, "keys") else out))
+    eos = end_of_turn_ids(tokenizer)
+    rows = [chat_ids(tokenizer, [{"role": "user", "content": prompt}]) for prompt in prompts]
     batch = tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt")
     device = next(model.parameters()).device
     batch = {key: tensor.to(device) for key, tensor in batch.items()}

@@ -46,14 +46,14 @@ def test_prompt_that_fits_is_not_truncated(serving_base, tokenizer):
     prompt = generator.build_prompt(messages, budget=1000)
     assert not prompt.truncated
     assert prompt.messages == messages
-    assert prompt.input_ids == generator._template(messages)
+    assert prompt.input_ids == models.chat_ids(tokenizer, messages)
     assert tokenizer.decode(prompt.input_ids).endswith("<|im_start|>assistant\n")
 
 
 def test_truncation_drops_oldest_turns_and_keeps_system(serving_base, tokenizer):
     generator = make_generator(serving_base, tokenizer)
     messages = conversation(6)
-    full = len(generator._template(messages))
+    full = len(models.chat_ids(tokenizer, messages))
     budget = full // 2
     prompt = generator.build_prompt(messages, budget=budget)
     assert prompt.truncated
@@ -62,7 +62,7 @@ def test_truncation_drops_oldest_turns_and_keeps_system(serving_base, tokenizer)
     kept = prompt.messages[1:]
     assert 1 <= len(kept) < len(messages) - 1
     assert kept == messages[len(messages) - len(kept):]  # a suffix: the oldest turns went first
-    assert prompt.input_ids == generator._template(prompt.messages)
+    assert prompt.input_ids == models.chat_ids(tokenizer, prompt.messages)
     # the default budget comes from the sampling config
     small = make_generator(serving_base, tokenizer, context_tokens=budget)
     assert small.build_prompt(messages) == prompt
