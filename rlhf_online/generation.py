@@ -12,9 +12,10 @@ version n, answer B from version n-1" costs one forward pass per token rather th
 from __future__ import annotations
 
 import contextlib
+import json
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -123,6 +124,63 @@ class ChatEngine:
 
     def close(self) -> None:
         """Release what the engine holds (servers, threads); the transformers engine holds nothing to close."""
+
+
+def merge_row_streams(rows: int, run_row: Callable[[int, Callable[[object], None], threading.Event], None],
+                      fail: Callable[[object], Exception], name: str,
+                      wait_for_rows: bool = True) -> Iterator[StreamUpdate]:
+    """The engines that send each row as its own streaming request (llama.cpp, an OpenAI-compatible server): run
+    `run_row(row, emit, stop)` for every row at once, each in its own thread, and merge what they emit into one
+    stream of every row's text so far.
+
+    `emit` takes one completion chunk, OpenAI-style (`{"choices": [{"text", "finish_reason"}]}` or
+    `{"error": ...}`), as a dict or its JSON text; `run_row` returns when its row is done and should return soon
+    after `stop` is set, which happens when the consumer stops iterating. A row's exception or error chunk ends
+    the stream with `fail(reason)`. `wait_for_rows`: join the row threads before returning (an engine whose rows
+    stop only at their next chunk may leave them to finish on their own).
+    """
+    chunks: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def run(row: int) -> None:
+        try:
+            run_row(row, lambda chunk: chunks.put((row, chunk)), stop)
+        except BaseException as exc:  # surfaced in the consuming thread
+            chunks.put((row, exc))
+        chunks.put((row, None))
+
+    workers = [threading.Thread(target=run, args=(row,), name=f"{name}-row{row}", daemon=True) for row in range(rows)]
+    for worker in workers:
+        worker.start()
+    texts = [""] * rows
+    finished = [False] * rows
+    running = rows
+    try:
+        while running:
+            row, item = chunks.get()
+            if item is None:
+                running -= 1
+                finished[row] = True
+                continue
+            if isinstance(item, BaseException):
+                raise fail(item) from item
+            try:
+                data = json.loads(item) if isinstance(item, (str, bytes)) else item
+            except ValueError as exc:
+                raise fail(exc) from exc
+            if "error" in data:
+                raise fail(data["error"])
+            choice = (data.get("choices") or [{}])[0]
+            texts[row] += choice.get("text") or ""
+            if choice.get("finish_reason"):
+                finished[row] = True
+            yield StreamUpdate(texts=tuple(t.strip() for t in texts), finished=tuple(finished))
+    finally:
+        stop.set()
+        if wait_for_rows:
+            for worker in workers:
+                worker.join()
+    yield StreamUpdate(texts=tuple(t.strip() for t in texts), finished=(True,) * rows)
 
 
 class Generator(ChatEngine):

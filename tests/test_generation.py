@@ -1,3 +1,4 @@
+import json
 import threading
 import time
 
@@ -6,7 +7,7 @@ import torch
 
 from rlhf_online import models
 from rlhf_online.config import ModelConfig, SamplingConfig
-from rlhf_online.generation import Generator, StreamUpdate
+from rlhf_online.generation import Generator, StreamUpdate, merge_row_streams
 from rlhf_online.versions import BASE_VERSION
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
@@ -168,3 +169,34 @@ def test_repetition_penalty_applies_to_the_answer_only():
     assert out[0, 4] == 0.5  # a token the answer used: its logit divided by the penalty
     assert out[0, 1] == out[0, 2] == out[0, 3] == 1.0  # the question's tokens stay free to use
     assert out[0, 5] == -1.0 and out[0, 0] == 1.0
+
+
+def test_merged_row_streams_interleave_rows_surface_errors_and_stop_rows_on_close():
+    def chunk(text, finish=None):
+        return {"choices": [{"text": text, "finish_reason": finish}]}
+
+    def two_rows(row, emit, stop):
+        for piece in (["Hel", "lo"], [" Bye", "!", "!"])[row]:
+            emit(chunk(piece))
+        emit(json.dumps(chunk("", "stop")))  # as JSON text too, as llama.cpp hands it over
+
+    updates = list(merge_row_streams(2, two_rows, RuntimeError, "test"))
+    assert updates[-1] == StreamUpdate(texts=("Hello", "Bye!!"), finished=(True, True))
+    assert len(updates) == 2 + 3 + 2 + 1  # one update per chunk, then the final one
+
+    def failing(row, emit, stop):
+        emit(chunk("partial")) if row == 0 else emit({"error": "out of memory"})
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(merge_row_streams(2, failing, RuntimeError, "test"))
+
+    stopped = threading.Event()
+
+    def endless(row, emit, stop):
+        while not stop.is_set():
+            emit(chunk("x"))
+            time.sleep(0.001)
+        stopped.set()
+    stream = merge_row_streams(1, endless, RuntimeError, "test")
+    assert next(stream).texts == ("x",)
+    stream.close()  # the consumer went away: the row is told to stop, and waited for
+    assert stopped.is_set()
