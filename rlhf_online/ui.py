@@ -41,7 +41,7 @@ import gradio as gr
 import pandas as pd
 
 from rlhf_online import dashboard, ui_learning
-from rlhf_online.admin_ui import _constitution, _feedback_mode, build_admin_panel
+from rlhf_online.admin_ui import build_admin_panel, shown_constitution, shown_feedback_mode
 from rlhf_online.ui_chat import (PAGE_CSS, PAGE_HEAD, VOTE_BUTTONS, VOTE_KEYS, ChatControls,  # noqa: F401 (re-exported)
                                  build_chat, controls_ui)
 from rlhf_online.arena import MAX_TOKEN_CHARS, EmptyMessageError
@@ -289,8 +289,8 @@ def refresh_dashboard(services) -> tuple:
 
 
 def _feedback_summary(services) -> str:
-    constitution = _constitution(services)
-    return dashboard.feedback_markdown(services.store.feedback_counts(), _feedback_mode(services),
+    constitution = shown_constitution(services)
+    return dashboard.feedback_markdown(services.store.feedback_counts(), shown_feedback_mode(services),
                                        constitution.version if constitution else None)
 
 

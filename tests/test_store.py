@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_online import store as store_module
-from rlhf_online.store import (AI_PLACEMENT, DB_FILENAME, SCHEMA_VERSION, PreferenceStore, SchemaVersionError,
-                               StoreWriteError, UnknownPairError, store_path)
+from rlhf_online.store import AI_PLACEMENT, DB_FILENAME, PreferenceStore, StoreWriteError, UnknownPairError, store_path
+from rlhf_online.store_schema import SCHEMA_VERSION
 
 HH_DEV = Path(__file__).resolve().parents[2] / "shared/data/hh_harmless_dev.jsonl"
 CHAT = [{"role": "user", "content": "How do I boil an egg?"}]
@@ -409,23 +409,6 @@ def test_pairs_awaiting_ai_label_and_agreement_counts(store):
     assert counts["votes"] == {"a": 2, "b": 1, "tie": 1, "both_bad": 0}  # people's votes only
     assert [p.id for p in store.unscored_voted_pairs()] == [generated] + shown[::-1]  # each pair once
     assert counts["preferences"] == {"human": 3, "ai": 1, "import": 0}
-
-
-def test_migrate_on_a_raw_connection_is_idempotent(db_path):
-    db_path.parent.mkdir(parents=True)
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    assert store_module.migrate(conn, 1) == 1
-    assert store_module.migrate(conn) == SCHEMA_VERSION
-    assert store_module.migrate(conn) == SCHEMA_VERSION
-    conn.close()
-
-
-def test_a_file_from_newer_code_is_refused(db_path):
-    PreferenceStore(db_path).close()
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
-    with pytest.raises(SchemaVersionError, match=f"schema version {SCHEMA_VERSION + 1}.*upgrade rlhf_online"):
-        PreferenceStore(db_path)
 
 
 def test_messages_are_validated_before_a_pair_is_stored(store, db_path):
