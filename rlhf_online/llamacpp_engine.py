@@ -126,15 +126,6 @@ class LlamaCppEngine(ChatEngine):
     def build_state(self, infos: list[VersionInfo]) -> LlamaCppState:
         return self._new_state([(info.name, self.gguf_adapter(info)) for info in infos])
 
-    def switch_to(self, state: LlamaCppState) -> float:
-        return self.states.switch_to(state)
-
-    def serving(self) -> list[str]:
-        return self.states.serving()
-
-    def pinned_newest_pair(self):
-        return self.states.pinned_newest_pair()
-
     # ---- sampling --------------------------------------------------------------------------------------------
     def _request(self, state: LlamaCppState, prompt_ids: list[int], version: str, max_new_tokens: int,
                  ignore_end: bool) -> dict:

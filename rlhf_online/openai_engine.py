@@ -127,15 +127,6 @@ class OpenAIEngine(ChatEngine):
             except ServerError as exc:
                 log.warning("could not unload %s from the server: %s", name, exc)
 
-    def switch_to(self, state: RemoteState) -> float:
-        return self.states.switch_to(state)
-
-    def serving(self) -> list[str]:
-        return self.states.serving()
-
-    def pinned_newest_pair(self):
-        return self.states.pinned_newest_pair()
-
     # ---- sampling --------------------------------------------------------------------------------------------
     def _request(self, state: RemoteState, prompt_ids: list[int], version: str, max_new_tokens: int,
                  ignore_end: bool) -> dict:

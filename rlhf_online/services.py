@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_online.adapters import AdapterRegistry, LiveAdapters
+from rlhf_online.adapters import AdapterRegistry
 from rlhf_online.arena import Arena
 from rlhf_online.config import AppConfig
 from rlhf_online.engine import build_engine, choose_engine
@@ -21,6 +21,7 @@ from rlhf_online.generation import ChatEngine
 from rlhf_online.hardware import Hardware, detect
 from rlhf_online.hub_sync import HubSync
 from rlhf_online.limits import Limits, SessionVoteCounter
+from rlhf_online.live_adapters import LiveAdapters
 from rlhf_online.models import load_tokenizer, resolve_model_source
 from rlhf_online.store import PreferenceStore, store_path
 from rlhf_online.supervisor import TrainerSupervisor

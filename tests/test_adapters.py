@@ -10,10 +10,10 @@ from peft import PeftModel
 from safetensors.torch import load_file, save_file
 
 from rlhf_online import adapters, models
-from rlhf_online.adapters import (ADAPTER_WEIGHTS, META_FILE, AdapterRegistry, CorruptAdapterError, LiveAdapters,
-                                  save_peft_adapter)
+from rlhf_online.adapters import ADAPTER_WEIGHTS, META_FILE, AdapterRegistry, CorruptAdapterError, save_peft_adapter
 from rlhf_online.config import ModelConfig, SamplingConfig
 from rlhf_online.generation import PEFT_BASE, Generator
+from rlhf_online.live_adapters import LiveAdapters
 from rlhf_online.versions import BASE_VERSION
 
 
@@ -292,7 +292,7 @@ def test_slots_built_at_startup_change_no_answer_and_swaps_only_copy_tensors(reg
         plain = PeftModel.from_pretrained(models.load_base_model(str(tiny_model_dir), "nf4").model, str(info.path))
         with torch.inference_mode():
             expected = plain.eval()(**batch).logits
-            served = wrapped(**batch, adapter_names=[generator.adapter_aliases[info.name]]).logits
+            served = wrapped(**batch, adapter_names=[generator.peft_adapter(info.name)]).logits
         assert torch.allclose(served, expected, atol=1e-3, rtol=1e-3), (served - expected).abs().max()
         assert len(generator.sample([prompt] * 2, list(live.newest_pair()), max_new_tokens=4)) == 2
-    assert live.loaded == ["v0003", "v0004"] and set(generator.adapter_aliases) == {"v0003", "v0004"}
+    assert live.loaded == ["v0003", "v0004"] and set(generator.slot_versions()) == {"v0003", "v0004"}

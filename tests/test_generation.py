@@ -171,6 +171,23 @@ def test_repetition_penalty_applies_to_the_answer_only():
     assert out[0, 5] == -1.0 and out[0, 0] == 1.0
 
 
+def test_a_pair_runs_inside_the_engines_gpu_call(serving_base, tokenizer):
+    """ZeroGPU lends a GPU per decorated call: the engine wraps its own pair call (nothing patches it from outside)."""
+    calls = []
+
+    def gpu_call(fn):
+        def lent(prompt, versions, max_new_tokens=None):
+            calls.append(versions)
+            yield from fn(prompt, versions, max_new_tokens)
+        return lent
+
+    generator = Generator(serving_base, tokenizer, SamplingConfig(max_new_tokens=4), gpu_call=gpu_call)
+    prompt = generator.build_prompt(conversation(0))
+    updates = list(generator.stream_pair(prompt, (BASE_VERSION, BASE_VERSION)))
+    assert calls == [(BASE_VERSION, BASE_VERSION)] and updates[-1].finished == (True, True)
+    assert generator.sample([prompt.input_ids], [BASE_VERSION]) and len(calls) == 1  # only pairs are lent a GPU
+
+
 def test_merged_row_streams_interleave_rows_surface_errors_and_stop_rows_on_close():
     def chunk(text, finish=None):
         return {"choices": [{"text": text, "finish_reason": finish}]}
