@@ -118,7 +118,8 @@ def worker_serve(args) -> dict:
 
     from rlhf_online import models
     from rlhf_online.config import ModelConfig, SamplingConfig
-    from rlhf_online.generation import BASE_VERSION, Generator
+    from rlhf_online.generation import Generator
+    from rlhf_online.versions import BASE_VERSION
 
     class BenchGenerator(_ForcedLength, Generator):
         pass

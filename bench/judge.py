@@ -37,7 +37,7 @@ from common import SHARED_HH, peak_rss_mb, read_preference_file, write_json
 from rlhf_online.config import AppConfig
 from rlhf_online.judge import (BASE_JUDGE_PREFIX, JUDGE_METHODS, Constitution, Judge, check_constitution_text,
                                load_constitution, load_judge_model)
-from rlhf_online.models import load_base_model, load_tokenizer, resolve_model_source
+from rlhf_online.models import chat_ids, load_base_model, load_tokenizer, resolve_model_source
 
 POINTWISE_FAMILIES = {"contrastive": ("contrastive_mean", "contrastive_sum"), "principles": ("principles",)}
 ALL_METHODS = ("contrastive", "principles", "ab", "rlcd")
@@ -172,8 +172,8 @@ def sample_answers(model, tokenizer, judge: Judge, prompts: list[list[dict]], sy
     """One sampled answer per prompt under the given system prompt (batched, seeded)."""
     answers = []
     for start in range(0, len(prompts), args.rlcd_batch):
-        rows = [judge._template([{"role": "system", "content": system}]
-                                + [m for m in judge.recent_turns(p, 192) if m["role"] != "system"])
+        rows = [chat_ids(tokenizer, [{"role": "system", "content": system}]
+                         + [m for m in judge.recent_turns(p, 192) if m["role"] != "system"])
                 for p in prompts[start:start + args.rlcd_batch]]
         batch = tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt")
         torch.manual_seed(args.seed + start)

@@ -29,9 +29,10 @@ import torch
 
 from common import SHARED_HH, read_preference_file, write_json
 from rlhf_online.config import AppConfig
-from rlhf_online.generation import BASE_VERSION, Generator
+from rlhf_online.generation import Generator
 from rlhf_online.models import load_base_model, load_tokenizer, resolve_model_source
 from rlhf_online.ppo import COLD_START_PROMPTS
+from rlhf_online.versions import BASE_VERSION
 
 # (name, repetition_penalty, penalise the prompt too?)
 ALL_SETTINGS = {"off (1.0)": (1.0, False), "1.05 answer": (1.05, False), "1.1 answer": (1.1, False),

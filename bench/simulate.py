@@ -25,10 +25,10 @@ from peft import PeftModel
 from common import SHARED_HH, peak_rss_mb, write_json
 from rlhf_online.conversation import normalize_prompt
 from rlhf_online.config import load_config
-from rlhf_online.generation import BASE_VERSION
 from rlhf_online.models import load_base_model, resolve_model_source
 from rlhf_online.release_gate import complies, degenerate_reasons, harmful_requests, relevance_pmi
 from rlhf_online.services import build_services
+from rlhf_online.versions import BASE_VERSION
 
 
 def load_oracle(spec: str):

@@ -19,9 +19,9 @@ import gradio as gr
 
 from rlhf_online import dashboard
 from rlhf_online.export import export_zip
-from rlhf_online.generation import BASE_VERSION
 from rlhf_online.judge import current_feedback_mode, load_constitution, save_constitution, set_feedback_mode
 from rlhf_online.store import StoreWriteError
+from rlhf_online.versions import BASE_VERSION
 from rlhf_online.worker import PAUSED_KEY, TRAINING_SETTINGS, TRAINING_SETTINGS_KEY
 
 log = logging.getLogger(__name__)
@@ -43,14 +43,16 @@ def _admin_errors() -> Iterator[None]:
         raise gr.Error(str(error), title="Invalid input", print_exception=False) from error
 
 
-def _feedback_mode(services) -> str:
+def shown_feedback_mode(services) -> str:
+    """The feedback mode as the page shows it (the admin panel's choice, the side panel's summary)."""
     try:
         return current_feedback_mode(services.store, services.cfg.feedback.feedback_mode)
     except ValueError:
         return "human"  # what the trainer falls back to (it logs the bad value)
 
 
-def _constitution(services):
+def shown_constitution(services):
+    """The constitution in use, or None when it cannot be read (the panel then says it is missing)."""
     try:
         return load_constitution(services.cfg.feedback, services.cfg.data_path)
     except (OSError, ValueError):
@@ -206,8 +208,8 @@ def build_admin_panel(services) -> AdminPanel:
             rollback_to = gr.Dropdown([BASE_VERSION], value=BASE_VERSION, label="Roll back to")
             rollback = gr.Button("Roll back", variant="stop")
             feedback_mode = gr.Radio([(label, key) for key, label in dashboard.FEEDBACK_MODE_LABELS.items()],
-                                     value=_feedback_mode(services), label="Preferences come from")
-            constitution_box = gr.Textbox(value=getattr(_constitution(services), "text", ""),
+                                     value=shown_feedback_mode(services), label="Preferences come from")
+            constitution_box = gr.Textbox(value=getattr(shown_constitution(services), "text", ""),
                                           label="Constitution: the principles the AI judge applies", lines=8,
                                           max_lines=20)
             save_constitution_button = gr.Button("Save constitution")

@@ -17,11 +17,11 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from rlhf_online.config import SamplingConfig
-from rlhf_online.generation import BASE_VERSION, Generator
+from rlhf_online.generation import Generator
 from rlhf_online.limits import Limits
-from rlhf_online.store import AI_PLACEMENT, PreferenceStore, UnknownPairError
+from rlhf_online.store import AI_PLACEMENT, PreferenceStore, UnknownPairError, VoteReceipt, parse_choice
+from rlhf_online.versions import BASE_VERSION
 
-CHOICES = ("a", "b", "tie", "both_bad")
 MAX_TOKEN_CHARS = 64  # a pair token is 22 characters; anything much longer is not one of ours
 
 
@@ -61,17 +61,6 @@ class PairUpdate:
     done: bool
     notice: str | None = None
     pair_token: str | None = None  # set on the final update: what a vote names the pair by
-
-
-@dataclass(frozen=True)
-class VoteOutcome:
-    vote_id: int
-    pair_id: int
-    choice: str
-    version_a: str
-    version_b: str
-    duplicate: bool
-    continued: bool  # whether the conversation moved on with the preferred answer
 
 
 class Arena:
@@ -209,16 +198,15 @@ class Arena:
 
     # ---- vote -----------------------------------------------------------------------------------------------
     def vote(self, pair_token: str, choice: str, better_answer: str | None = None, session_id: str = "",
-             client: str | None = None) -> VoteOutcome:
+             client: str | None = None) -> VoteReceipt:
         """Store the vote (committed before this returns), then continue the conversation with the winner.
 
         Only the session a pair was shown to can vote on it: anyone else could otherwise cast the first vote on
         other people's pairs (theirs would then be dropped as a repeat), continue their conversation with text
         of their choosing, and store that text as a demonstration the model trains on. AI-made pairs were shown
-        to nobody and take no human vote.
+        to nobody and take no human vote. The choice is checked first, so a malformed vote costs no limit.
         """
-        if choice not in CHOICES:
-            raise ValueError(f"choice must be one of {', '.join(CHOICES)}")
+        choice = parse_choice(choice)
         better_answer = _clean_text(better_answer)[:self.sampling.max_message_chars] or None
         pair = self.store.get_pair_by_token(pair_token) \
             if isinstance(pair_token, str) and 0 < len(pair_token) <= MAX_TOKEN_CHARS else None
@@ -228,7 +216,6 @@ class Arena:
             self.limits.check_vote(session_id, client)
         receipt = self.store.record_vote(pair_id=pair.id, choice=choice, better_answer=better_answer,
                                          session_id=session_id)
-        continued = False
         conversation = self.find(pair.conversation_id, session_id)
         if conversation is not None and conversation.pending_pair_id == pair.id and not receipt.duplicate:
             preferred = better_answer or (pair.answer_b if choice == "b" else pair.answer_a)
@@ -236,7 +223,4 @@ class Arena:
             conversation.pending_message = None
             conversation.pending_pair_id = None
             conversation.turn += 1
-            continued = True
-        return VoteOutcome(vote_id=receipt.vote_id, pair_id=pair.id, choice=receipt.choice,
-                           version_a=receipt.version_a, version_b=receipt.version_b,
-                           duplicate=receipt.duplicate, continued=continued)
+        return receipt

@@ -7,9 +7,10 @@ may be `store.Metric` objects (with `.values` and `.step`) or plain dicts of val
 from __future__ import annotations
 
 import math
-import os
 from collections.abc import Iterable, Sequence
 from typing import Any
+
+from rlhf_online.versions import BASE_VERSION
 
 VOTE_LABELS = {"a": "A better", "b": "B better", "tie": "tie", "both_bad": "both bad"}
 RECENT_WINDOW = 50  # the reward trainer's "recent accuracy" covers its last 50 pairs
@@ -70,14 +71,10 @@ def ppo_curves(metrics: Iterable[Any]) -> list[dict]:
 
 
 def win_rate_rows(records: Iterable[Any]) -> list[dict]:
-    """Human head-to-head results of each version against the older one it was shown with (ties count half)."""
-    rows = []
-    for record in records:
-        total = record.wins + record.losses + record.ties
-        rows.append({"matchup": f"{record.newer} vs {record.older}", "newer": record.newer, "older": record.older,
-                     "wins": record.wins, "losses": record.losses, "ties": record.ties, "votes": total,
-                     "win_rate": (record.wins + 0.5 * record.ties) / total if total else 0.0})
-    return rows
+    """Human head-to-head results of each version against the older one it was shown with (`store.VersionRecord`,
+    which owns the win rate: ties count half)."""
+    return [{"matchup": f"{r.newer} vs {r.older}", "newer": r.newer, "older": r.older, "wins": r.wins,
+             "losses": r.losses, "ties": r.ties, "votes": r.total, "win_rate": r.win_rate} for r in records]
 
 
 # ---- Markdown summaries ------------------------------------------------------------------------------------
@@ -112,7 +109,26 @@ def feedback_markdown(feedback: dict, mode: str, constitution_version: str | Non
         f"**Human–AI agreement:** {rate}"])
 
 
-def reward_markdown(reward_metrics: Sequence[Any], ppo_metrics: Sequence[Any]) -> str:
+def scored_vote_markdown(scored_vote: tuple[Any, str] | None) -> str:
+    """The reward model's scores on the newest scored vote beside what the person chose (`scored_vote` is
+    `PreferenceStore.latest_scored_vote()`): scores arrive after the vote, so the reveal rarely has them."""
+    if scored_vote is None:
+        return ""
+    pair, choice = scored_vote
+    if _number(pair.reward_a) is None or _number(pair.reward_b) is None:
+        return ""
+    model_picks = "a" if pair.reward_a > pair.reward_b else "b" if pair.reward_b > pair.reward_a else "tie"
+    if choice in ("a", "b"):
+        verdict = "agrees with the vote" if model_picks == choice else "disagrees with the vote"
+    else:
+        verdict = f"the vote was {VOTE_LABELS.get(choice, choice)}"
+    after = f" after {pair.reward_model_version} pairs learned" if pair.reward_model_version else ""
+    return (f"Latest scored vote: A {pair.reward_a:.2f}, B {pair.reward_b:.2f} (scored{after}); "
+            f"the person chose {VOTE_LABELS.get(choice, choice)}: the reward model {verdict}.")
+
+
+def reward_markdown(reward_metrics: Sequence[Any], ppo_metrics: Sequence[Any],
+                    scored_vote: tuple[Any, str] | None = None) -> str:
     lines = []
     if reward_metrics:
         v = _values(reward_metrics[-1])
@@ -120,6 +136,9 @@ def reward_markdown(reward_metrics: Sequence[Any], ppo_metrics: Sequence[Any]) -
                      f"learning it {_fmt(v.get('prequential_accuracy'), 2)} (last {RECENT_WINDOW}: "
                      f"{_fmt(v.get('recent_accuracy'), 2)}), margin {_fmt(v.get('recent_margin'), 2)}, "
                      f"loss {_fmt(v.get('loss'))}")
+        scored = scored_vote_markdown(scored_vote)
+        if scored:
+            lines[-1] += "  \n" + scored
     else:
         lines.append("**Reward model:** no votes learned yet.")
     if ppo_metrics:
@@ -228,49 +247,11 @@ def reward_hacking_warning(ppo_metrics: Sequence[Any], win_rates: Sequence[Any],
     if late - early <= margin:
         return None
     newest = win_rates[-1]  # version_win_rates() sorts by (newer, older): the last is the newest matchup
-    total = newest.wins + newest.losses + newest.ties
-    if total < min_votes:
-        return None
-    win_rate = (newest.wins + 0.5 * newest.ties) / total
-    if win_rate > 0.5:
+    if newest.total < min_votes or newest.win_rate > 0.5:
         return None
     return (f"⚠️ **Possible reward hacking:** the mean reward rose from {early:.2f} to {late:.2f} over the last "
             f"PPO iterations, but people preferred `{newest.newer}` over `{newest.older}` only "
-            f"{win_rate:.0%} of the time ({total} votes). Consider pausing training or rolling back.")
-
-
-# ---- cheap version listing ---------------------------------------------------------------------------------
-
-class VersionCache:
-    """`registry.versions()` validates (loads) every adapter file; redo that only when the folder changes.
-
-    The key is each candidate folder's name, mtime and retired marker, all from `stat` calls.
-    """
-
-    def __init__(self, registry: Any):
-        self.registry = registry
-        self._key: tuple | None = None
-        self._versions: list = []
-
-    def _fingerprint(self) -> tuple:
-        from rlhf_online.adapters import RETIRED_MARKER, VERSION_PATTERN
-
-        entries = []
-        try:
-            with os.scandir(self.registry.root) as scan:
-                for entry in scan:
-                    if entry.is_dir() and VERSION_PATTERN.match(entry.name):
-                        entries.append((entry.name, entry.stat().st_mtime_ns,
-                                        os.path.exists(os.path.join(entry.path, RETIRED_MARKER))))
-        except OSError:
-            return ()
-        return tuple(sorted(entries))
-
-    def versions(self) -> list:
-        key = self._fingerprint()
-        if key != self._key:
-            self._versions, self._key = self.registry.versions(), key
-        return self._versions
+            f"{newest.win_rate:.0%} of the time ({newest.total} votes). Consider pausing training or rolling back.")
 
 
 # ---- the panel's status line and the chat's "new version" notices ---------------------------------------------
@@ -289,7 +270,7 @@ def status_line(serving: str, version_meta: dict | None, reward_metrics: Sequenc
                 training: bool, paused: bool, now: float) -> str:
     """One line a presenter can read aloud: which version serves since when, from how many votes it learned,
     how often the reward model is right lately, and what the trainer is doing now."""
-    if serving == "base" or not version_meta:
+    if serving == BASE_VERSION or not version_meta:
         parts = ["**Serving the base model** (no version published yet)"]
     else:
         since = _number(version_meta.get("published_at") or version_meta.get("time"))

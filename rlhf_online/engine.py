@@ -6,7 +6,7 @@
 | `transformers` | any model, bitsandbytes NF4 / bf16 / fp32, GPUs | tensor copies into pre-built PEFT slots | `auto` otherwise |
 | `openai` | whatever an OpenAI-compatible server serves | registering adapters with the server | asked for, with `--engine-url` |
 
-Every engine is a `generation.ChatEngine`; its live-versions manager has the face of `adapters.LiveAdapters`.
+Every engine is a `generation.ChatEngine`; its live-versions manager has the face of `live_adapters.LiveAdapters`.
 """
 
 from __future__ import annotations
@@ -16,10 +16,11 @@ import logging
 import os
 from dataclasses import dataclass
 
-from rlhf_online.adapters import AdapterRegistry, LiveAdapters
+from rlhf_online.adapters import AdapterRegistry
 from rlhf_online.config import AppConfig
 from rlhf_online.generation import ChatEngine, Generator
 from rlhf_online.hardware import maybe_gpu_decorator
+from rlhf_online.live_adapters import LiveAdapters
 from rlhf_online.models import gguf_model_file, load_base_model, lora_config
 
 log = logging.getLogger(__name__)
@@ -68,8 +69,8 @@ def build_engine(cfg: AppConfig, name: str, tokenizer, source: str, registry: Ad
     keep = 2  # the newest version and its predecessor: what a pair compares
     if name == "transformers":
         base = load_base_model(source, cfg.model.quantization, for_training=False)
-        generator = Generator(base.model, tokenizer, cfg.sampling)
-        generator.stream_pair = maybe_gpu_decorator(generator.stream_pair, os.environ)  # ZeroGPU: a GPU per call
+        generator = Generator(base.model, tokenizer, cfg.sampling,  # on ZeroGPU, a GPU lent per pair
+                              gpu_call=lambda call: maybe_gpu_decorator(call, os.environ))
         live = LiveAdapters(generator, registry, keep=keep, lora_shape=lora_config(cfg.model))
         return ServingEngine(generator, live, base.quantization)
     from rlhf_online.served_versions import ServedVersions

@@ -12,19 +12,23 @@ version n, answer B from version n-1" costs one forward pass per token rather th
 from __future__ import annotations
 
 import contextlib
+import copy
+import json
 import queue
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
-from peft import PeftModel
+from peft import LoraConfig, PeftModel
 from transformers import LogitsProcessorList, RepetitionPenaltyLogitsProcessor, StoppingCriteria
 from transformers.generation.streamers import BaseStreamer
 
+from rlhf_online.adapters import CorruptAdapterError, lora_state_for
 from rlhf_online.config import SamplingConfig
+from rlhf_online.models import chat_ids, end_of_turn_ids
+from rlhf_online.versions import BASE_VERSION
 
-BASE_VERSION = "base"
 PEFT_BASE = "__base__"  # PEFT's reserved name for "no adapter" in `adapter_names`
 
 
@@ -87,7 +91,7 @@ class ChatEngine:
         turns = messages[len(system):]
         truncated = False
         while True:
-            ids = self._template(system + turns)
+            ids = chat_ids(self.tokenizer, system + turns)
             if len(ids) <= budget or len(turns) <= 1:
                 break
             turns = turns[1:]
@@ -98,13 +102,9 @@ class ChatEngine:
             content_ids = self.tokenizer(last["content"], add_special_tokens=False)["input_ids"]
             last["content"] = self.tokenizer.decode(content_ids[overflow:])
             turns = turns[:-1] + [last]
-            ids = self._template(system + turns)[-budget:]
+            ids = chat_ids(self.tokenizer, system + turns)[-budget:]
             truncated = True
         return Prompt(input_ids=ids, messages=system + turns, truncated=truncated)
-
-    def _template(self, messages: list[dict]) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        return list(out["input_ids"] if isinstance(out, dict) or hasattr(out, "keys") else out)
 
     def stream(self, prompt_ids: Sequence[list[int]], versions: Sequence[str], max_new_tokens: int | None = None,
                ignore_end: bool = False) -> Iterator[StreamUpdate]:
@@ -128,37 +128,202 @@ class ChatEngine:
         """Release what the engine holds (servers, threads); the transformers engine holds nothing to close."""
 
 
+def merge_row_streams(rows: int, run_row: Callable[[int, Callable[[object], None], threading.Event], None],
+                      fail: Callable[[object], Exception], name: str,
+                      wait_for_rows: bool = True) -> Iterator[StreamUpdate]:
+    """The engines that send each row as its own streaming request (llama.cpp, an OpenAI-compatible server): run
+    `run_row(row, emit, stop)` for every row at once, each in its own thread, and merge what they emit into one
+    stream of every row's text so far.
+
+    `emit` takes one completion chunk, OpenAI-style (`{"choices": [{"text", "finish_reason"}]}` or
+    `{"error": ...}`), as a dict or its JSON text; `run_row` returns when its row is done and should return soon
+    after `stop` is set, which happens when the consumer stops iterating. A row's exception or error chunk ends
+    the stream with `fail(reason)`. `wait_for_rows`: join the row threads before returning (an engine whose rows
+    stop only at their next chunk may leave them to finish on their own).
+    """
+    chunks: queue.Queue = queue.Queue()
+    stop = threading.Event()
+
+    def run(row: int) -> None:
+        try:
+            run_row(row, lambda chunk: chunks.put((row, chunk)), stop)
+        except BaseException as exc:  # surfaced in the consuming thread
+            chunks.put((row, exc))
+        chunks.put((row, None))
+
+    workers = [threading.Thread(target=run, args=(row,), name=f"{name}-row{row}", daemon=True) for row in range(rows)]
+    for worker in workers:
+        worker.start()
+    texts = [""] * rows
+    finished = [False] * rows
+    running = rows
+    try:
+        while running:
+            row, item = chunks.get()
+            if item is None:
+                running -= 1
+                finished[row] = True
+                continue
+            if isinstance(item, BaseException):
+                raise fail(item) from item
+            try:
+                data = json.loads(item) if isinstance(item, (str, bytes)) else item
+            except ValueError as exc:
+                raise fail(exc) from exc
+            if "error" in data:
+                raise fail(data["error"])
+            choice = (data.get("choices") or [{}])[0]
+            texts[row] += choice.get("text") or ""
+            if choice.get("finish_reason"):
+                finished[row] = True
+            yield StreamUpdate(texts=tuple(t.strip() for t in texts), finished=tuple(finished))
+    finally:
+        stop.set()
+        if wait_for_rows:
+            for worker in workers:
+                worker.join()
+    yield StreamUpdate(texts=tuple(t.strip() for t in texts), finished=(True,) * rows)
+
+
+SLOT_PREFIX = "slot-"  # PEFT adapter names of the serving model's pre-built adapter slots
+
+
+def _same_shape(config: LoraConfig, shape: LoraConfig) -> bool:
+    """Whether a version's tensors can be copied into a slot built from `shape` and mean the same thing."""
+    def key(c: LoraConfig):
+        layers = c.layers_to_transform
+        return (c.r, c.lora_alpha, frozenset(c.target_modules or ()), tuple(layers) if isinstance(layers, list)
+                else layers, c.use_rslora, c.use_dora, c.bias)
+    return key(config) == key(shape)
+
+
 class Generator(ChatEngine):
-    """The transformers engine. Owns the serving model; one generation runs at a time, which also makes
-    adapter swaps safe.
+    """The transformers engine. Owns the serving model, its adapters and which version each adapter holds; one
+    generation runs at a time, which also makes adapter swaps safe (`live_adapters.LiveAdapters` decides which
+    versions to load and calls `put_adapter` / `remove_adapter` holding `exclusive()`).
 
     PEFT's per-row adapter selection installs forward hooks for the duration of a call, so two concurrent
     `generate` calls on one model would interfere. On 2 CPU cores a second concurrent call would not be
     faster anyway; the Gradio queue holds waiting requests.
+
+    `gpu_call` wraps the pair call (ZeroGPU lends a GPU per decorated call: `hardware.maybe_gpu_decorator`).
     """
 
     name = "transformers"
 
-    def __init__(self, model, tokenizer, sampling: SamplingConfig):
+    def __init__(self, model, tokenizer, sampling: SamplingConfig,
+                 gpu_call: Callable[[Callable], Callable] | None = None):
         self.model = model
         self.tokenizer = tokenizer
         self.sampling = sampling
         self.lock = threading.Lock()
-        self.end_of_turn_ids = self._end_of_turn_ids()
-        self.adapter_aliases: dict[str, str] = {}  # version -> the PEFT adapter (slot) holding it, see LiveAdapters
-
-    def _end_of_turn_ids(self) -> list[int]:
-        ids = {self.tokenizer.eos_token_id}
-        im_end = self.tokenizer.convert_tokens_to_ids("<|im_end|>")
-        if isinstance(im_end, int) and im_end != self.tokenizer.unk_token_id:
-            ids.add(im_end)
-        return sorted(i for i in ids if i is not None)
+        self.end_of_turn_ids = end_of_turn_ids(tokenizer)
+        self._adapter_of: dict[str, str] = {}  # version -> the slot (PEFT adapter) holding it
+        self._slots: dict[str, str | None] = {}  # slot -> the version it holds (None: free)
+        self._slot_params: dict[str, dict[str, torch.nn.Parameter]] = {}
+        self._slot_shape: LoraConfig | None = None
+        pair_call = super().stream_pair
+        self._pair_call = gpu_call(pair_call) if gpu_call is not None else pair_call
 
     @contextlib.contextmanager
     def exclusive(self):
         """Hold the model between generations (adapter load and unload)."""
         with self.lock:
             yield self.model
+
+    def stream_pair(self, prompt: Prompt, versions: tuple[str, str],
+                    max_new_tokens: int | None = None) -> Iterator[StreamUpdate]:
+        return self._pair_call(prompt, versions, max_new_tokens)
+
+    # ---- adapters: which PEFT adapter serves which version ------------------------------------------------------
+    def build_slots(self, lora_shape: LoraConfig, count: int) -> None:
+        """Wrap the serving model in PEFT with `count` empty adapter slots of `lora_shape`, before it serves.
+
+        Why slots: injecting a new adapter (`add_adapter`) creates LoRA modules in every target layer, which held
+        the model for ~130 ms on 2 cores (up to 390 ms), stalling every chat for that long; a swap into a slot
+        only copies tensors. Why now: done lazily at the first publish, wrapping held the model lock for 2.2 s on
+        the embedded model. A free slot is never named in a request (and its fresh lora_B is zero), so it changes
+        no answer.
+        """
+        if isinstance(self.model, PeftModel):
+            return
+        config = copy.deepcopy(lora_shape)
+        config.inference_mode = True
+        names = [f"{SLOT_PREFIX}{i}" for i in range(count)]
+        model = PeftModel(self.model, config, adapter_name=names[0])
+        for name in names[1:]:
+            model.add_adapter(name, copy.deepcopy(config))
+        self.model = model.eval()
+        self._slot_shape = lora_shape
+        params = dict(model.named_parameters())
+        for name in names:
+            self._slots[name] = None
+            self._slot_params[name] = {key: p for key, p in params.items() if f".{name}." in key}
+
+    def peft_adapter(self, version: str) -> str:
+        """The PEFT adapter name a request for `version` runs with (a slot, the version itself, or PEFT's base)."""
+        return to_peft_name(self._adapter_of.get(version, version))
+
+    def slot_versions(self) -> dict[str, str]:
+        """Versions held in adapter slots now, and their slot."""
+        return dict(self._adapter_of)
+
+    def put_adapter(self, version: str, config: LoraConfig, saved: dict[str, torch.Tensor], source=None) -> None:
+        """Serve `version` from its saved LoRA tensors: copied into a free slot it fits, else into a new PEFT
+        adapter named after it. Call holding `exclusive()`. `source` names the file in errors.
+
+        Why not `PeftModel.load_adapter`: it calls `state_dict()`, and on CPU that un-repacks bitsandbytes' 4-bit
+        weights in a way that leaves the base model producing garbage (measured with bitsandbytes 0.50.2).
+        """
+        slot = self._free_slot(config, saved)
+        if slot is not None:
+            slot_name, weights = slot
+            targets = self._slot_params[slot_name]
+        else:
+            weights = lora_state_for(saved, version)
+            targets = self._inject(version, config, weights, source)
+        with torch.no_grad():
+            for key, tensor in weights.items():
+                targets[key].copy_(tensor)
+        if slot is not None:
+            self._slots[slot_name] = version
+            self._adapter_of[version] = slot_name
+
+    def remove_adapter(self, version: str) -> None:
+        """Stop holding `version`: free its slot (stale tensors in a free slot are never served) or delete its
+        adapter. Call holding `exclusive()`."""
+        slot = self._adapter_of.pop(version, None)
+        if slot is not None:
+            self._slots[slot] = None
+        else:
+            self.model.delete_adapter(version)
+
+    def _free_slot(self, config: LoraConfig, saved: dict[str, torch.Tensor]) -> tuple[str, dict] | None:
+        """A free slot this version fits exactly, with its tensors renamed to the slot's parameters."""
+        if self._slot_shape is None or not _same_shape(config, self._slot_shape):
+            return None
+        for slot, holder in self._slots.items():
+            if holder is None:
+                weights = lora_state_for(saved, slot)
+                if set(weights) == set(self._slot_params[slot]):
+                    return slot, weights
+                return None  # same shape but other tensors (e.g. another base): take the general path
+        return None
+
+    def _inject(self, version: str, config: LoraConfig, weights: dict[str, torch.Tensor], source) -> dict:
+        """The general path: a new PEFT adapter named after the version; returns its parameters to copy into."""
+        if not isinstance(self.model, PeftModel):
+            self.model = PeftModel(self.model, config, adapter_name=version)
+        else:
+            self.model.add_adapter(version, config)
+        params = dict(self.model.named_parameters())
+        missing = [k for k in weights if k not in params]
+        if missing:
+            if len(self.model.peft_config) > 1:
+                self.model.delete_adapter(version)
+            raise CorruptAdapterError(f"{source or version}: {len(missing)} tensors do not match the base model")
+        self.model.eval()
+        return {key: params[key] for key in weights}
 
     def _batch(self, prompts: Sequence[list[int]]) -> dict[str, torch.Tensor]:
         batch = self.tokenizer.pad({"input_ids": list(prompts)}, padding=True, return_tensors="pt")
@@ -173,7 +338,7 @@ class Generator(ChatEngine):
                       top_k=None, min_new_tokens=max_new_tokens if ignore_end else None,
                       logits_processor=answer_repetition_penalty(self.sampling.repetition_penalty, prompt_length))
         if isinstance(self.model, PeftModel):
-            kwargs["adapter_names"] = [to_peft_name(self.adapter_aliases.get(v, v)) for v in adapter_versions]
+            kwargs["adapter_names"] = [self.peft_adapter(v) for v in adapter_versions]
         elif any(v != BASE_VERSION for v in adapter_versions):
             raise KeyError(f"no adapters are loaded, cannot sample from {list(adapter_versions)}")
         return kwargs

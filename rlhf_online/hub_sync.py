@@ -24,9 +24,9 @@ import threading
 from pathlib import Path
 from typing import Protocol
 
-from rlhf_online.adapters import VERSION_PATTERN
 from rlhf_online.config import AppConfig
 from rlhf_online.store import DB_FILENAME
+from rlhf_online.versions import is_version_name
 
 log = logging.getLogger(__name__)
 
@@ -135,7 +135,7 @@ def write_votes_jsonl(snapshot: Path, out_path: Path) -> None:
 def mirror_versions(adapters_dir: Path, out_dir: Path) -> list[str]:
     """Make `out_dir` hold exactly the published version folders (versions never change once published)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    published = {p.name for p in adapters_dir.iterdir() if p.is_dir() and VERSION_PATTERN.match(p.name)} \
+    published = {p.name for p in adapters_dir.iterdir() if p.is_dir() and is_version_name(p.name)} \
         if adapters_dir.is_dir() else set()
     for stale in [p for p in out_dir.iterdir() if p.name not in published]:
         shutil.rmtree(stale) if stale.is_dir() else stale.unlink()
@@ -255,7 +255,7 @@ class HubSync:
         count = 0
         for folder in sorted(source.iterdir()):
             target = self.adapters_dir / folder.name
-            if folder.is_dir() and VERSION_PATTERN.match(folder.name) and not target.exists():
+            if folder.is_dir() and is_version_name(folder.name) and not target.exists():
                 shutil.copytree(folder, target)
                 count += 1
         return count

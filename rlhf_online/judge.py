@@ -29,6 +29,7 @@ from pathlib import Path
 import torch
 
 from rlhf_online.config import FeedbackConfig
+from rlhf_online.models import chat_ids, end_of_turn_id, padded_position_ids
 
 FEEDBACK_MODES = ("human", "ai", "mixed")
 FEEDBACK_MODE_KEY = "feedback_mode"  # the admin's run-time choice, in the store's control table
@@ -252,17 +253,13 @@ class Judge:
         kept = ids[-max_tokens:] if keep_end else ids[:max_tokens]
         return ("…" if keep_end else "") + self.tokenizer.decode(kept).strip() + ("" if keep_end else " …")
 
-    def _template(self, chat: list[dict], generation_prompt: bool = True) -> list[int]:
-        out = self.tokenizer.apply_chat_template(chat, add_generation_prompt=generation_prompt, tokenize=True)
-        return list(out["input_ids"] if hasattr(out, "keys") else out)
-
     def _render(self, turns: list[dict], first: str, second: str) -> list[int]:
         conversation = "\n".join(f"{'User' if m['role'] == 'user' else 'Assistant'}: {m['content']}"
                                  for m in turns if m["role"] in ("user", "assistant"))
         request = (f"Principles:\n{self.constitution.text.strip()}\n\nConversation:\n{conversation}\n\n"
                    f"Answer A:\n{first}\n\nAnswer B:\n{second}\n\n{JUDGE_QUESTION}")
         chat = [{"role": "system", "content": JUDGE_SYSTEM}, {"role": "user", "content": request}]
-        return self._template(chat) + self.tokenizer.encode(ANSWER_CUE, add_special_tokens=False)
+        return chat_ids(self.tokenizer, chat) + self.tokenizer.encode(ANSWER_CUE, add_special_tokens=False)
 
     def prompts(self, messages: list[dict], answer_a: str, answer_b: str) -> tuple[list[int], list[int]]:
         """Token ids of the A/B judging prompt in both orders (A first, B first), within ``judge_max_tokens``.
@@ -306,14 +303,15 @@ class Judge:
         """The answer as the assistant turn the model would write: its start, then end-of-turn."""
         budget = max(16, self.cfg.judge_max_tokens // 6)
         ids = self.tokenizer.encode(answer.strip(), add_special_tokens=False)[:budget]
-        return ids + ([self.tokenizer.eos_token_id] if self.tokenizer.eos_token_id is not None else [])
+        end = end_of_turn_id(self.tokenizer)
+        return ids + ([end] if end is not None else [])
 
     def contrastive_prefixes(self, messages: list[dict]) -> tuple[list[int], list[int]]:
         """(principled, neutral) prompt ids: the same conversation after the principles' or the neutral system."""
         turns = [m for m in self.recent_turns(messages, self.cfg.judge_max_tokens // 3) if m["role"] != "system"]
         principled = [{"role": "system", "content": CONTRASTIVE_SYSTEM.format(principles=self.constitution.text.strip())}]
         neutral = [{"role": "system", "content": NEUTRAL_SYSTEM}]
-        return self._template(principled + turns), self._template(neutral + turns)
+        return chat_ids(self.tokenizer, principled + turns), chat_ids(self.tokenizer, neutral + turns)
 
     def principle_rows(self, messages: list[dict], answer: str) -> tuple[list[int], list[list[int]]]:
         """(shared prefix, one suffix per principle): the question about each principle comes after the answer."""
@@ -326,7 +324,7 @@ class Judge:
         for principle in principles:
             request = (f"Conversation:\n{conversation}\n\nThe assistant's next answer:\n{answer}\n\n"
                        + PRINCIPLE_QUESTION.format(principle=principle))
-            rows.append(self._template([{"role": "system", "content": PRINCIPLE_SYSTEM},
+            rows.append(chat_ids(self.tokenizer, [{"role": "system", "content": PRINCIPLE_SYSTEM},
                                         {"role": "user", "content": request}]))
         shared = 0
         while all(len(r) > shared + 1 for r in rows) and len({r[shared] for r in rows}) == 1:
@@ -339,7 +337,7 @@ class Judge:
         """(N,) log P("A") - log P("B") at the end of each prompt, both letters' spellings pooled; one forward."""
         batch = self.tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt")
         input_ids, attention_mask = batch["input_ids"].to(self.device), batch["attention_mask"].to(self.device)
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # (N, T) left padding aware, as generate()
+        position_ids = padded_position_ids(attention_mask)  # (N, T)
         with self.base_context():
             logits = self.model(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
                                 logits_to_keep=1).logits[:, -1, :]  # (N, V)

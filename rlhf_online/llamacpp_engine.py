@@ -23,7 +23,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import queue
 import secrets
 import tempfile
 import threading
@@ -34,9 +33,10 @@ from pathlib import Path
 
 from rlhf_online.adapters import VersionInfo
 from rlhf_online.config import SamplingConfig
-from rlhf_online.generation import BASE_VERSION, ChatEngine, StreamUpdate
+from rlhf_online.generation import ChatEngine, StreamUpdate, merge_row_streams
 from rlhf_online.gguf_adapter import GGUF_ADAPTER_FILE, BaseShape, convert_peft_folder
 from rlhf_online.served_versions import EngineStates
+from rlhf_online.versions import BASE_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -126,15 +126,6 @@ class LlamaCppEngine(ChatEngine):
     def build_state(self, infos: list[VersionInfo]) -> LlamaCppState:
         return self._new_state([(info.name, self.gguf_adapter(info)) for info in infos])
 
-    def switch_to(self, state: LlamaCppState) -> float:
-        return self.states.switch_to(state)
-
-    def serving(self) -> list[str]:
-        return self.states.serving()
-
-    def pinned_newest_pair(self):
-        return self.states.pinned_newest_pair()
-
     # ---- sampling --------------------------------------------------------------------------------------------
     def _request(self, state: LlamaCppState, prompt_ids: list[int], version: str, max_new_tokens: int,
                  ignore_end: bool) -> dict:
@@ -155,53 +146,20 @@ class LlamaCppEngine(ChatEngine):
         """Every row is its own request on its own slot, sent at once; llama.cpp batches rows that use the same
         adapters with each other and with other users' rows. Stopping early (the generator closed) makes every
         row stop at its next token."""
-        rows = len(prompt_ids)
         max_new_tokens = max_new_tokens or self.sampling.max_new_tokens
         with self.states.using(versions) as state:
             requests = [self._request(state, ids, version, max_new_tokens, ignore_end)
                         for ids, version in zip(prompt_ids, versions)]
-            chunks: queue.Queue = queue.Queue()
-            stop = threading.Event()
 
-            def run(row: int):
+            def run_row(row: int, emit, stop: threading.Event) -> None:
                 def on_chunk(text: str) -> bool:
-                    chunks.put((row, text))
+                    emit(text)
                     return stop.is_set()  # True asks llama.cpp to stop this request
-                try:
-                    state.server.handle_completions(json.dumps(requests[row]), on_chunk)
-                except BaseException as exc:  # surfaced in the consuming thread
-                    chunks.put((row, exc))
-                chunks.put((row, None))
+                state.server.handle_completions(json.dumps(requests[row]), on_chunk)
 
-            workers = [threading.Thread(target=run, args=(row,), name=f"llamacpp-row{row}", daemon=True)
-                       for row in range(rows)]
-            for worker in workers:
-                worker.start()
-            texts = [""] * rows
-            finished = [False] * rows
-            running = rows
-            try:
-                while running:
-                    row, item = chunks.get()
-                    if item is None:
-                        running -= 1
-                        finished[row] = True
-                        continue
-                    if isinstance(item, BaseException):
-                        raise RuntimeError(f"llama.cpp generation failed: {item}") from item
-                    data = json.loads(item)
-                    if "error" in data:
-                        raise RuntimeError(f"llama.cpp generation failed: {data['error']}")
-                    choice = data["choices"][0]
-                    texts[row] += choice.get("text") or ""
-                    if choice.get("finish_reason"):
-                        finished[row] = True
-                    yield StreamUpdate(texts=tuple(t.strip() for t in texts), finished=tuple(finished))
-            finally:
-                stop.set()
-                for worker in workers:
-                    worker.join()
-        yield StreamUpdate(texts=tuple(t.strip() for t in texts), finished=(True,) * rows)
+            yield from merge_row_streams(len(prompt_ids), run_row,
+                                         lambda reason: RuntimeError(f"llama.cpp generation failed: {reason}"),
+                                         "llamacpp")
 
     def token_logprobs(self, prompt_ids: list[int], continuation: list[int], version: str, top_k: int = 400,
                        slot: int | None = None) -> list[float | None]:

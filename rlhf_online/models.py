@@ -7,10 +7,12 @@ process) loads that folder, in ~0.3 s instead of ~15 s, with a bitsandbytes 4-bi
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import logging
 import shutil
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,7 +36,6 @@ class LoadedBase:
 
     model: PreTrainedModel
     quantization: str  # what was actually used: may differ from the request after a fallback
-    source: str
 
 
 def embedded_gguf_path() -> Path:
@@ -110,6 +111,65 @@ def load_tokenizer(source: str):
     return tokenizer
 
 
+# ---- chat template, end of turn, padding: the helpers every module that runs the model shares ----------------------
+
+def chat_ids(tokenizer, messages: Sequence[dict], add_generation_prompt: bool = True) -> list[int]:
+    """The tokenizer's chat template applied to `messages`, as a plain list of token ids (depending on the
+    transformers version, `apply_chat_template(tokenize=True)` returns a list or a BatchEncoding)."""
+    out = tokenizer.apply_chat_template(list(messages), add_generation_prompt=add_generation_prompt, tokenize=True)
+    return list(out["input_ids"] if hasattr(out, "keys") else out)
+
+
+_MARKER = "\u2063answer\u2063"  # text no template rewrites and no answer contains
+
+
+@functools.lru_cache(maxsize=8)
+def end_of_turn_text(tokenizer) -> str:
+    """What the chat template writes right after an assistant's answer to end its turn: `<|im_end|>` (ChatML,
+    SmolLM2), `<|eot_id|>` (Llama 3), `<end_of_turn>` (Gemma), `</s>` (Llama 2)... found by rendering a turn
+    with a marker answer; the EOS token for a template that writes nothing there."""
+    rendered = tokenizer.apply_chat_template([{"role": "user", "content": "hi"},
+                                              {"role": "assistant", "content": _MARKER}], tokenize=False)
+    after = rendered[rendered.rindex(_MARKER) + len(_MARKER):].strip() if _MARKER in rendered else ""
+    return after.split()[0] if after else (tokenizer.eos_token or "")
+
+
+def end_of_turn_id(tokenizer) -> int | None:
+    """The token the model writes to end its turn: the template's end-of-turn token, or EOS when that is not a
+    single token."""
+    marker = end_of_turn_text(tokenizer)
+    marker_id = tokenizer.convert_tokens_to_ids(marker) if marker else None
+    if isinstance(marker_id, int) and marker_id != tokenizer.unk_token_id:
+        return marker_id
+    return tokenizer.eos_token_id
+
+
+def end_of_turn_ids(tokenizer) -> list[int]:
+    """Token ids that end an answer: EOS and the template's end-of-turn token."""
+    return sorted({i for i in (tokenizer.eos_token_id, end_of_turn_id(tokenizer)) if i is not None})
+
+
+def answer_ids(tokenizer, messages: Sequence[dict], answer: str) -> list[int]:
+    """`answer` as the chat template writes the assistant turn after `messages` and the generation prompt,
+    through its end-of-turn token: what a model must produce to say it (the supervised target)."""
+    prompt = chat_ids(tokenizer, messages)
+    full = chat_ids(tokenizer, list(messages) + [{"role": "assistant", "content": answer}],
+                    add_generation_prompt=False)
+    if full[:len(prompt)] == prompt:
+        turn = full[len(prompt):]
+    else:  # a template that renders earlier turns differently once answered: the answer and the marker alone
+        turn = tokenizer(answer + end_of_turn_text(tokenizer), add_special_tokens=False)["input_ids"]
+    ends = set(end_of_turn_ids(tokenizer))
+    last = next((i for i, token in enumerate(turn) if token in ends), len(turn) - 1)
+    return turn[:last + 1]  # not what the template adds after the turn (a newline, the next turn's start)
+
+
+def padded_position_ids(attention_mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) positions that start at 0 on each row's first real token, as `generate()` computes them: with left
+    padding, the default 0..T-1 would shift every position of a shorter row."""
+    return (attention_mask.cumsum(-1) - 1).clamp_min(0)
+
+
 def _bnb_config(dtype: torch.dtype) -> BitsAndBytesConfig:
     return BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_compute_dtype=dtype,
                               bnb_4bit_use_double_quant=False)
@@ -136,7 +196,7 @@ def load_base_model(source: str, quantization: str = "nf4", for_training: bool =
     model.requires_grad_(False)
     model.eval()
     log.info("loaded %s as %s on %s (%.0f MB)", source, quantization, device, model.get_memory_footprint() / 1e6)
-    return LoadedBase(model=model, quantization=quantization, source=source)
+    return LoadedBase(model=model, quantization=quantization)
 
 
 def disable_cpu_weight_repacking(model: torch.nn.Module) -> int:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import json
 import logging
-import queue
 import threading
 import urllib.error
 import urllib.request
@@ -29,9 +28,10 @@ from pathlib import Path
 
 from rlhf_online.adapters import VersionInfo
 from rlhf_online.config import SamplingConfig
-from rlhf_online.generation import BASE_VERSION, ChatEngine, StreamUpdate
+from rlhf_online.generation import ChatEngine, StreamUpdate, merge_row_streams
 from rlhf_online.gguf_adapter import GGUF_ADAPTER_FILE
 from rlhf_online.served_versions import EngineStates
+from rlhf_online.versions import BASE_VERSION
 
 log = logging.getLogger(__name__)
 
@@ -127,15 +127,6 @@ class OpenAIEngine(ChatEngine):
             except ServerError as exc:
                 log.warning("could not unload %s from the server: %s", name, exc)
 
-    def switch_to(self, state: RemoteState) -> float:
-        return self.states.switch_to(state)
-
-    def serving(self) -> list[str]:
-        return self.states.serving()
-
-    def pinned_newest_pair(self):
-        return self.states.pinned_newest_pair()
-
     # ---- sampling --------------------------------------------------------------------------------------------
     def _request(self, state: RemoteState, prompt_ids: list[int], version: str, max_new_tokens: int,
                  ignore_end: bool) -> dict:
@@ -158,50 +149,21 @@ class OpenAIEngine(ChatEngine):
 
     def stream(self, prompt_ids: Sequence[list[int]], versions: Sequence[str], max_new_tokens: int | None = None,
                ignore_end: bool = False) -> Iterator[StreamUpdate]:
-        rows = len(prompt_ids)
         max_new_tokens = max_new_tokens or self.sampling.max_new_tokens
         with self.states.using(versions) as state:
             bodies = [self._request(state, ids, version, max_new_tokens, ignore_end)
                       for ids, version in zip(prompt_ids, versions)]
-            chunks: queue.Queue = queue.Queue()
-            stop = threading.Event()
 
-            def run(row: int):
-                try:
-                    with self._open("POST", "/v1/completions", bodies[row]) as response:
-                        for raw in response:  # server-sent events: "data: {...}" lines
-                            line = raw.decode().strip()
-                            if stop.is_set() or line == "data: [DONE]":
-                                break
-                            if line.startswith("data:"):
-                                chunks.put((row, json.loads(line[5:])))
-                except Exception as exc:  # surfaced in the consuming thread
-                    chunks.put((row, exc))
-                chunks.put((row, None))
+            def run_row(row: int, emit, stop: threading.Event) -> None:
+                with self._open("POST", "/v1/completions", bodies[row]) as response:
+                    for raw in response:  # server-sent events: "data: {...}" lines
+                        line = raw.decode().strip()
+                        if stop.is_set() or line == "data: [DONE]":
+                            break
+                        if line.startswith("data:"):
+                            emit(line[5:])
 
-            workers = [threading.Thread(target=run, args=(row,), name=f"openai-row{row}", daemon=True)
-                       for row in range(rows)]
-            for worker in workers:
-                worker.start()
-            texts = [""] * rows
-            finished = [False] * rows
-            running = rows
-            try:
-                while running:
-                    row, item = chunks.get()
-                    if item is None:
-                        running -= 1
-                        finished[row] = True
-                        continue
-                    if isinstance(item, Exception):
-                        raise ServerError(f"generation failed on {self.url}: {item}") from item
-                    if "error" in item:
-                        raise ServerError(f"generation failed on {self.url}: {item['error']}")
-                    choice = (item.get("choices") or [{}])[0]
-                    texts[row] += choice.get("text") or ""
-                    if choice.get("finish_reason"):
-                        finished[row] = True
-                    yield StreamUpdate(texts=tuple(t.strip() for t in texts), finished=tuple(finished))
-            finally:
-                stop.set()  # a row stops reading at its next event; closing the connection ends it on the server
-        yield StreamUpdate(texts=tuple(t.strip() for t in texts), finished=(True,) * rows)
+            # a row stops reading at its next event (closing the connection ends it on the server): not waited for
+            yield from merge_row_streams(len(prompt_ids), run_row,
+                                         lambda reason: ServerError(f"generation failed on {self.url}: {reason}"),
+                                         "openai", wait_for_rows=False)

@@ -24,7 +24,8 @@ from peft import PeftModel
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
 from rlhf_online.config import PPOConfig, SamplingConfig
-from rlhf_online.models import POLICY_ADAPTER, lora_parameters
+from rlhf_online.models import (POLICY_ADAPTER, answer_ids, chat_ids, end_of_turn_ids, lora_parameters,
+                                padded_position_ids)
 from rlhf_online.release_gate import is_held_out
 from rlhf_online.rl_math import (RunningMoments, center_per_prompt, clipped_policy_loss, clipped_value_loss, explained_variance,
                                  gae_advantages, length_penalty, make_kl_controller, masked_mean, masked_whiten,
@@ -115,7 +116,7 @@ class PolicyWithValue(torch.nn.Module):
         R positions alone, which skips the vocabulary matmul over the prompt.
         """
         trunk, lm_head = self.trunk_and_head()
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # (B, P+R) as generate() computes them
+        position_ids = padded_position_ids(attention_mask)  # (B, P+R)
         hidden = trunk(input_ids=input_ids, attention_mask=attention_mask,
                        position_ids=position_ids).last_hidden_state  # (B, P+R, H)
         response_hidden = hidden[:, prompt_length - 1:-1, :]  # (B, R, H)
@@ -145,8 +146,7 @@ class PPOTrainer:
                                          kind=cfg.kl_controller, min_kl_coef=cfg.min_kl_coef)
         self.optimizer = torch.optim.AdamW(policy.policy_parameters(), lr=cfg.ppo_lr, weight_decay=0.0)
         self.iterations = 0
-        self.end_of_turn_ids = sorted({tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-                                      - {None, tokenizer.unk_token_id})
+        self.end_of_turn_ids = end_of_turn_ids(tokenizer)
 
     # ---- rollout --------------------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -158,9 +158,7 @@ class PPOTrainer:
             p.requires_grad_(True)
 
     def _prompt_ids(self, messages: list[dict]) -> list[int]:
-        out = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=True)
-        ids = list(out["input_ids"] if hasattr(out, "keys") else out)
-        return ids[-self.sampling.context_tokens:]
+        return chat_ids(self.tokenizer, messages)[-self.sampling.context_tokens:]
 
     @torch.no_grad()
     def rollout(self, prompts: list[list[dict]]) -> Rollout:
@@ -216,20 +214,24 @@ class PPOTrainer:
                       advantages=advantages, returns=returns, scores=scores, kl=kl.sum(1))
 
     # ---- update ---------------------------------------------------------------------------------------------
-    def sft_loss(self, demonstrations: list[tuple[list[dict], str]]) -> torch.Tensor:
-        """Mean NLL of human-written answers under the policy (the supervised term)."""
+    def demonstration_batch(self, demonstrations: list[tuple[list[dict], str]]) -> Rollout:
+        """Human-written answers as a rollout: each prompt, then the answer as the chat template writes the
+        assistant's turn, through its end-of-turn token (the target teaches the model to stop there too)."""
         prompts = [self._prompt_ids(m) for m, _ in demonstrations]
-        answers = [self.tokenizer(a + "<|im_end|>", add_special_tokens=False)["input_ids"][:self.cfg.ppo_max_new_tokens]
-                   for _, a in demonstrations]
+        answers = [answer_ids(self.tokenizer, m, a)[:self.cfg.ppo_max_new_tokens] for m, a in demonstrations]
         prompt_batch = self.tokenizer.pad({"input_ids": prompts}, padding=True, padding_side="left",
                                           return_tensors="pt")
         answer_batch = self.tokenizer.pad({"input_ids": answers}, padding=True, padding_side="right",
                                           return_tensors="pt")
         prompt_batch, answer_batch = prompt_batch.to(self._device()), answer_batch.to(self._device())
-        rollout = Rollout(input_ids=torch.cat([prompt_batch["input_ids"], answer_batch["input_ids"]], 1),
-                          attention_mask=torch.cat([prompt_batch["attention_mask"], answer_batch["attention_mask"]], 1),
-                          response_mask=answer_batch["attention_mask"].float(),
-                          prompt_length=prompt_batch["input_ids"].shape[1], messages=[], texts=[])
+        return Rollout(input_ids=torch.cat([prompt_batch["input_ids"], answer_batch["input_ids"]], 1),
+                       attention_mask=torch.cat([prompt_batch["attention_mask"], answer_batch["attention_mask"]], 1),
+                       response_mask=answer_batch["attention_mask"].float(),
+                       prompt_length=prompt_batch["input_ids"].shape[1], messages=[], texts=[])
+
+    def sft_loss(self, demonstrations: list[tuple[list[dict], str]]) -> torch.Tensor:
+        """Mean NLL of human-written answers under the policy (the supervised term)."""
+        rollout = self.demonstration_batch(demonstrations)
         _, logprobs, _ = self._logprobs(rollout, with_values=False)  # (b, R)
         return -masked_mean(logprobs, rollout.response_mask)
 

@@ -36,6 +36,7 @@ from trl.trainer.utils import selective_log_softmax
 
 from rlhf_online.config import GateConfig
 from rlhf_online.conversation import normalize_prompt
+from rlhf_online.models import padded_position_ids
 
 HOLDOUT_BUCKETS = 5  # one prompt in five (by hash) is held out of PPO for the gate
 
@@ -172,7 +173,7 @@ def sequence_logprobs(model, prompt_ids: Sequence[list[int]], answer_ids: Sequen
             input_ids[i, P - len(p):P], attention[i, P - len(p):P] = torch.tensor(p), 1  # prompt, left-padded
             input_ids[i, P:P + len(a)], attention[i, P:P + len(a)] = torch.tensor(a, dtype=torch.long), 1
         input_ids, attention = input_ids.to(device), attention.to(device)
-        position_ids = (attention.cumsum(-1) - 1).clamp_min(0)  # (b, P+A)
+        position_ids = padded_position_ids(attention)  # (b, P+A)
         hidden = trunk(input_ids=input_ids, attention_mask=attention, position_ids=position_ids).last_hidden_state
         logits = lm_head(hidden[:, P - 1:-1, :]).float()  # (b, A, V): position t predicts token t+1
         logprobs = selective_log_softmax(logits, input_ids[:, P:])  # (b, A)

@@ -26,7 +26,7 @@ from safetensors.torch import load_file, save_file
 from transformers.masking_utils import create_causal_mask
 
 from rlhf_online.config import ModelConfig, RewardConfig
-from rlhf_online.models import lora_config, lora_parameters
+from rlhf_online.models import chat_ids, lora_config, lora_parameters, padded_position_ids
 from rlhf_online.rl_math import bradley_terry_loss
 
 REWARD_ADAPTER = "reward"
@@ -135,19 +135,16 @@ class RewardModel:
         answer's tokens (what mean pooling averages over)."""
         rows = []
         for messages, answer in conversations:
-            full = self._template(list(messages) + [{"role": "assistant", "content": answer}])
-            prompt = self._template(list(messages), add_generation_prompt=True) if messages else []
+            full = chat_ids(self.tokenizer, list(messages) + [{"role": "assistant", "content": answer}],
+                            add_generation_prompt=False)
+            prompt = chat_ids(self.tokenizer, messages) if messages else []
             kept = full[-self.cfg.reward_max_tokens:]  # the end holds the answer and the latest turns
             rows.append(TokenRow(kept, min(len(kept), max(1, len(full) - len(prompt)))))
         return rows
 
-    def _template(self, messages: list[dict], add_generation_prompt: bool = False) -> list[int]:
-        ids = self.tokenizer.apply_chat_template(messages, tokenize=True, add_generation_prompt=add_generation_prompt)
-        return list(ids["input_ids"] if hasattr(ids, "keys") else ids)
-
     def _run_layers(self, hidden, attention_mask, layers) -> torch.Tensor:
         """Run a slice of the decoder stack on left-padded hidden states (B, T, H), as LlamaModel.forward does."""
-        position_ids = (attention_mask.cumsum(-1) - 1).clamp_min(0)  # (B, T) padding-aware positions
+        position_ids = padded_position_ids(attention_mask)  # (B, T)
         causal_mask = create_causal_mask(config=self.trunk.config, inputs_embeds=hidden,
                                          attention_mask=attention_mask, past_key_values=None,
                                          position_ids=position_ids)

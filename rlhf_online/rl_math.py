@@ -19,8 +19,7 @@ Sources
 * Per-token KL-shaped reward and the adaptive KL controller: Ziegler et al. 2019, "Fine-Tuning Language Models from
   Human Preferences", arXiv:1909.08593 (also Ouyang et al. 2022, InstructGPT).
 * KL estimators k1/k3: John Schulman, "Approximating KL Divergence", http://joschu.net/blog/kl-approx.html
-* Bradley-Terry reward-model loss: Bradley & Terry 1952, as used in TRL's ``RewardTrainer``; the tie variant is
-  Rao & Kupper 1967 in its simplest "a tie is half a win for each side" form.
+* Bradley-Terry reward-model loss: Bradley & Terry 1952, as used in TRL's ``RewardTrainer``.
 """
 
 from __future__ import annotations
@@ -36,7 +35,6 @@ __all__ = [
     "masked_var",
     "masked_whiten",
     "bradley_terry_loss",
-    "bradley_terry_tie_loss",
     "preference_accuracy",
     "kl_k1",
     "kl_k3",
@@ -159,21 +157,6 @@ def bradley_terry_loss(
     return _weighted_mean(losses, weights)
 
 
-def bradley_terry_tie_loss(
-    r_a: torch.Tensor, r_b: torch.Tensor, weights: torch.Tensor | None = None
-) -> torch.Tensor:
-    """Loss for a vote of "tie" / "both equally good": each side counts as half a win.
-
-    ``0.5 * -logsigmoid(a - b) + 0.5 * -logsigmoid(b - a)`` is minimised (value log 2) exactly at ``a == b`` and
-    is symmetric in its arguments, so tie votes pull the two scores together instead of being thrown away. This is
-    the simplest form of the Rao-Kupper (1967) treatment of ties in paired comparisons.
-    """
-    _check_pair(r_a, r_b)
-    diff = r_a - r_b  # (B,)
-    losses = 0.5 * -F.logsigmoid(diff) + 0.5 * -F.logsigmoid(-diff)  # (B,)
-    return _weighted_mean(losses, weights)
-
-
 @torch.no_grad()
 def preference_accuracy(r_chosen: torch.Tensor, r_rejected: torch.Tensor) -> float:
     """Fraction of pairs the reward model orders as the human did; exact ties count 0.5 (a coin flip).
@@ -235,7 +218,8 @@ def kl_k1(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
 def kl_k3(logprobs: torch.Tensor, ref_logprobs: torch.Tensor) -> torch.Tensor:
     """k3 = (r - 1) - log r with r = q(x)/p(x), x ~ p (Schulman, http://joschu.net/blog/kl-approx.html).
 
-    Unbiased for KL(p || q), always >= 0 (since log r <= r - 1) and low variance: the right thing to *report*.
+    Unbiased for KL(p || q), always >= 0 (since log r <= r - 1) and low variance: the right thing to *report*
+    (PPO's approx_kl, in `clipped_policy_loss`).
     """
     log_r = ref_logprobs - logprobs
     return (torch.exp(log_r) - 1) - log_r
@@ -376,9 +360,9 @@ def clipped_policy_loss(
     pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
 
     with torch.no_grad():
-        # k3 (joschu.net/blog/kl-approx.html) with r = ratio = pi_new/pi_old and tokens sampled from pi_old:
-        # (r - 1) - log r >= 0 estimates KL(pi_old || pi_new), exactly as CleanRL's approx_kl.
-        approx_kl = masked_mean((ratio - 1) - logratio, mask)
+        # k3 with p = pi_old (tokens were sampled from it) and q = pi_new, so r = ratio: (r - 1) - log r >= 0
+        # estimates KL(pi_old || pi_new), exactly as CleanRL's approx_kl.
+        approx_kl = masked_mean(kl_k3(old_logprobs, new_logprobs), mask)
         clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_eps).to(ratio.dtype), mask)
     return pg_loss, PolicyLossStats(approx_kl=approx_kl.item(), clip_fraction=clip_fraction.item())
 

@@ -1,7 +1,7 @@
 """Hot-swapping published versions into an engine whose adapter set is fixed per engine state (llama.cpp, a
 remote OpenAI-compatible server): build the next state in the background, switch between requests.
 
-The transformers engine changes its adapters in place (`adapters.LiveAdapters`); llama.cpp loads LoRA files
+The transformers engine changes its adapters in place (`live_adapters.LiveAdapters`); llama.cpp loads LoRA files
 only when a server is constructed (~0.5-3 s here), so a new version means a new state. `ServedVersions` has the
 same public face as `LiveAdapters` (`loaded`, `swaps`, `refresh`, `watch`, `stop`, `newest_pair`,
 `pinned_pair`), so the arena, the UI and the benchmarks do not care which engine serves.
@@ -21,8 +21,9 @@ import logging
 import threading
 import time
 
-from rlhf_online.adapters import AdapterRegistry, SwapEvent, VersionInfo, version_number, watch_registry
-from rlhf_online.generation import BASE_VERSION
+from rlhf_online.adapters import AdapterRegistry, VersionInfo
+from rlhf_online.live_adapters import SwapEvent, watch_registry
+from rlhf_online.versions import BASE_VERSION, sorted_versions
 
 log = logging.getLogger(__name__)
 
@@ -30,9 +31,9 @@ log = logging.getLogger(__name__)
 class ServedVersions:
     """Keeps the newest `keep` valid versions of the registry served by a state-switching engine.
 
-    The engine provides `build_state(versions: list[VersionInfo]) -> state` (slow, no lock held, may raise),
-    `switch_to(state) -> float` (ms the switch held the engine) and `serving() -> list[str]`, and it keeps an
-    old state alive while a request or a pin still uses it (`pin(versions)`).
+    The engine provides `build_state(versions: list[VersionInfo]) -> state` (slow, no lock held, may raise) and
+    `states`, its `EngineStates`: the one owner of which state serves which versions, which keeps an old state
+    alive while a request or a pin still uses it.
     """
 
     def __init__(self, engine, registry: AdapterRegistry, keep: int = 2):
@@ -47,7 +48,7 @@ class ServedVersions:
     @property
     def loaded(self) -> list[str]:
         """Versions served to new requests, oldest first (the base is always servable)."""
-        return self.engine.serving()
+        return self.engine.states.serving()
 
     def newest_pair(self) -> tuple[str, str]:
         loaded = [BASE_VERSION] + self.loaded
@@ -56,7 +57,7 @@ class ServedVersions:
     @contextlib.contextmanager
     def pinned_pair(self):
         """`newest_pair()` kept servable until the block ends, even if a swap happens meanwhile."""
-        with self.engine.pinned_newest_pair() as pair:
+        with self.engine.states.pinned_newest_pair() as pair:
             yield pair
 
     def wanted(self) -> list[VersionInfo]:
@@ -79,7 +80,7 @@ class ServedVersions:
                 return None
             built_ms = (time.perf_counter() - started) * 1000
             previous = self.loaded
-            pause_ms = self.engine.switch_to(state)
+            pause_ms = self.engine.states.switch_to(state)
         event = SwapEvent(version=names[-1] if names else BASE_VERSION, pause_ms=pause_ms,
                           dropped=[n for n in previous if n not in names], wait_ms=built_ms)
         self.swaps.append(event)
@@ -92,10 +93,6 @@ class ServedVersions:
 
     def stop(self) -> None:
         self._stop.set()
-
-
-def sorted_versions(names) -> list[str]:
-    return sorted(names, key=version_number)
 
 
 class EngineStates:

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from rlhf_online.adapters import AdapterRegistry, LiveAdapters
+from rlhf_online.adapters import AdapterRegistry
 from rlhf_online.arena import Arena
 from rlhf_online.config import AppConfig
 from rlhf_online.engine import build_engine, choose_engine
@@ -21,6 +21,7 @@ from rlhf_online.generation import ChatEngine
 from rlhf_online.hardware import Hardware, detect
 from rlhf_online.hub_sync import HubSync
 from rlhf_online.limits import Limits, SessionVoteCounter
+from rlhf_online.live_adapters import LiveAdapters
 from rlhf_online.models import load_tokenizer, resolve_model_source
 from rlhf_online.store import PreferenceStore, store_path
 from rlhf_online.supervisor import TrainerSupervisor
@@ -134,7 +135,9 @@ def build_services(cfg: AppConfig, start_trainer: bool | None = None) -> Service
     except Exception:
         log.exception("could not load the newest adapter; serving the base model")
     live.watch()
-    chat_busy = mp.get_context("spawn").Value("i", 0)
+    # How many chat answers are generating now, shared with the trainer process; read only with --trainer-yield
+    # (the trainer then pauses between steps while it is above 0), so not even counted otherwise.
+    chat_busy = mp.get_context("spawn").Value("i", 0) if cfg.ppo.trainer_yield else None
     supervisor = None
     want_training = cfg.train if start_trainer is None else start_trainer
     if want_training and not hardware.can_train:

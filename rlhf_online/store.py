@@ -12,13 +12,15 @@ import json
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from rlhf_online.conversation import Message, answer_text, normalize_prompt, split_hh_transcript
+from rlhf_online.store_schema import SCHEMA_VERSION, migrate, transaction
+from rlhf_online.versions import version_order
 
 DB_FILENAME = "preferences.sqlite"
 
@@ -28,140 +30,18 @@ PREFERENCE_SOURCES = ("human", "ai", "import")
 AI_PLACEMENT = "ai_generated"  # placement of pairs the trainer sampled for the AI judge; nobody was shown them
 
 
+def parse_choice(choice: Any) -> str:
+    """The one check of a vote's choice, for every way a vote arrives (page, API, arena, AI judge): case and
+    surrounding spaces are forgiven; anything else is a ValueError that names the valid choices."""
+    key = str(choice or "").strip().lower()
+    if key not in CHOICES:
+        raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+    return key
+
+
 def store_path(data_dir: str | Path) -> Path:
     """Where the app, the trainer and the exporter all find the same database inside a data folder."""
     return Path(data_dir) / DB_FILENAME
-
-
-# ---------------------------------------------------------------------------------------------------------------
-# Schema and migrations
-# ---------------------------------------------------------------------------------------------------------------
-
-_V1_TABLES = """
-CREATE TABLE pairs (
-    id INTEGER PRIMARY KEY,
-    conversation_id TEXT NOT NULL,
-    turn INTEGER NOT NULL,
-    session_id TEXT,
-    messages_json TEXT NOT NULL,
-    answer_a TEXT NOT NULL,
-    answer_b TEXT NOT NULL,
-    version_a TEXT NOT NULL,
-    version_b TEXT NOT NULL,
-    sampling_json TEXT NOT NULL,
-    placement TEXT,
-    created_at REAL NOT NULL,
-    reward_a REAL,
-    reward_b REAL
-);
-CREATE INDEX idx_pairs_messages ON pairs(messages_json);
-CREATE TABLE votes (
-    id INTEGER PRIMARY KEY,
-    pair_id INTEGER NOT NULL UNIQUE REFERENCES pairs(id),
-    choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')),
-    better_answer TEXT,
-    session_id TEXT,
-    source TEXT NOT NULL DEFAULT 'human',
-    judge TEXT,
-    weight REAL NOT NULL DEFAULT 1.0,
-    created_at REAL NOT NULL
-);
-CREATE TABLE preferences (
-    id INTEGER PRIMARY KEY,
-    vote_id INTEGER REFERENCES votes(id),
-    pair_id INTEGER REFERENCES pairs(id),
-    prompt_json TEXT NOT NULL,
-    chosen TEXT NOT NULL,
-    rejected TEXT NOT NULL,
-    source TEXT NOT NULL CHECK (source IN ('human', 'ai', 'import')),
-    weight REAL NOT NULL DEFAULT 1.0,
-    created_at REAL NOT NULL
-);
-CREATE TABLE demonstrations (
-    id INTEGER PRIMARY KEY,
-    vote_id INTEGER REFERENCES votes(id),
-    prompt_json TEXT NOT NULL,
-    answer TEXT NOT NULL,
-    session_id TEXT,
-    source TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE TABLE metrics (
-    id INTEGER PRIMARY KEY,
-    kind TEXT NOT NULL,
-    step INTEGER NOT NULL,
-    values_json TEXT NOT NULL,
-    created_at REAL NOT NULL
-);
-CREATE INDEX idx_metrics_kind ON metrics(kind, id);
-CREATE TABLE control (
-    key TEXT PRIMARY KEY,
-    value TEXT
-);
-"""
-
-
-def _add_reward_model_version(conn: sqlite3.Connection) -> None:
-    """Record which reward adapter scored a pair, so scores from a stale reward model can be told apart.
-
-    Also indexes preferences by source, which the counts shown in the UI group by on every refresh.
-    """
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(pairs)")}
-    if "reward_model_version" not in columns:
-        conn.execute("ALTER TABLE pairs ADD COLUMN reward_model_version TEXT")
-    conn.execute("CREATE INDEX IF NOT EXISTS idx_preferences_source ON preferences(source)")
-
-
-def _one_vote_per_pair_and_source(conn: sqlite3.Connection) -> None:
-    """Let a pair carry one human vote *and* one AI label (version 2 allowed one vote per pair).
-
-    SQLite cannot drop a UNIQUE constraint, so the table is rebuilt as its documented ALTER procedure says (new
-    table, copy, drop, rename; `migrate` turns foreign keys off around it); vote ids are kept, so the
-    preferences and demonstrations that point at them stay valid, which the foreign-key check confirms.
-    """
-    conn.execute("""CREATE TABLE votes_v3 (
-        id INTEGER PRIMARY KEY,
-        pair_id INTEGER NOT NULL REFERENCES pairs(id),
-        choice TEXT NOT NULL CHECK (choice IN ('a', 'b', 'tie', 'both_bad')),
-        better_answer TEXT,
-        session_id TEXT,
-        source TEXT NOT NULL DEFAULT 'human' CHECK (source IN ('human', 'ai')),
-        judge TEXT,
-        weight REAL NOT NULL DEFAULT 1.0,
-        created_at REAL NOT NULL,
-        UNIQUE (pair_id, source)
-    )""")
-    conn.execute("INSERT INTO votes_v3 (id, pair_id, choice, better_answer, session_id, source, judge, weight, "
-                 "created_at) SELECT id, pair_id, choice, better_answer, session_id, source, judge, weight, "
-                 "created_at FROM votes")
-    conn.execute("DROP TABLE votes")
-    conn.execute("ALTER TABLE votes_v3 RENAME TO votes")
-    broken = conn.execute("PRAGMA foreign_key_check").fetchall()
-    if broken:
-        raise sqlite3.IntegrityError(f"votes rebuild left {len(broken)} dangling references; nothing was changed")
-
-
-def _add_pair_token(conn: sqlite3.Connection) -> None:
-    """An unguessable token per pair shown, which the API hands out instead of the sequential row id, so nobody
-    can name (and vote on) a pair that was not shown to them. Older pairs keep NULL: they can no longer be voted
-    on from outside, which is the point."""
-    columns = {row[1] for row in conn.execute("PRAGMA table_info(pairs)")}
-    if "token" not in columns:
-        conn.execute("ALTER TABLE pairs ADD COLUMN token TEXT")
-    conn.execute("CREATE UNIQUE INDEX IF NOT EXISTS idx_pairs_token ON pairs(token)")
-
-
-MIGRATIONS: list[str | Callable[[sqlite3.Connection], None]] = [
-    _V1_TABLES,
-    _add_reward_model_version,
-    _one_vote_per_pair_and_source,
-    _add_pair_token,
-]
-SCHEMA_VERSION = len(MIGRATIONS)
-
-
-class SchemaVersionError(RuntimeError):
-    """The file was written by newer code; opening it with this code could corrupt it."""
 
 
 class UnknownPairError(ValueError):
@@ -170,79 +50,6 @@ class UnknownPairError(ValueError):
 
 class StoreWriteError(RuntimeError):
     """A write could not be committed (disk full, file locked or read-only); nothing was saved."""
-
-
-def _statements(sql: str) -> Iterator[str]:
-    """Split a script into statements so each runs inside our transaction.
-
-    ``executescript`` would commit on its own and leave a half-applied migration after an error.
-    """
-    pending = ""
-    for line in sql.splitlines(keepends=True):
-        pending += line
-        if sqlite3.complete_statement(pending):
-            yield pending.strip()
-            pending = ""
-    if pending.strip():
-        raise ValueError(f"incomplete SQL statement in migration: {pending.strip()[:80]!r}")
-
-
-@contextmanager
-def _transaction(conn: sqlite3.Connection) -> Iterator[sqlite3.Connection]:
-    """``with conn:`` semantics, but taking the write lock up front.
-
-    ``BEGIN IMMEDIATE`` makes a second process wait (``busy_timeout``) at the start instead of failing halfway
-    through with a lock upgrade error, and covers DDL, which Python's implicit transactions do not.
-    """
-    conn.execute("BEGIN IMMEDIATE")
-    try:
-        yield conn
-        conn.execute("COMMIT")
-    except BaseException:
-        # SQLite rolls back by itself on some errors (disk full, I/O); a second ROLLBACK would mask the cause.
-        if conn.in_transaction:
-            conn.execute("ROLLBACK")
-        raise
-
-
-def _schema_version(conn: sqlite3.Connection) -> int:
-    conn.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-    row = conn.execute("SELECT value FROM meta WHERE key = 'schema_version'").fetchone()
-    return int(row[0]) if row else 0
-
-
-def migrate(conn: sqlite3.Connection, target: int = SCHEMA_VERSION) -> int:
-    """Bring the schema up to ``target``, one migration per transaction, and return the resulting version.
-
-    Each step commits together with its version number, so a crash between steps resumes cleanly; the version
-    is re-read under the write lock so two processes opening a fresh file do not both migrate it.
-    """
-    if not 0 <= target <= SCHEMA_VERSION:
-        raise ValueError(f"target schema version must be between 0 and {SCHEMA_VERSION}, got {target}")
-    # Rebuilding a table drops one that others reference; SQLite's ALTER procedure does that with foreign keys
-    # off (the pragma is ignored inside a transaction, hence here) and checks them before committing.
-    foreign_keys = conn.execute("PRAGMA foreign_keys").fetchone()[0]
-    conn.execute("PRAGMA foreign_keys=OFF")
-    try:
-        while True:
-            with _transaction(conn):
-                current = _schema_version(conn)
-                if current > SCHEMA_VERSION:
-                    raise SchemaVersionError(
-                        f"the preference database has schema version {current}, but this code only knows "
-                        f"versions up to {SCHEMA_VERSION}; upgrade rlhf_online before opening it")
-                if current >= target:
-                    return current
-                step = MIGRATIONS[current]
-                if callable(step):
-                    step(conn)
-                else:
-                    for statement in _statements(step):
-                        conn.execute(statement)
-                conn.execute("INSERT INTO meta (key, value) VALUES ('schema_version', ?) "
-                             "ON CONFLICT(key) DO UPDATE SET value = excluded.value", (str(current + 1),))
-    finally:
-        conn.execute(f"PRAGMA foreign_keys={'ON' if foreign_keys else 'OFF'}")
 
 
 def _describe_failure(error: sqlite3.Error) -> str:
@@ -283,12 +90,25 @@ class Pair:
 
 @dataclass(frozen=True)
 class VoteReceipt:
+    """A saved vote (or, with `duplicate`, the earlier one that counted) and its pair as read in the vote's
+    transaction: versions, answers, and the reward model's scores once the trainer has scored it."""
+
     vote_id: int
-    pair_id: int
     choice: str
-    version_a: str
-    version_b: str
     duplicate: bool
+    pair: Pair
+
+    @property
+    def pair_id(self) -> int:
+        return self.pair.id
+
+    @property
+    def version_a(self) -> str:
+        return self.pair.version_a
+
+    @property
+    def version_b(self) -> str:
+        return self.pair.version_b
 
 
 @dataclass(frozen=True)
@@ -346,11 +166,6 @@ class VersionRecord:
     def win_rate(self) -> float:
         """Ties count half, so 0.5 means "no better than its predecessor"."""
         return (self.wins + 0.5 * self.ties) / self.total if self.total else 0.0
-
-
-def _version_key(name: str) -> tuple[int, str]:
-    """Order adapter versions; "base" is the untrained model and so older than any named version."""
-    return (0, "") if name == "base" else (1, name)
 
 
 def _dumps(value: Any) -> str:
@@ -442,7 +257,7 @@ class PreferenceStore:
         """One committed transaction; SQLite failures become a StoreWriteError the UI can show as is."""
         with self._lock:
             try:
-                with _transaction(self._conn) as conn:
+                with transaction(self._conn) as conn:
                     yield conn
             except sqlite3.OperationalError as error:
                 raise StoreWriteError(f"could not {action}: {_describe_failure(error)}") from error
@@ -498,8 +313,7 @@ class PreferenceStore:
         one AI label. An AI label on a pair a person already voted on is kept only to measure agreement; the
         person's verdict is the training pair.
         """
-        if choice not in CHOICES:
-            raise ValueError(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}")
+        choice = parse_choice(choice)
         if source not in VOTE_SOURCES:
             raise ValueError(f"vote source must be one of {', '.join(VOTE_SOURCES)}, got {source!r}")
         better = better_answer.strip() if isinstance(better_answer, str) and better_answer.strip() else None
@@ -513,8 +327,7 @@ class PreferenceStore:
             earlier = conn.execute("SELECT id, choice FROM votes WHERE pair_id = ? AND source = ?",
                                    (pair_id, source)).fetchone()
             if earlier is not None:
-                return VoteReceipt(earlier["id"], pair_id, earlier["choice"], pair["version_a"],
-                                   pair["version_b"], duplicate=True)
+                return VoteReceipt(earlier["id"], earlier["choice"], duplicate=True, pair=self._pair(pair))
             now = time.time()
             vote_id = conn.execute(
                 "INSERT INTO votes (pair_id, choice, better_answer, session_id, source, judge, weight, created_at)"
@@ -532,8 +345,7 @@ class PreferenceStore:
                 conn.execute(
                     "INSERT INTO demonstrations (vote_id, prompt_json, answer, session_id, source, created_at) "
                     "VALUES (?,?,?,?,?,?)", (vote_id, pair["messages_json"], better, session_id, source, now))
-            return VoteReceipt(int(vote_id), pair_id, choice, pair["version_a"], pair["version_b"],
-                               duplicate=False)
+            return VoteReceipt(int(vote_id), choice, duplicate=False, pair=self._pair(pair))
 
     def set_reward_scores(self, pair_id: int, reward_a: float, reward_b: float, *,
                           reward_model_version: str | None = None) -> None:
@@ -550,6 +362,13 @@ class PreferenceStore:
                 raise UnknownPairError(f"no answer pair with id {pair_id}")
 
     # -- training views -------------------------------------------------------------------------------------
+
+    def latest_scored_vote(self) -> tuple[Pair, str] | None:
+        """The newest human-voted pair the reward model has scored, with the person's choice: the panel shows
+        how the reward model's scores compare with the vote (the reveal right after a vote comes too early)."""
+        rows = self._read("SELECT p.*, v.choice AS vote_choice FROM pairs p JOIN votes v ON v.pair_id = p.id "
+                          "AND v.source = 'human' WHERE p.reward_a IS NOT NULL ORDER BY v.id DESC LIMIT 1")
+        return (self._pair(rows[0]), rows[0]["vote_choice"]) if rows else None
 
     def unscored_voted_pairs(self, limit: int = 32) -> list[Pair]:
         """Voted pairs the reward model has not scored yet, so the UI can show each answer's reward."""
@@ -577,9 +396,6 @@ class PreferenceStore:
                           "WHERE p.id > ? ORDER BY p.id LIMIT ?", (after_id, -1 if limit is None else limit))
         return [Preference(row["id"], json.loads(row["prompt_json"]), row["chosen"], row["rejected"],
                            row["source"], row["weight"], row["judge"]) for row in rows]
-
-    def count_preferences(self) -> int:
-        return self._read("SELECT COUNT(*) FROM preferences")[0][0]
 
     def demonstrations(self, limit: int | None = None) -> list[Demonstration]:
         rows = self._read("SELECT * FROM demonstrations ORDER BY id LIMIT ?", (-1 if limit is None else limit,))
@@ -669,7 +485,7 @@ class PreferenceStore:
             params = (source,)
         tally: dict[tuple[str, str], list[int]] = {}
         for version_a, version_b, choice in self._read(sql, params):
-            newer_is_a = _version_key(version_a) > _version_key(version_b)
+            newer_is_a = version_order(version_a) > version_order(version_b)
             newer, older = (version_a, version_b) if newer_is_a else (version_b, version_a)
             counts = tally.setdefault((newer, older), [0, 0, 0])
             if choice in ("tie", "both_bad"):
@@ -677,7 +493,7 @@ class PreferenceStore:
             else:
                 counts[0 if (choice == "a") == newer_is_a else 1] += 1
         return [VersionRecord(newer, older, *counts) for (newer, older), counts in
-                sorted(tally.items(), key=lambda item: (_version_key(item[0][0]), _version_key(item[0][1])))]
+                sorted(tally.items(), key=lambda item: (version_order(item[0][0]), version_order(item[0][1])))]
 
     # -- metrics and control --------------------------------------------------------------------------------
 
@@ -685,12 +501,6 @@ class PreferenceStore:
         with self._write("save the training metrics") as conn:
             return int(conn.execute("INSERT INTO metrics (kind, step, values_json, created_at) VALUES (?,?,?,?)",
                                     (kind, int(step), _dumps(values), time.time())).lastrowid)
-
-    def metrics(self, kind: str, since_id: int = 0, limit: int | None = None) -> list[Metric]:
-        rows = self._read("SELECT * FROM metrics WHERE kind = ? AND id > ? ORDER BY id LIMIT ?",
-                          (kind, since_id, -1 if limit is None else limit))
-        return [Metric(row["id"], row["kind"], row["step"], json.loads(row["values_json"]), row["created_at"])
-                for row in rows]
 
     def get_control(self, key: str, default: str | None = None) -> str | None:
         """Settings the app and the trainer exchange through the file (pause flags, current version...)."""

@@ -36,7 +36,7 @@ class TrainerSupervisor:
                  target=trainer_main):
         self.cfg = cfg
         self.context = mp.get_context("spawn")  # fork would copy the server's threads and model state
-        self.chat_busy = chat_busy if chat_busy is not None else self.context.Value("i", 0)
+        self.chat_busy = chat_busy  # the chat's in-flight counter, only with --trainer-yield (see services)
         self.min_backoff_s = min_backoff_s
         self.max_backoff_s = max_backoff_s
         self.target = target
@@ -95,8 +95,3 @@ class TrainerSupervisor:
                 process.kill()
                 process.join(2)
         self.status.alive = False
-
-    def kill_trainer(self) -> None:
-        """For tests and the admin panel: simulate a crash (the watcher restarts it)."""
-        if self._process is not None and self._process.is_alive():
-            self._process.kill()

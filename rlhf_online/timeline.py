@@ -29,7 +29,9 @@ from transformers import StoppingCriteria
 
 from rlhf_online.config import AppConfig, TimelineConfig
 from rlhf_online.dashboard import ago
-from rlhf_online.generation import BASE_VERSION, answer_repetition_penalty
+from rlhf_online.generation import answer_repetition_penalty
+from rlhf_online.models import chat_ids, end_of_turn_ids
+from rlhf_online.versions import BASE_VERSION, version_number, version_order
 
 log = logging.getLogger(__name__)
 
@@ -96,11 +98,6 @@ class _CallEachToken(StoppingCriteria):
         return torch.zeros(input_ids.shape[0], dtype=torch.bool, device=input_ids.device)
 
 
-def _end_of_turn_ids(tokenizer) -> list[int]:
-    ids = {tokenizer.eos_token_id, tokenizer.convert_tokens_to_ids("<|im_end|>")}
-    return sorted(i for i in ids - {None, tokenizer.unk_token_id} if isinstance(i, int))
-
-
 @torch.no_grad()
 def answer_probes(model, tokenizer, prompts: Sequence[str], max_new_tokens: int, repetition_penalty: float = 1.0,
                   use_adapter: bool = True, yield_fn: Callable[[], None] | None = None) -> tuple[list[str], list[int]]:
@@ -108,12 +105,8 @@ def answer_probes(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
 
     Returns the answers and their lengths in tokens.
     """
-    eos = _end_of_turn_ids(tokenizer)
-    rows = []
-    for prompt in prompts:
-        out = tokenizer.apply_chat_template([{"role": "user", "content": prompt}], add_generation_prompt=True,
-                                            tokenize=True)
-        rows.append(list(out["input_ids"] if hasattr(out, "keys") else out))
+    eos = end_of_turn_ids(tokenizer)
+    rows = [chat_ids(tokenizer, [{"role": "user", "content": prompt}]) for prompt in prompts]
     batch = tokenizer.pad({"input_ids": rows}, padding=True, padding_side="left", return_tensors="pt")
     device = next(model.parameters()).device
     batch = {key: tensor.to(device) for key, tensor in batch.items()}
@@ -169,18 +162,13 @@ def record_published(store, cfg: AppConfig, version: str, votes_seen: int | None
         for name, use_adapter in todo:
             answers, lengths = answer_probes(model, tokenizer, prompts, use_adapter=use_adapter, **kwargs)
             scores = score_fn(messages, answers) if score_fn is not None else None
-            store.record_metric(METRIC_KIND, version_number_of(name), _entry_values(
+            store.record_metric(METRIC_KIND, version_number(name), _entry_values(
                 name, prompts, answers, lengths, scores, votes_seen if use_adapter else 0))
         log.info("timeline: %s answered %d probes in %.1f s", version, len(prompts), time.perf_counter() - started)
         return True
     except Exception:  # the timeline is a view; training must go on whatever happens here
         log.exception("timeline: could not record the probe answers of %s", version)
         return False
-
-
-def version_number_of(name: str) -> int:
-    match = re.fullmatch(r"v(\d+)", name)
-    return int(match.group(1)) if match else 0
 
 
 # ---- reading and rendering (in the server) ---------------------------------------------------------------------
@@ -195,7 +183,7 @@ def load_entries(store, limit: int = 200) -> list[Entry]:
         return []
     newest_set = max(latest.values(), key=lambda e: e.created_at).probe_set
     entries = [e for e in latest.values() if e.probe_set == newest_set]
-    return sorted(entries, key=lambda e: version_number_of(e.version), reverse=True)
+    return sorted(entries, key=lambda e: version_order(e.version), reverse=True)
 
 
 _WORDS = re.compile(r"\S+\s*")

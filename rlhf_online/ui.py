@@ -41,13 +41,13 @@ import gradio as gr
 import pandas as pd
 
 from rlhf_online import dashboard, ui_learning
-from rlhf_online.admin_ui import _constitution, _feedback_mode, build_admin_panel
+from rlhf_online.admin_ui import build_admin_panel, shown_constitution, shown_feedback_mode
 from rlhf_online.ui_chat import (PAGE_CSS, PAGE_HEAD, VOTE_BUTTONS, VOTE_KEYS, ChatControls,  # noqa: F401 (re-exported)
                                  build_chat, controls_ui)
-from rlhf_online.arena import CHOICES, MAX_TOKEN_CHARS, EmptyMessageError
-from rlhf_online.generation import BASE_VERSION
+from rlhf_online.arena import MAX_TOKEN_CHARS, EmptyMessageError
 from rlhf_online.limits import LimitExceededError, client_key, trusted_proxy_count
 from rlhf_online.store import StoreWriteError, UnknownPairError
+from rlhf_online.versions import BASE_VERSION
 from rlhf_online.worker import ACTIVITY_KEY, PAUSED_KEY
 
 log = logging.getLogger(__name__)
@@ -108,14 +108,6 @@ def _client(request: gr.Request | None, services=None) -> str | None:
     host = request.client.host if request.client is not None else None
     proxies = trusted_proxy_count(services.cfg.limits, os.environ) if services is not None else 0
     return client_key(host, dict(request.headers), proxies)
-
-
-def _parse_choice(choice) -> str:
-    key = str(choice or "").strip().lower()
-    if key not in CHOICES:
-        raise gr.Error(f"choice must be one of {', '.join(CHOICES)}, got {choice!r}", title="Invalid input",
-                       print_exception=False)
-    return key
 
 
 # ---- chat tab handlers (outputs: state, chatbot, answer A, answer B, status, better-answer box, message) --------
@@ -212,13 +204,11 @@ def vote_ui(services, choice: str, state: SessionState, better_answer: str = "",
     if not state.pair_token:
         raise gr.Error("There are no answers to vote on yet: send a message first.", title="Nothing to vote on",
                        print_exception=False)
-    choice = _parse_choice(choice)
-    with _friendly_errors():
-        outcome = services.arena.vote(state.pair_token, choice, better_answer, state.session_id,
+    with _friendly_errors():  # an invalid choice too: the arena checks it
+        receipt = services.arena.vote(state.pair_token, choice, better_answer, state.session_id,
                                       _client(request, services))
-    pair = services.store.get_pair(outcome.pair_id)
-    reveal = dashboard.reveal_markdown(outcome.vote_id, outcome.version_a, outcome.version_b, outcome.duplicate,
-                                       pair.reward_a if pair else None, pair.reward_b if pair else None)
+    reveal = dashboard.reveal_markdown(receipt.vote_id, receipt.version_a, receipt.version_b, receipt.duplicate,
+                                       receipt.pair.reward_a, receipt.pair.reward_b)
     state = replace(state, pair_token=None, answers=("", ""))
     return state, _history(services, state, notices=notices), "", "", reveal, "", gr.skip()
 
@@ -255,10 +245,10 @@ def api_regenerate(services, conversation_id: str, session_id: str = "api",
 
 def api_vote(services, pair_token, choice: str, better_answer: str = "", session_id: str = "api",
              client: str | None = None) -> tuple:
-    pair_token, choice = _parse_pair_token(pair_token), _parse_choice(choice)
+    pair_token = _parse_pair_token(pair_token)
     with _friendly_errors():
-        outcome = services.arena.vote(pair_token, choice, better_answer or None, session_id, client)
-    return outcome.vote_id, outcome.version_a, outcome.version_b
+        receipt = services.arena.vote(pair_token, choice, better_answer or None, session_id, client)
+    return receipt.vote_id, receipt.version_a, receipt.version_b
 
 
 def api_stats(services) -> dict:
@@ -275,19 +265,20 @@ def _frame(rows: list[dict], columns: list[str]) -> pd.DataFrame:
     return pd.DataFrame(rows, columns=columns)
 
 
-def refresh_dashboard(services, versions: dashboard.VersionCache) -> tuple:
+def refresh_dashboard(services) -> tuple:
     """Counts, metrics, trainer status, versions, plots and the reward-hacking warning, for the Timer."""
     store = services.store
     reward_metrics, ppo_metrics = store.latest_metrics("reward", 500), store.latest_metrics("ppo", 500)
     win_rates = store.version_win_rates()
-    infos = versions.versions()
+    infos = services.registry.versions()  # cheap: the registry validates each version once
     paused = store.get_control(PAUSED_KEY, "0") == "1"
     status = services.supervisor.status if services.supervisor is not None else None
     warning = dashboard.reward_hacking_warning(ppo_metrics, win_rates)
     ppo = _frame(dashboard.ppo_curves(ppo_metrics), dashboard.PPO_COLUMNS)
     return (dashboard.counts_markdown(store.counts()) + "\n\n" + _feedback_summary(services),
-            "\n\n".join([dashboard.reward_markdown(reward_metrics, ppo_metrics), dashboard.kl_budget_markdown(
-                ppo_metrics), dashboard.gate_markdown(store.latest_metrics("gate", 50))]),
+            "\n\n".join([dashboard.reward_markdown(reward_metrics, ppo_metrics, store.latest_scored_vote()),
+                         dashboard.kl_budget_markdown(ppo_metrics),
+                         dashboard.gate_markdown(store.latest_metrics("gate", 50))]),
             dashboard.trainer_markdown(status, paused, list(services.live.loaded)),
             dashboard.versions_markdown(infos),
             gr.update(value=warning or "", visible=warning is not None),
@@ -298,8 +289,8 @@ def refresh_dashboard(services, versions: dashboard.VersionCache) -> tuple:
 
 
 def _feedback_summary(services) -> str:
-    constitution = _constitution(services)
-    return dashboard.feedback_markdown(services.store.feedback_counts(), _feedback_mode(services),
+    constitution = shown_constitution(services)
+    return dashboard.feedback_markdown(services.store.feedback_counts(), shown_feedback_mode(services),
                                        constitution.version if constitution else None)
 
 
@@ -373,7 +364,7 @@ def build_app(services) -> gr.Blocks:
 
         panel = [counts_md, reward_md, trainer_md, versions_md, warning, reward_plot, kl_plot, length_plot,
                  accuracy_plot, win_plot, admin.rollback_to]
-        refresh = bind(refresh_dashboard, services, dashboard.VersionCache(services.registry))
+        refresh = bind(refresh_dashboard, services)
         status = bind(refresh_status, services)
         for tick in (timer.tick, demo.load):
             tick(refresh, None, panel, show_progress="hidden", concurrency_id="dashboard", **private)

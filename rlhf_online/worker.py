@@ -21,10 +21,8 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from rlhf_online.adapters import (ADAPTER_WEIGHTS, AdapterRegistry, VersionInfo, lora_state_for,
-                                  save_peft_adapter, version_number)
+from rlhf_online.adapters import ADAPTER_WEIGHTS, AdapterRegistry, VersionInfo, lora_state_for, save_peft_adapter
 from rlhf_online.config import AppConfig
-from rlhf_online.generation import BASE_VERSION
 from rlhf_online.judge import (BASE_JUDGE_PREFIX, Judge, ai_label_weight, current_feedback_mode,
                                load_constitution, load_judge_model)
 from rlhf_online.lifecycle import (TRAINER_LOCKED_EXIT_CODE, TrainerLock, TrainerLockedError, follow_parent,
@@ -37,6 +35,7 @@ from rlhf_online.release_gate import (GateDecision, GateEvaluator, GateReport, d
 from rlhf_online.reward import OnlineRewardLearner, RewardModel, attach_reward_adapter
 from rlhf_online.store import AI_PLACEMENT, Pair, PreferenceStore, store_path
 from rlhf_online.timeline import record_published
+from rlhf_online.versions import BASE_VERSION, version_number
 
 log = logging.getLogger(__name__)
 

@@ -77,6 +77,18 @@ def test_reveal_names_versions_and_rewards_when_scored():
     assert "counted once" in dashboard.reveal_markdown(5, "base", "base", True)
 
 
+def test_the_panel_sets_the_reward_models_scores_beside_the_latest_scored_vote():
+    def scored(reward_a, reward_b, choice, version="57"):
+        return SimpleNamespace(reward_a=reward_a, reward_b=reward_b, reward_model_version=version), choice
+
+    metrics = [{"pairs": 57, "prequential_accuracy": 0.6, "recent_accuracy": 0.7}]
+    text = dashboard.reward_markdown(metrics, [], scored(0.31, -0.12, "a"))
+    assert "A 0.31, B -0.12 (scored after 57 pairs learned)" in text and "agrees with the vote" in text
+    assert "disagrees with the vote" in dashboard.scored_vote_markdown(scored(0.31, -0.12, "b"))
+    assert "the vote was tie" in dashboard.scored_vote_markdown(scored(0.31, -0.12, "tie", None))
+    assert dashboard.scored_vote_markdown(None) == "" and "Latest scored" not in dashboard.reward_markdown(metrics, [])
+
+
 RISING = [ppo(i, 0.1 * i) for i in range(1, 11)]  # first-5 mean 0.3, last-5 mean 0.8
 FLAT = [ppo(i, 0.5) for i in range(1, 11)]
 
@@ -103,29 +115,6 @@ def test_reward_hacking_warning(metrics, records, fires):
 def test_reward_hacking_warning_ignores_missing_scores():
     metrics = RISING + [ppo(11, float("nan"))]
     assert dashboard.reward_hacking_warning(metrics, [VersionRecord("v0002", "v0001", 1, 11, 0)]) is not None
-
-
-class FakeRegistry:
-    def __init__(self, root):
-        self.root = root
-        self.calls = 0
-
-    def versions(self):
-        self.calls += 1
-        return sorted(p.name for p in self.root.iterdir() if not (p / "RETIRED").exists())
-
-
-def test_version_cache_revalidates_only_when_folders_change(tmp_path):
-    registry = FakeRegistry(tmp_path)
-    cache = dashboard.VersionCache(registry)
-    (tmp_path / "v0001").mkdir()
-    assert cache.versions() == ["v0001"] and cache.versions() == ["v0001"]
-    assert registry.calls == 1
-    (tmp_path / "v0002").mkdir()
-    assert cache.versions() == ["v0001", "v0002"]
-    (tmp_path / "v0002" / "RETIRED").write_text("x")  # a rollback marks a folder without renaming it
-    assert cache.versions() == ["v0001"]
-    assert registry.calls == 3
 
 
 def test_status_line_says_what_serves_since_when_from_how_many_votes_and_what_the_trainer_does():

@@ -1,3 +1,4 @@
+import json
 import threading
 import time
 
@@ -6,7 +7,8 @@ import torch
 
 from rlhf_online import models
 from rlhf_online.config import ModelConfig, SamplingConfig
-from rlhf_online.generation import BASE_VERSION, Generator, StreamUpdate
+from rlhf_online.generation import Generator, StreamUpdate, merge_row_streams
+from rlhf_online.versions import BASE_VERSION
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
 
@@ -45,14 +47,14 @@ def test_prompt_that_fits_is_not_truncated(serving_base, tokenizer):
     prompt = generator.build_prompt(messages, budget=1000)
     assert not prompt.truncated
     assert prompt.messages == messages
-    assert prompt.input_ids == generator._template(messages)
+    assert prompt.input_ids == models.chat_ids(tokenizer, messages)
     assert tokenizer.decode(prompt.input_ids).endswith("<|im_start|>assistant\n")
 
 
 def test_truncation_drops_oldest_turns_and_keeps_system(serving_base, tokenizer):
     generator = make_generator(serving_base, tokenizer)
     messages = conversation(6)
-    full = len(generator._template(messages))
+    full = len(models.chat_ids(tokenizer, messages))
     budget = full // 2
     prompt = generator.build_prompt(messages, budget=budget)
     assert prompt.truncated
@@ -61,7 +63,7 @@ def test_truncation_drops_oldest_turns_and_keeps_system(serving_base, tokenizer)
     kept = prompt.messages[1:]
     assert 1 <= len(kept) < len(messages) - 1
     assert kept == messages[len(messages) - len(kept):]  # a suffix: the oldest turns went first
-    assert prompt.input_ids == generator._template(prompt.messages)
+    assert prompt.input_ids == models.chat_ids(tokenizer, prompt.messages)
     # the default budget comes from the sampling config
     small = make_generator(serving_base, tokenizer, context_tokens=budget)
     assert small.build_prompt(messages) == prompt
@@ -94,7 +96,11 @@ def test_stream_yields_growing_texts_and_ends_finished(serving_base, tokenizer):
     assert updates[-1].finished == (True, True)
     assert any(updates[-1].texts)
     assert not generator.lock.locked()
-    assert generator.sample([prompt.input_ids], [BASE_VERSION], max_new_tokens=3)[0] is not None
+    torch.manual_seed(1)  # the lock was released: a next call runs, and `sample` is the stream's final text
+    sampled = generator.sample([prompt.input_ids], [BASE_VERSION], max_new_tokens=3)
+    torch.manual_seed(1)
+    streamed = list(generator.stream([prompt.input_ids], [BASE_VERSION], max_new_tokens=3))
+    assert len(sampled) == 1 and sampled == list(streamed[-1].texts) and len(streamed) <= 3 + 1
 
 
 def test_plain_model_refuses_adapter_versions(serving_base, tokenizer):
@@ -163,3 +169,51 @@ def test_repetition_penalty_applies_to_the_answer_only():
     assert out[0, 4] == 0.5  # a token the answer used: its logit divided by the penalty
     assert out[0, 1] == out[0, 2] == out[0, 3] == 1.0  # the question's tokens stay free to use
     assert out[0, 5] == -1.0 and out[0, 0] == 1.0
+
+
+def test_a_pair_runs_inside_the_engines_gpu_call(serving_base, tokenizer):
+    """ZeroGPU lends a GPU per decorated call: the engine wraps its own pair call (nothing patches it from outside)."""
+    calls = []
+
+    def gpu_call(fn):
+        def lent(prompt, versions, max_new_tokens=None):
+            calls.append(versions)
+            yield from fn(prompt, versions, max_new_tokens)
+        return lent
+
+    generator = Generator(serving_base, tokenizer, SamplingConfig(max_new_tokens=4), gpu_call=gpu_call)
+    prompt = generator.build_prompt(conversation(0))
+    updates = list(generator.stream_pair(prompt, (BASE_VERSION, BASE_VERSION)))
+    assert calls == [(BASE_VERSION, BASE_VERSION)] and updates[-1].finished == (True, True)
+    assert generator.sample([prompt.input_ids], [BASE_VERSION]) and len(calls) == 1  # only pairs are lent a GPU
+
+
+def test_merged_row_streams_interleave_rows_surface_errors_and_stop_rows_on_close():
+    def chunk(text, finish=None):
+        return {"choices": [{"text": text, "finish_reason": finish}]}
+
+    def two_rows(row, emit, stop):
+        for piece in (["Hel", "lo"], [" Bye", "!", "!"])[row]:
+            emit(chunk(piece))
+        emit(json.dumps(chunk("", "stop")))  # as JSON text too, as llama.cpp hands it over
+
+    updates = list(merge_row_streams(2, two_rows, RuntimeError, "test"))
+    assert updates[-1] == StreamUpdate(texts=("Hello", "Bye!!"), finished=(True, True))
+    assert len(updates) == 2 + 3 + 2 + 1  # one update per chunk, then the final one
+
+    def failing(row, emit, stop):
+        emit(chunk("partial")) if row == 0 else emit({"error": "out of memory"})
+    with pytest.raises(RuntimeError, match="out of memory"):
+        list(merge_row_streams(2, failing, RuntimeError, "test"))
+
+    stopped = threading.Event()
+
+    def endless(row, emit, stop):
+        while not stop.is_set():
+            emit(chunk("x"))
+            time.sleep(0.001)
+        stopped.set()
+    stream = merge_row_streams(1, endless, RuntimeError, "test")
+    assert next(stream).texts == ("x",)
+    stream.close()  # the consumer went away: the row is told to stop, and waited for
+    assert stopped.is_set()

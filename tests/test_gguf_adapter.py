@@ -117,7 +117,7 @@ def _torch_logprobs(model, ids: list[int], start: int, adapter: bool) -> np.ndar
 def _agreement(engine, model, info, gguf_path) -> dict:
     """Teacher-forced log-probs of one sampled answer, with and without the adapter, in both runtimes."""
     state = engine._new_state([(info.name, gguf_path)])
-    engine.switch_to(state)
+    engine.states.switch_to(state)
     prompt = engine.build_prompt([{"role": "user", "content": "What is basil used for in cooking?"}]).input_ids
     torch.manual_seed(0)
     with torch.no_grad():

@@ -4,6 +4,7 @@ making the default (contrastive) judge prefer answers with it, the base model un
 default judge, the AI label's weight, and the constitution file."""
 
 import contextlib
+import math
 
 import pytest
 import torch
@@ -128,8 +129,12 @@ def test_prompt_holds_principles_conversation_and_answers_within_the_budget(base
         assert len(row) <= 400
         assert "The last question?" in text and "turn 0:" not in text  # oldest turns go first
         assert ":\nhello\n" in text and "Paris. Paris." in text  # the long answer keeps its start
-    verdict = judge.judge(turns, long_answer, "hello")
-    assert verdict.choice in ("a", "b")
+    verdict = judge.judge(turns, long_answer, "hello")  # judged on exactly the trimmed prompts checked above
+    a_first, b_first = judge.prompts(turns, long_answer, "hello")
+    assert verdict.p_a_shown_first == pytest.approx(
+        1 / (1 + math.exp(-unpadded_margin(base, tokenizer, a_first, judge))), abs=1e-6)
+    assert verdict.p_a_shown_second == pytest.approx(
+        1 / (1 + math.exp(unpadded_margin(base, tokenizer, b_first, judge))), abs=1e-6)
 
 
 def test_shipped_constitution_and_the_admins_edit(tmp_path):

@@ -6,6 +6,7 @@ import torch
 
 from rlhf_online import models
 from rlhf_online.config import ModelConfig
+from tiny_model import build_gemma_like_tokenizer, build_tokenizer
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +44,28 @@ def _eval_generate(model, batch):
         model.generate(**batch, max_new_tokens=3, do_sample=False, pad_token_id=0)
 
 
+@pytest.mark.parametrize("build, marker", [(build_tokenizer, "<|im_end|>"), (build_gemma_like_tokenizer, "<end_of_turn>")])
+def test_chat_helpers_follow_the_tokenizers_own_template(build, marker):
+    tokenizer = build()
+    chat = [{"role": "user", "content": "What is two plus two?"}]
+    marker_id = tokenizer.convert_tokens_to_ids(marker)
+    assert models.end_of_turn_text(tokenizer) == marker
+    assert models.end_of_turn_id(tokenizer) == marker_id
+    assert set(models.end_of_turn_ids(tokenizer)) == {marker_id, tokenizer.eos_token_id}
+    prompt = models.chat_ids(tokenizer, chat)
+    assert tokenizer.decode(prompt).endswith("\n")  # the generation prompt: the assistant's turn is open
+    answer = models.answer_ids(tokenizer, chat, "It is four.")
+    assert tokenizer.decode(answer) == "It is four." + marker and answer[-1] == marker_id
+    whole = models.chat_ids(tokenizer, chat + [{"role": "assistant", "content": "It is four."}],
+                            add_generation_prompt=False)
+    assert whole[:len(prompt) + len(answer)] == prompt + answer  # exactly what the template writes, in context
+
+
+def test_padded_position_ids_start_at_each_rows_first_real_token():
+    mask = torch.tensor([[0, 0, 1, 1, 1], [1, 1, 1, 1, 1]])
+    assert models.padded_position_ids(mask).tolist() == [[0, 0, 0, 1, 2], [0, 1, 2, 3, 4]]
+
+
 def test_tokenizer_pads_left_with_a_token_distinct_from_eos(tokenizer):
     assert tokenizer.padding_side == "left"
     assert tokenizer.pad_token_id is not None
@@ -55,7 +78,6 @@ def test_tokenizer_pads_left_with_a_token_distinct_from_eos(tokenizer):
 def test_load_base_model_nf4(tiny_model_dir):
     loaded = models.load_base_model(str(tiny_model_dir), "nf4")
     assert loaded.quantization == "nf4"
-    assert loaded.source == str(tiny_model_dir)
     linears = [m for m in loaded.model.modules() if isinstance(m, bnb.nn.Linear4bit)]
     assert len(linears) == 2 * 7  # every projection of both layers
     assert linears[0].weight.quant_state.quant_type == "nf4"

@@ -19,8 +19,8 @@ import torch
 from rlhf_online import models
 from rlhf_online.adapters import AdapterRegistry, save_peft_adapter
 from rlhf_online.config import ModelConfig, SamplingConfig
-from rlhf_online.generation import BASE_VERSION
 from rlhf_online.served_versions import ServedVersions
+from rlhf_online.versions import BASE_VERSION
 
 pytest.importorskip("xllamacpp")
 REPO = Path(__file__).resolve().parents[1]

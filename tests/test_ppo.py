@@ -3,6 +3,7 @@ reference log-probs everything else rests on."""
 
 import contextlib
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -11,6 +12,7 @@ from rlhf_online import models
 from rlhf_online.config import ModelConfig, PPOConfig, RewardConfig, SamplingConfig
 from rlhf_online.ppo import PolicyWithValue, PPOTrainer, _mask_through_first_eos
 from rlhf_online.reward import REWARD_ADAPTER, attach_reward_adapter
+from tiny_model import build_gemma_like_tokenizer, build_model
 
 MODEL_CFG = ModelConfig(lora_r=8, lora_alpha=16)
 PPO_CFG = PPOConfig(ppo_batch_size=4, ppo_minibatch_size=2, ppo_max_new_tokens=8, ppo_lr=1e-3,
@@ -196,6 +198,22 @@ def test_sft_loss_decreases_on_a_demonstration(tiny_model_dir, tokenizer):
         losses.append(float(loss))
     assert math.isfinite(losses[0]) and losses[0] > 0
     assert losses[-1] < losses[0] - 0.5, losses
+
+
+def test_sft_targets_end_with_the_chat_templates_own_end_of_turn():
+    """A model whose template ends turns with <end_of_turn> (not ChatML's <|im_end|>) learns to write that."""
+    tokenizer = build_gemma_like_tokenizer()
+    peft = models.attach_lora(build_model(len(tokenizer)), MODEL_CFG)
+    trainer = PPOTrainer(PolicyWithValue(peft), tokenizer, length_score, replace(PPO_CFG, ppo_max_new_tokens=32),
+                         SAMPLING)
+    end = tokenizer.convert_tokens_to_ids("<end_of_turn>")
+    assert end in trainer.end_of_turn_ids  # rollouts stop there too
+    demos = [(PROMPTS[0], "I am fine, thank you."), (PROMPTS[2], "Sure! banana.")]
+    batch = trainer.demonstration_batch(demos)
+    for row, (_, answer) in enumerate(demos):
+        target = batch.input_ids[row, batch.prompt_length:][batch.response_mask[row].bool()].tolist()
+        assert tokenizer.decode(target) == answer + "<end_of_turn>" and target[-1] == end
+    assert math.isfinite(float(trainer.sft_loss(demos)))
 
 
 def test_update_with_demonstrations_reports_an_sft_term(tiny_model_dir, tokenizer):

@@ -16,7 +16,6 @@ from rlhf_online.rl_math import (
     PolicyLossStats,
     ValueLossStats,
     bradley_terry_loss,
-    bradley_terry_tie_loss,
     clipped_policy_loss,
     clipped_value_loss,
     explained_variance,
@@ -130,20 +129,6 @@ def test_bradley_terry_loss_gradient_separates_scores():
 def test_bradley_terry_rejects_mismatched_shapes():
     with pytest.raises(ValueError):
         bradley_terry_loss(torch.zeros(3, 1), torch.zeros(3))
-
-
-def test_bradley_terry_tie_loss_hand_computed():
-    # a - b = 2: 0.5 * log(1 + e^-2) + 0.5 * log(1 + e^2) = 0.5 * (0.1269280110 + 2.1269280110) = 1.1269280110
-    close(bradley_terry_tie_loss(t([2.0]), t([0.0])), 1.1269280110)
-    close(bradley_terry_tie_loss(t([0.7]), t([0.7])), LOG2)  # minimum at a == b
-    # symmetric, and weighted like bradley_terry_loss: (1 * 1.1269280110 + 3 * 0.6931471806) / 4 = 0.8015923882
-    close(bradley_terry_tie_loss(t([0.0, 1.0]), t([2.0, 1.0]), weights=t([1.0, 3.0])), 0.8015923882)
-
-
-def test_bradley_terry_tie_loss_pulls_scores_together():
-    a, b = t([2.0]).requires_grad_(), t([0.0]).requires_grad_()
-    bradley_terry_tie_loss(a, b).backward()
-    assert a.grad.item() > 0 > b.grad.item()  # descent lowers the higher score and raises the lower
 
 
 def test_preference_accuracy_counts_ties_as_half():

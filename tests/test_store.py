@@ -6,8 +6,8 @@ from pathlib import Path
 import pytest
 
 from rlhf_online import store as store_module
-from rlhf_online.store import (AI_PLACEMENT, DB_FILENAME, SCHEMA_VERSION, PreferenceStore, SchemaVersionError,
-                               StoreWriteError, UnknownPairError, store_path)
+from rlhf_online.store import AI_PLACEMENT, DB_FILENAME, PreferenceStore, StoreWriteError, UnknownPairError, store_path
+from rlhf_online.store_schema import SCHEMA_VERSION
 
 HH_DEV = Path(__file__).resolve().parents[2] / "shared/data/hh_harmless_dev.jsonl"
 CHAT = [{"role": "user", "content": "How do I boil an egg?"}]
@@ -30,6 +30,10 @@ def add_pair(store, messages=CHAT, answer_a="Boil it 8 minutes.", answer_b="Fry 
                              answer_b=answer_b, version_a=version_a, version_b=version_b,
                              sampling={"temperature": 0.8, "top_p": 0.95, "max_new_tokens": 96},
                              session_id="s1", placement="newest_left")
+
+
+def preference_count(store) -> int:
+    return sum(store.counts()["preferences"].values())
 
 
 def table_count(path, table):
@@ -100,13 +104,13 @@ def test_blank_better_answer_counts_as_none(store):
     pair_id = add_pair(store)
     store.record_vote(pair_id=pair_id, choice="tie", better_answer="   \n", session_id="s1")
     assert store.demonstrations() == []
-    assert store.count_preferences() == 0
+    assert preference_count(store) == 0
 
 
 def test_identical_answers_give_no_training_pair(store):
     pair_id = add_pair(store, answer_a="Same.", answer_b="Same.", version_a="v0001", version_b="v0001")
     store.record_vote(pair_id=pair_id, choice="a", session_id="s1")
-    assert store.count_preferences() == 0
+    assert preference_count(store) == 0
     assert store.counts()["votes"]["a"] == 1
 
 
@@ -115,7 +119,7 @@ def test_second_vote_on_a_pair_returns_the_first_receipt_and_writes_nothing(stor
     first = store.record_vote(pair_id=pair_id, choice="a", session_id="s1")
     again = store.record_vote(pair_id=pair_id, choice="b", better_answer="Other", session_id="s1")
     assert again.duplicate and again.vote_id == first.vote_id and again.choice == "a"
-    assert store.count_preferences() == 1 and store.demonstrations() == []
+    assert preference_count(store) == 1 and store.demonstrations() == []
     assert store.counts()["votes"] == {"a": 1, "b": 0, "tie": 0, "both_bad": 0}
 
 
@@ -137,8 +141,8 @@ def test_two_store_instances_on_one_file_see_each_others_writes(db_path):
         pair_id = add_pair(app)
         app.record_vote(pair_id=pair_id, choice="a", session_id="s1")
         trainer.record_metric("reward", 1, {"loss": 0.5})
-        assert trainer.count_preferences() == 1
-        assert app.metrics("reward")[0].values == {"loss": 0.5}
+        assert preference_count(trainer) == 1
+        assert app.latest_metrics("reward")[0].values == {"loss": 0.5}
 
 
 def test_vote_on_unknown_pair_or_with_bad_choice_is_refused(store, db_path):
@@ -148,6 +152,31 @@ def test_vote_on_unknown_pair_or_with_bad_choice_is_refused(store, db_path):
     with pytest.raises(ValueError, match="choice must be one of"):
         store.record_vote(pair_id=pair_id, choice="left", session_id="s1")
     assert table_count(db_path, "votes") == 0
+
+
+def test_choice_is_forgiven_case_and_spaces_and_the_receipt_carries_the_stored_pair(store):
+    assert store_module.parse_choice(" Both_Bad ") == "both_bad"
+    pair_id = add_pair(store)
+    store.set_reward_scores(pair_id, 0.5, -0.25, reward_model_version="7")
+    receipt = store.record_vote(pair_id=pair_id, choice=" A", session_id="s1")
+    assert (receipt.choice, receipt.pair_id, receipt.version_a, receipt.version_b) == ("a", pair_id, "v0002", "v0001")
+    assert (receipt.pair.reward_a, receipt.pair.reward_b, receipt.pair.reward_model_version) == (0.5, -0.25, "7")
+    again = store.record_vote(pair_id=pair_id, choice="b", session_id="s1")
+    assert again.duplicate and (again.vote_id, again.choice) == (receipt.vote_id, "a")
+
+
+def test_latest_scored_vote_is_the_newest_human_vote_with_scores(store):
+    assert store.latest_scored_vote() is None
+    first, second, unvoted = add_pair(store), add_pair(store, turn=1), add_pair(store, turn=2)
+    store.record_vote(pair_id=first, choice="a", session_id="s1")
+    store.record_vote(pair_id=second, choice="tie", session_id="s1")
+    assert store.latest_scored_vote() is None  # nothing scored yet
+    for pair_id in (first, unvoted):
+        store.set_reward_scores(pair_id, 1.0, 0.0, reward_model_version="3")
+    pair, choice = store.latest_scored_vote()
+    assert (pair.id, choice, pair.reward_model_version) == (first, "a", "3")
+    store.set_reward_scores(second, 0.0, 1.0)
+    assert store.latest_scored_vote()[0].id == second
 
 
 def test_full_disk_rejects_the_vote_without_partial_rows_and_a_retry_succeeds(store, db_path):
@@ -162,7 +191,7 @@ def test_full_disk_rejects_the_vote_without_partial_rows_and_a_retry_succeeds(st
         assert table_count(db_path, table) == 0, table
     conn.execute("PRAGMA max_page_count = 1073741823")
     assert not store.record_vote(pair_id=pair_id, choice="a", better_answer=big_answer, session_id="s1").duplicate
-    assert store.count_preferences() == 3
+    assert preference_count(store) == 3
     assert store.integrity_check() == "ok"
 
 
@@ -243,11 +272,11 @@ def test_reward_scores_metrics_and_control_round_trip(store):
     assert (pair.reward_a, pair.reward_b, pair.reward_model_version) == (0.25, -1.5, "r0003")
     with pytest.raises(UnknownPairError):
         store.set_reward_scores(pair_id + 10, 0.0, 0.0)
-    first = store.record_metric("ppo", 1, {"kl": 0.01})
+    assert store.record_metric("ppo", 1, {"kl": 0.01}) > 0
     store.record_metric("reward", 1, {"loss": 0.7})
     store.record_metric("ppo", 2, {"kl": 0.02})
-    assert [(m.step, m.values) for m in store.metrics("ppo")] == [(1, {"kl": 0.01}), (2, {"kl": 0.02})]
-    assert [m.step for m in store.metrics("ppo", since_id=first)] == [2]
+    assert [(m.step, m.values) for m in store.latest_metrics("ppo")] == [(1, {"kl": 0.01}), (2, {"kl": 0.02})]
+    assert [m.step for m in store.latest_metrics("ppo", limit=1)] == [2]
     assert store.get_control("paused", default="no") == "no"
     store.set_control("paused", "yes")
     store.set_control("paused", "no longer")
@@ -307,7 +336,7 @@ def test_opening_a_version_1_file_upgrades_it_and_keeps_the_data(db_path):
         assert store.schema_version == SCHEMA_VERSION == 4
         pair = store.get_pair(pair_id)
         assert (pair.answer_b, pair.reward_b, pair.reward_model_version) == ("Fry it.", 2.0, None)
-        assert store.counts()["votes"]["b"] == 1 and store.count_preferences() == 3
+        assert store.counts()["votes"]["b"] == 1 and preference_count(store) == 3
         store.set_reward_scores(pair_id, 0.0, 1.0, reward_model_version="r0001")
         assert store.get_pair(pair_id).reward_model_version == "r0001"
     with sqlite3.connect(db_path) as conn:
@@ -380,23 +409,6 @@ def test_pairs_awaiting_ai_label_and_agreement_counts(store):
     assert counts["votes"] == {"a": 2, "b": 1, "tie": 1, "both_bad": 0}  # people's votes only
     assert [p.id for p in store.unscored_voted_pairs()] == [generated] + shown[::-1]  # each pair once
     assert counts["preferences"] == {"human": 3, "ai": 1, "import": 0}
-
-
-def test_migrate_on_a_raw_connection_is_idempotent(db_path):
-    db_path.parent.mkdir(parents=True)
-    conn = sqlite3.connect(db_path, isolation_level=None)
-    assert store_module.migrate(conn, 1) == 1
-    assert store_module.migrate(conn) == SCHEMA_VERSION
-    assert store_module.migrate(conn) == SCHEMA_VERSION
-    conn.close()
-
-
-def test_a_file_from_newer_code_is_refused(db_path):
-    PreferenceStore(db_path).close()
-    with sqlite3.connect(db_path) as conn:
-        conn.execute("UPDATE meta SET value = ? WHERE key = 'schema_version'", (str(SCHEMA_VERSION + 1),))
-    with pytest.raises(SchemaVersionError, match=f"schema version {SCHEMA_VERSION + 1}.*upgrade rlhf_online"):
-        PreferenceStore(db_path)
 
 
 def test_messages_are_validated_before_a_pair_is_stored(store, db_path):

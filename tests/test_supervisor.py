@@ -6,6 +6,7 @@ the top (torch and the trainer are imported inside the tests), keeping each fake
 
 import os
 import re
+import signal
 import time
 from pathlib import Path
 
@@ -48,6 +49,11 @@ def ignore_stop(cfg, chat_busy, stop_event):
 
 
 # ---- helpers ----------------------------------------------------------------------------------------------------
+
+def crash(supervisor) -> None:
+    """What a crash looks like from outside: the trainer process dies of SIGKILL (an OOM kill, say)."""
+    os.kill(supervisor.status.pid, signal.SIGKILL)
+
 
 def wait_for(condition, timeout_s: float, interval_s: float = 0.02, what: str = "condition"):
     deadline = time.monotonic() + timeout_s
@@ -99,7 +105,7 @@ def test_killed_trainer_is_restarted_and_stop_ends_it(cfg, make_supervisor):
     first = wait_for(lambda: starts(cfg), 20, what="the first start")[0]
     assert supervisor.status.alive and supervisor.status.pid == first and supervisor.status.starts == 1
 
-    supervisor.kill_trainer()
+    crash(supervisor)
     pids = wait_for(lambda: len(starts(cfg)) >= 2 and starts(cfg), 20, what="a restart")
     assert len(pids) == 2 and pids[0] != pids[1]
     wait_for(lambda: supervisor.status.pid == pids[1], 5, what="the status to show the new pid")
@@ -198,7 +204,7 @@ def check_adapters_folder(registry, seen: set[str]) -> None:
 def test_real_trainer_survives_a_kill_and_never_leaves_a_half_written_version(tmp_path, tiny_model_dir):
     from rlhf_online.adapters import AdapterRegistry
     from rlhf_online.config import AppConfig, GateConfig, ModelConfig, PPOConfig, RewardConfig
-    from rlhf_online.generation import BASE_VERSION
+    from rlhf_online.versions import BASE_VERSION
     from rlhf_online.store import PreferenceStore, store_path
     from rlhf_online.supervisor import TrainerSupervisor
 
@@ -231,7 +237,7 @@ def test_real_trainer_survives_a_kill_and_never_leaves_a_half_written_version(tm
     try:
         watch_until(lambda: len(seen) >= 2, 90, "the first trainer to publish two versions")
         time.sleep(0.15)  # land the kill somewhere inside a PPO iteration or a publish
-        supervisor.kill_trainer()
+        crash(supervisor)
         wait_for(lambda: supervisor.status.starts == 2, 10, what="the restart")
         check_adapters_folder(registry, seen)  # count what the killed trainer published before it died
         before_restart = len(seen)
@@ -251,7 +257,7 @@ def test_real_trainer_survives_a_kill_and_never_leaves_a_half_written_version(tm
     assert [v.meta["ppo_iteration"] for v in versions] == list(range(1, len(names) + 1))
     assert not [p for p in registry.root.iterdir() if ".tmp" in p.name]  # the restart cleaned any leftovers
     with PreferenceStore(store_path(cfg.data_path)) as store:
-        reward_steps = [m.step for m in store.metrics("reward")]
+        reward_steps = [m.step for m in store.latest_metrics("reward")]
     # No reward checkpoint yet when it was killed (one is written every 10 pairs): the restart relearned both.
     assert reward_steps == [1, 2, 1, 2]
     assert (cfg.data_path / "reward_model.safetensors").exists()  # the clean stop checkpointed the reward model

@@ -7,9 +7,9 @@ import torch
 
 from rlhf_online import timeline
 from rlhf_online.config import TimelineConfig, load_config
-from rlhf_online.generation import BASE_VERSION
 from rlhf_online.models import POLICY_ADAPTER, attach_lora, load_base_model, load_tokenizer
 from rlhf_online.store import PreferenceStore
+from rlhf_online.versions import BASE_VERSION
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -75,6 +75,14 @@ def test_vote_handler_records_each_choice(services, choice):
     assert history[-2:] == [{"role": "user", "content": "Hello there"}, {"role": "assistant", "content": preferred}]
 
 
+def test_the_reveal_shows_reward_scores_when_the_pair_was_scored_and_forgives_the_choices_case(services):
+    state = send(services)[-1][0]
+    services.store.set_reward_scores(row_id(services, state), 0.5, -0.25, reward_model_version="4")
+    reveal = ui.vote_ui(services, " B ", state)[4]
+    assert "(reward 0.50)" in reveal and "(reward -0.25)" in reveal
+    assert db_rows(services, "SELECT choice FROM votes WHERE pair_id = ?", (row_id(services, state),)) == [("b",)]
+
+
 def test_double_vote_is_recorded_once(services):
     state = send(services)[-1][0]
     first = ui.api_vote(services, state.pair_token, "a", "", state.session_id)
@@ -167,13 +175,13 @@ def test_regenerate_and_new_conversation(services):
 
 
 def test_dashboard_refresh_and_pause(services, monkeypatch):
-    outputs = ui.refresh_dashboard(services, ui.dashboard.VersionCache(services.registry))
+    outputs = ui.refresh_dashboard(services)
     assert len(outputs) == 11 and "Pairs shown" in outputs[0]
     assert outputs[4]["visible"] is False  # no reward-hacking warning
     monkeypatch.setattr(services.cfg.limits, "admin_token", "s3cret")
     assert "paused" in admin_ui.set_paused_ui(services, True, "s3cret")
     assert services.store.get_control(PAUSED_KEY) == "1"
-    assert "**paused**" in ui.refresh_dashboard(services, ui.dashboard.VersionCache(services.registry))[2]
+    assert "**paused**" in ui.refresh_dashboard(services)[2]
     with pytest.raises(gr.Error, match="admin token"):
         admin_ui.set_paused_ui(services, False, "wrong")
     assert services.store.get_control(PAUSED_KEY) == "1"
@@ -233,7 +241,7 @@ def test_feedback_mode_and_constitution_are_admin_actions_shown_in_the_panel(ser
         admin_ui.save_constitution_ui(services, "   ", "s3cret")
     assert load_constitution(services.cfg.feedback, services.cfg.data_path).version == version
 
-    counts = ui.refresh_dashboard(services, ui.dashboard.VersionCache(services.registry))[0]
+    counts = ui.refresh_dashboard(services)[0]
     assert "Training pairs:" in counts and "Votes by source:" in counts and "Human–AI agreement" in counts
     assert "mixed: AI labels fill in" in counts and f"`{version}`" in counts
     admin_ui.set_feedback_mode_ui(services, "human", "s3cret")

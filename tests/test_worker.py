@@ -14,12 +14,12 @@ from peft import PeftModel
 from safetensors.torch import load_file
 
 from rlhf_online import models
-from rlhf_online.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, META_FILE, AdapterRegistry
+from rlhf_online.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LAST_VERSION_FILE, META_FILE, AdapterRegistry
 from rlhf_online.config import AppConfig, FeedbackConfig, GateConfig, ModelConfig, PPOConfig, RewardConfig
-from rlhf_online.generation import BASE_VERSION
 from rlhf_online.judge import ai_label_weight, load_constitution, set_feedback_mode
 from rlhf_online.store import AI_PLACEMENT, PreferenceStore, store_path
 from rlhf_online.timeline import load_entries
+from rlhf_online.versions import BASE_VERSION
 from rlhf_online.worker import ACTIVITY_KEY, PAUSED_KEY, REWARD_CHECKPOINT, VALUE_HEAD_FILE, ChatYield, TrainerWorker
 
 VOTES = [("hello how are you today?", "I am fine, thank you. banana", "Paris."),
@@ -78,7 +78,7 @@ def test_step_learns_votes_then_runs_ppo_and_publishes(cfg, tiny_model_dir):
     worker = TrainerWorker(cfg)
     assert worker.parent == BASE_VERSION
     assert worker.step() == "reward"
-    metrics = worker.store.metrics("reward")
+    metrics = worker.store.latest_metrics("reward")
     assert [m.step for m in metrics] == [1, 2, 3]
     assert {"pairs", "prequential_accuracy", "loss", "correct_before"} <= set(metrics[-1].values)
     assert worker.learner.last_preference_id == 3
@@ -98,7 +98,7 @@ def test_step_learns_votes_then_runs_ppo_and_publishes(cfg, tiny_model_dir):
     assert meta["ppo_iteration"] == 1 and meta["votes_seen"] == 3
     assert all(isinstance(meta[k], float) for k in ("mean_reward", "kl"))
     assert worker.parent == "v0001"
-    ppo_metrics = worker.store.metrics("ppo")
+    ppo_metrics = worker.store.latest_metrics("ppo")
     assert len(ppo_metrics) == 1 and ppo_metrics[0].values["published"] == "v0001"
     assert not [p for p in cfg.adapters_path.iterdir() if ".tmp" in p.name]
     # publishing answered the timeline's probes (the base's too), and the page can tell what the trainer did last
@@ -178,7 +178,7 @@ def test_pause_makes_step_do_nothing(cfg):
     before = worker.reward_model.state()
     for _ in range(2):
         assert worker.step() == "paused"
-    assert worker.store.metrics("reward") == [] and worker.store.metrics("ppo") == []
+    assert worker.store.latest_metrics("reward") == [] and worker.store.latest_metrics("ppo") == []
     assert worker.learner.metrics.total == 0
     assert worker.store.get_pair(1).reward_a is None
     assert all(torch.equal(v, before[k]) for k, v in worker.reward_model.state().items())
@@ -263,6 +263,19 @@ def test_auto_rollback_retires_a_version_people_clearly_reject(cfg):
     assert worker.auto_rollback() == "v0001"
     assert [v.name for v in worker.registry.versions()] == ["v0001"]
     assert worker.store.latest_metrics("rollback")[-1].values["retired"] == "v0002"
+
+
+def test_auto_rollback_past_v9999_retires_v10000_not_its_predecessor(cfg):
+    cfg.ppo.auto_rollback = True
+    cfg.adapters_path.mkdir(parents=True, exist_ok=True)
+    (cfg.adapters_path / LAST_VERSION_FILE).write_text("v9998\n")  # as if 9998 versions came before
+    worker = TrainerWorker(cfg)
+    assert worker.step() == "reward" and worker.step() == "ppo" and worker.step() == "ppo"
+    assert worker.parent == "v10000"
+    human_votes(cfg, "v10000", "v9999", wins=6, losses=14)  # people clearly prefer v9999
+    assert worker.auto_rollback() == "v9999"
+    assert [v.name for v in worker.registry.versions()] == ["v9999"]
+    assert worker.store.latest_metrics("rollback")[-1].values["retired"] == "v10000"
 
 
 def test_auto_rollback_waits_for_enough_votes_and_a_clear_margin(cfg):

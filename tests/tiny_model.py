@@ -17,6 +17,13 @@ CHAT_TEMPLATE = (
     "'<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
 SPECIAL_TOKENS = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"]
+# Another family's template (Gemma's shape): its turns end with <end_of_turn>, and EOS is a different token.
+GEMMA_LIKE_TEMPLATE = (
+    "{{ bos_token }}{% for message in messages %}{% set role = 'model' if message['role'] == 'assistant' else "
+    "message['role'] %}{{'<start_of_turn>' + role + '\n' + message['content'] + '<end_of_turn>\n'}}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"
+)
+GEMMA_LIKE_TOKENS = ["<unk>", "<bos>", "<eos>", "<start_of_turn>", "<end_of_turn>"]
 CORPUS = [
     "hello how are you today? I am fine, thank you. The capital of France is Paris.",
     "Please write a short answer. Sure! Here is a concise reply with a keyword: banana.",
@@ -24,16 +31,29 @@ CORPUS = [
 ]
 
 
-def build_tokenizer() -> PreTrainedTokenizerFast:
+def _byte_level_bpe(special_tokens: list[str]) -> Tokenizer:
     tok = Tokenizer(models.BPE(unk_token=None))
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=SPECIAL_TOKENS,
+    trainer = trainers.BpeTrainer(vocab_size=400, special_tokens=special_tokens,
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=False)
     tok.train_from_iterator(CORPUS * 4, trainer=trainer)
-    fast = PreTrainedTokenizerFast(tokenizer_object=tok, eos_token="<|im_end|>", pad_token="<|im_end|>",
-                                   bos_token="<|im_start|>", unk_token="<|endoftext|>")
+    return tok
+
+
+def build_tokenizer() -> PreTrainedTokenizerFast:
+    fast = PreTrainedTokenizerFast(tokenizer_object=_byte_level_bpe(SPECIAL_TOKENS), eos_token="<|im_end|>",
+                                   pad_token="<|im_end|>", bos_token="<|im_start|>", unk_token="<|endoftext|>")
     fast.chat_template = CHAT_TEMPLATE
+    return fast
+
+
+def build_gemma_like_tokenizer() -> PreTrainedTokenizerFast:
+    """A tokenizer whose chat template ends a turn with `<end_of_turn>`, not ChatML's `<|im_end|>`."""
+    fast = PreTrainedTokenizerFast(tokenizer_object=_byte_level_bpe(GEMMA_LIKE_TOKENS), eos_token="<eos>",
+                                   pad_token="<unk>", bos_token="<bos>", unk_token="<unk>")
+    fast.chat_template = GEMMA_LIKE_TEMPLATE
+    fast.padding_side = "left"
     return fast
 
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 
 from rlhf_online import models
-from rlhf_online.adapters import AdapterRegistry, LiveAdapters, save_peft_adapter
+from rlhf_online.adapters import AdapterRegistry, save_peft_adapter
 from rlhf_online.config import ModelConfig, SamplingConfig
 from rlhf_online.generation import Generator
+from rlhf_online.live_adapters import LiveAdapters
 
 pytestmark = pytest.mark.integration
 

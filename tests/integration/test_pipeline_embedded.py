@@ -9,10 +9,10 @@ import torch
 from peft import PeftModel
 
 from rlhf_online.config import load_config
-from rlhf_online.generation import BASE_VERSION
 from rlhf_online.models import load_base_model
 from rlhf_online.services import build_services
 from rlhf_online.timeline import load_entries
+from rlhf_online.versions import BASE_VERSION
 from rlhf_online.worker import TrainerWorker
 
 pytestmark = pytest.mark.integration
