@@ -3,6 +3,7 @@
     python bench/reward_online.py --train ../shared/data/hh_harmless_dev.jsonl --eval-size 400 --out r.json
     python bench/reward_online.py --train TRAIN.jsonl --eval EVAL.jsonl --eval-every 100 --out r.json
 
+Reward-model settings come from the app's RLHF_* variables, e.g. RLHF_REWARD_FEATURES=0.33:mean,1:last.
 With only --train, a seeded shuffle holds out --eval-size pairs for evaluation. Prints a learning curve and
 writes JSON (eval_accuracy, eval_accuracy_ci, eval_accuracy_length_balanced, length_balanced_pairs,
 score_length_correlation, curve, prequential_accuracy, length_baseline_accuracy, seconds_per_update, ...).
@@ -12,13 +13,14 @@ Length-balanced pairs: chosen and rejected within 20% of each other in tokens.
 from __future__ import annotations
 
 import argparse
+import os
 import time
 from dataclasses import dataclass
 
 import torch
 
 from common import SHARED_HH, peak_rss_mb, read_preference_file, split_rows, write_json
-from rlhf_online.config import AppConfig
+from rlhf_online.config import AppConfig, apply_environment
 from rlhf_online.models import load_base_model, load_tokenizer, resolve_model_source
 from rlhf_online.reward import OnlineRewardLearner, RewardModel, attach_reward_adapter
 from rlhf_online.rl_math import (bootstrap_accuracy_ci, length_balanced_mask, pearson_correlation,
@@ -93,7 +95,7 @@ def main(argv=None) -> int:
     train = [Pair(i + 1, **r) for i, r in enumerate(train_rows[:args.limit])]
     evaluation = [Pair(i + 1, **r) for i, r in enumerate(eval_rows)]
 
-    cfg = AppConfig()
+    cfg = apply_environment(AppConfig(), os.environ)  # RLHF_REWARD_* variables select the options compared
     cfg.model.model = args.model
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(source)

@@ -96,6 +96,10 @@ def options(grid: str, feature_names: list[str], feature: str | None) -> list[di
     base = {**BASE_OPTION, "feature": feature or BASE_OPTION["feature"]}
     if grid == "features":
         return [{**base, "feature": f} for f in feature_names]
+    if grid == "combined":
+        combos = ("L10_mean+L22_mean", "L6_mean+L14_mean+L22_mean+L30_mean", "L10_mean+L30_last", "L14_mean+L26_mean",
+                  "L10_mean+L22_mean+L30_last")
+        return [{**base, "feature": f, **v} for f in combos for v in ({}, {"lr": 1e-3}, {"wd": 1.0})]
     if grid == "learning":
         return [{**base, **variation} for variation in LEARNING_VARIATIONS]
     raise ValueError(f"unknown grid {grid!r}: features or learning")
@@ -117,7 +121,7 @@ def summarize(runs: list[dict]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--features", default="bench/cache/hh_features.pt")
-    parser.add_argument("--grid", default="features", help="features or learning")
+    parser.add_argument("--grid", default="features", help="features, combined or learning")
     parser.add_argument("--feature", default=None, help="the feature the learning grid varies around")
     parser.add_argument("--splits", type=int, default=5)
     parser.add_argument("--train-size", type=int, default=800)
@@ -141,7 +145,7 @@ def main(argv=None) -> int:
             order = list(range(pairs))
             random.Random(split).shuffle(order)
             evaluation, train = order[:args.eval_size], order[args.eval_size:args.eval_size + args.train_size]
-            x = features[option["feature"]]
+            x = torch.cat([features[name] for name in option["feature"].split("+")], dim=1)  # "A+B": concatenated
             runs.append(stream(option, x[0::2], x[1::2], train, evaluation, split, tokens))
         summary = summarize(runs)
         results.append({"option": option, "summary": summary, "runs": runs})

@@ -63,12 +63,30 @@ def attach_reward_adapter(model, model_cfg: ModelConfig, reward_cfg: RewardConfi
     return get_peft_model(model, config, adapter_name=REWARD_ADAPTER)
 
 
-def feature_depth(model_config, cfg: RewardConfig) -> int:
-    """How many decoder blocks the reward features go through (`reward_feature_layer`, 0 = all of them)."""
+def feature_taps(model_config, cfg: RewardConfig) -> list[tuple[int, str]]:
+    """`reward_features` ("0.33:mean,1:last") as (decoder blocks, pooling) pairs, deepest last.
+
+    Each item taps the hidden states after that fraction of the stack; the reward features are the taps
+    concatenated. Why several: a middle layer's average over the answer and the last layer's final token carry
+    different parts of what people judge (bench/reward_sweep.py: together they beat either alone)."""
     layers = model_config.num_hidden_layers
-    if cfg.reward_feature_layer < 0 or cfg.reward_feature_layer > layers:
-        raise ValueError(f"reward_feature_layer {cfg.reward_feature_layer} is not within 0..{layers}")
-    return cfg.reward_feature_layer or layers
+    taps = []
+    for item in cfg.reward_features.split(","):
+        fraction, _, pooling = item.strip().partition(":")
+        try:
+            fraction_value = float(fraction)
+        except ValueError:
+            fraction_value = -1.0
+        if not 0 < fraction_value <= 1 or pooling not in ("last", "mean"):
+            raise ValueError(f"reward_features item {item.strip()!r}: use DEPTH:POOL with DEPTH in (0, 1] "
+                             "(a fraction of the decoder blocks) and POOL last or mean, e.g. 0.33:mean,1:last")
+        taps.append((max(1, min(layers, round(fraction_value * layers))), pooling))
+    return sorted(set(taps))
+
+
+def feature_depth(model_config, cfg: RewardConfig) -> int:
+    """How many decoder blocks the reward features go through (the deepest tap)."""
+    return feature_taps(model_config, cfg)[-1][0]
 
 
 @dataclass(frozen=True)
@@ -82,8 +100,9 @@ class TokenRow:
 class RewardModel:
     """Scores (conversation, answer) from the base's hidden states, with a small ensemble of scalar heads.
 
-    The features: the hidden states after `reward_feature_layer` blocks, through the model's final RMSNorm,
-    either at the answer's last token or averaged over the answer's tokens (`reward_pooling`). LoRA, when
+    The features: the hidden states after a fraction of the decoder blocks, through the model's final RMSNorm,
+    either at the answer's last token or averaged over the answer's tokens, at one or more depths
+    (`reward_features`, concatenated). LoRA, when
     `reward_lora_layers` > 0, adapts the top blocks of that stack; with 0 the features are frozen, so each
     answer's feature vector is computed once and an update trains only the heads (see `RewardConfig`).
 
@@ -98,12 +117,13 @@ class RewardModel:
         self.tokenizer = tokenizer
         self.cfg = cfg
         base = model.get_base_model() if isinstance(model, PeftModel) else model
-        self.depth = feature_depth(base.config, cfg)
-        if cfg.reward_pooling not in ("last", "mean"):
-            raise ValueError(f"reward_pooling {cfg.reward_pooling!r}: use last or mean")
+        self.taps = feature_taps(base.config, cfg)
+        self.depth = self.taps[-1][0]
+        if cfg.reward_lora_layers > 0 and len(self.taps) > 1:
+            raise ValueError("reward LoRA adapts the top of one feature stack: give reward_features one item")
         hidden = base.config.hidden_size
         self.heads = max(1, cfg.reward_heads)
-        self.head = torch.nn.Linear(hidden, self.heads, device=base.device)
+        self.head = torch.nn.Linear(hidden * len(self.taps), self.heads, device=base.device)
         torch.nn.init.zeros_(self.head.weight)  # every answer scores 0 until a vote says otherwise
         torch.nn.init.zeros_(self.head.bias)
         for p in self.lora_parameters().values():
@@ -154,9 +174,9 @@ class RewardModel:
                            position_ids=position_ids)
         return hidden
 
-    def _pool(self, hidden: torch.Tensor, answer_tokens: list[int]) -> torch.Tensor:
+    def _pool(self, hidden: torch.Tensor, answer_tokens: list[int], pooling: str) -> torch.Tensor:
         """(B, T, H) normed, left-padded hidden states -> (B, H) features."""
-        if self.cfg.reward_pooling == "last":
+        if pooling == "last":
             return hidden[:, -1, :]  # left padding puts the final token last
         width = hidden.shape[1]
         positions = torch.arange(width, device=hidden.device)
@@ -173,10 +193,16 @@ class RewardModel:
         device = self.trunk.embed_tokens.weight.device
         with self._reward_active():
             hidden = self.trunk.embed_tokens(batch["input_ids"].to(device))  # (B, T, H)
-            hidden = self._run_layers(hidden, batch["attention_mask"].to(device), self.trunk.layers[:self.split_layer])
+            mask = batch["attention_mask"].to(device)
             if self.frozen:
-                pooled = self._pool(self.trunk.norm(hidden), [r.answer_tokens for r in rows])  # (B, H)
+                pooled, done = [], 0
+                for layers, pooling in self.taps:  # run the stack once, tapping it on the way up
+                    hidden = self._run_layers(hidden, mask, self.trunk.layers[done:layers])
+                    done = layers
+                    pooled.append(self._pool(self.trunk.norm(hidden), [r.answer_tokens for r in rows], pooling))
+                pooled = torch.cat(pooled, dim=-1)  # (B, H * taps)
                 return [(p.to("cpu", torch.float32), r.answer_tokens) for p, r in zip(pooled, rows)]
+            hidden = self._run_layers(hidden, mask, self.trunk.layers[:self.split_layer])
         # strip left padding; the cache lives in CPU memory whatever the device
         return [(h[-len(r.ids):].to("cpu", torch.float16), r.answer_tokens) for h, r in zip(hidden, rows)]
 
@@ -195,7 +221,7 @@ class RewardModel:
             attention_mask[i, width - f.shape[0]:] = 1
         with self._reward_active():
             hidden = self._run_layers(hidden, attention_mask, self.trunk.layers[self.split_layer:self.depth])
-            pooled = self._pool(self.trunk.norm(hidden), [n for _, n in features])  # (B, H)
+            pooled = self._pool(self.trunk.norm(hidden), [n for _, n in features], self.taps[0][1])  # (B, H)
         return self.head(pooled.to(self.head.weight.dtype))  # (B, K)
 
     def forward(self, conversations: list[tuple[list[dict], str]]) -> torch.Tensor:

@@ -17,7 +17,8 @@ from rlhf_online.store import Preference
 
 MODEL_CFG = ModelConfig(lora_r=8, lora_alpha=16)
 # One LoRA layer of the tiny model's two: the lower layer runs through the cached frozen-feature path.
-REWARD_CFG = RewardConfig(reward_lr=3e-3, reward_lora_layers=1, reward_max_tokens=64, reward_replay=3)
+REWARD_CFG = RewardConfig(reward_lr=3e-3, reward_head_lr=9e-3, reward_lora_layers=1, reward_max_tokens=64,
+                          reward_replay=3, reward_features="1:last")
 
 PROMPTS = ["hello how are you today?", "What is two plus two?", "Why is the sky blue?",
            "What is the capital of France?", "Please write a short answer.", "Thank you, assistant!"]
@@ -199,7 +200,7 @@ def tokenizer_answer_ids(tokenizer, text: str) -> list[int]:
 
 def test_reward_lora_gradients_survive_a_generate(tiny_model_dir, tokenizer):
     """The trap: an eval-mode generate on CPU repacks 4-bit weights; a backward after that must still work."""
-    cfg = RewardConfig(reward_lora_layers=2, reward_max_tokens=64)  # LoRA in every layer: the most sensitive
+    cfg = RewardConfig(reward_lora_layers=2, reward_max_tokens=64, reward_features="1:last")  # LoRA in every layer
     peft, rm = build(tiny_model_dir, tokenizer, cfg)
     torch.manual_seed(1)
     with torch.no_grad():  # a non-zero lora_B and head, so every LoRA tensor gets a gradient
@@ -343,8 +344,9 @@ def test_length_audit_keeps_a_length_taste_the_votes_show_and_removes_one_they_d
 
 # ---- issue 17: what the reward model learns beyond length ---------------------------------------------------
 
-FROZEN_CFG = RewardConfig(reward_lora_layers=0, reward_pooling="mean", reward_max_tokens=64, reward_replay=16,
+FROZEN_CFG = RewardConfig(reward_lora_layers=0, reward_features="0.5:mean", reward_max_tokens=64, reward_replay=16,
                           reward_steps_per_vote=2, reward_head_lr=1e-2)
+TWO_TAP_CFG = dataclasses.replace(FROZEN_CFG, reward_features="0.5:mean,1:last")
 
 
 def filler_answer(rng: random.Random, words: int, marker: str = "") -> str:
@@ -386,7 +388,7 @@ def held_out_report(rm: RewardModel, prefs: list[Preference]) -> dict:
             "length_correlation": pearson_correlation(torch.cat([chosen, rejected]), torch.cat(tokens).float().log())}
 
 
-@pytest.mark.parametrize("reward_cfg", [REWARD_CFG, FROZEN_CFG], ids=["lora-last", "frozen-mean"])
+@pytest.mark.parametrize("reward_cfg", [REWARD_CFG, FROZEN_CFG, TWO_TAP_CFG], ids=["lora-last", "frozen-mean", "two-taps"])
 def test_a_marker_preference_independent_of_length_is_learned_beyond_length(tiny_model_dir, tokenizer, reward_cfg):
     _, rm = build(tiny_model_dir, tokenizer, reward_cfg)
     learner = OnlineRewardLearner(rm, reward_cfg, seed=0)
@@ -412,3 +414,40 @@ def test_a_length_only_preference_is_detected_as_such(tiny_model_dir, tokenizer)
     assert report["length_correlation"] < -0.5, report  # ... and its scores are mostly answer length
     audit = learner.length_audit.summary()
     assert audit["length_slope_votes"] < -1.0  # the audit sees that the votes themselves favour short answers
+
+
+def test_frozen_features_ignore_the_policy_adapter_they_share_a_base_with(tiny_model_dir, tokenizer):
+    """The policy's LoRA changes with every PPO step; the reward model's frozen features must not."""
+    peft, rm = build(tiny_model_dir, tokenizer, FROZEN_CFG)
+    assert rm.frozen and not rm.lora_parameters() and REWARD_ADAPTER not in peft.peft_config
+    with torch.no_grad():
+        rm.head.weight.normal_(0, 1.0)
+    conversations = [([{"role": "user", "content": "Why is the sky blue?"}], "Rayleigh scattering, banana."),
+                     ([{"role": "user", "content": "hello"}], "I am fine")]
+    before = rm.score(conversations)
+    with torch.no_grad():  # a PPO step's worth of change (and then some) in the policy adapter
+        for name, p in models.lora_parameters(peft, models.POLICY_ADAPTER).items():
+            p.add_(torch.randn_like(p))
+    assert rm.score(conversations) == before
+    assert peft.active_adapter == models.POLICY_ADAPTER  # the chat model is still the policy
+    policy_on = policy_logits(peft, tokenizer)
+    with peft.disable_adapter():
+        assert not torch.equal(policy_logits(peft, tokenizer), policy_on)  # the adapter does change the model
+
+
+def test_two_taps_concatenate_a_middle_mean_and_the_last_token(tiny_model_dir, tokenizer):
+    _, one = build(tiny_model_dir, tokenizer, FROZEN_CFG)
+    _, two = build(tiny_model_dir, tokenizer, TWO_TAP_CFG)
+    assert two.taps == [(1, "mean"), (2, "last")] and two.head.in_features == 2 * one.head.in_features
+    conversations = [([{"role": "user", "content": "hello"}], "I am fine, banana."),
+                     ([{"role": "user", "content": "Why is the sky blue? " * 3}], "Rayleigh")]
+    rows = two.token_rows(conversations)
+    both = torch.stack([f for f, _ in two.frozen_features(rows)])  # (2, 2H)
+    middle = torch.stack([f for f, _ in one.frozen_features(rows)])  # (2, H)
+    torch.testing.assert_close(both[:, :middle.shape[1]], middle)  # the first tap is the one-tap feature
+
+
+@pytest.mark.parametrize("spec", ["0:mean", "1.5:last", "0.5:max", "half:mean", "0.5"])
+def test_a_bad_feature_spec_is_refused_with_the_expected_form(tiny_model_dir, tokenizer, spec):
+    with pytest.raises(ValueError, match="DEPTH:POOL"):
+        build(tiny_model_dir, tokenizer, dataclasses.replace(FROZEN_CFG, reward_features=spec))

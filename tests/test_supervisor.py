@@ -210,7 +210,7 @@ def test_real_trainer_survives_a_kill_and_never_leaves_a_half_written_version(tm
 
     cfg = AppConfig(data_dir=str(tmp_path / "data"), adapters_dir=str(tmp_path / "adapters"),
                     model=ModelConfig(model=str(tiny_model_dir), lora_r=4, lora_alpha=8),
-                    reward=RewardConfig(reward_max_tokens=48, reward_lora_layers=1),
+                    reward=RewardConfig(reward_max_tokens=48),
                     ppo=PPOConfig(ppo_batch_size=2, ppo_minibatch_size=2, ppo_max_new_tokens=6, ppo_epochs=1,
                                   publish_every=1, min_preferences=2),
                     gate=GateConfig(gate=False))  # publishing under a kill is under test, not the release gate

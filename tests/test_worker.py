@@ -35,7 +35,7 @@ def make_config(root, tiny_model_dir) -> AppConfig:
     return AppConfig(
         data_dir=str(root / "data"), adapters_dir=str(root / "adapters"), seed=0,
         model=ModelConfig(model=str(tiny_model_dir), lora_r=8, lora_alpha=16),
-        reward=RewardConfig(reward_max_tokens=48, reward_lora_layers=1, reward_lr=3e-3),
+        reward=RewardConfig(reward_max_tokens=48),  # the default: heads on frozen features
         ppo=PPOConfig(ppo_batch_size=2, ppo_minibatch_size=2, ppo_max_new_tokens=6, ppo_epochs=1,
                       publish_every=1, min_preferences=2),
         gate=GateConfig(gate=False))  # publishing itself is under test here; the gate has its own tests below
