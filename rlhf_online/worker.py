@@ -196,11 +196,20 @@ class TrainerWorker:
                 group["lr"] = ppo.ppo_lr
         log.info("applied training settings from the admin: %s", settings)
 
+    def warming_up(self) -> bool:
+        """An imported preference file is still being learned: it pre-trains the reward model before PPO uses
+        it, so the first policy update already follows what the file's people preferred."""
+        pending = self.store.preferences_since(self.learner.last_preference_id, limit=1)
+        return bool(pending) and pending[0].source == "import"
+
     def learn_from_votes(self, limit: int = 8) -> int:
         """Online reward updates for new preference pairs, then scores for the voted pairs on screen."""
         prefs = self.store.preferences_since(self.learner.last_preference_id, limit=limit)
         if prefs:
-            self.report(f"learning {len(prefs)} new vote{'s' if len(prefs) > 1 else ''} (reward model)")
+            imported = sum(p.source == "import" for p in prefs)
+            self.report(f"learning {len(prefs)} imported pair{'s' if len(prefs) > 1 else ''} before PPO (reward "
+                        "model warm start)" if imported == len(prefs) else
+                        f"learning {len(prefs)} new vote{'s' if len(prefs) > 1 else ''} (reward model)")
             self.learner.prefetch(prefs)
         for pref in prefs:
             self.chat_yield()
@@ -476,7 +485,7 @@ class TrainerWorker:
         self.apply_settings()
         self.follow_rollback()
         self.auto_rollback()
-        ppo_due = self.ppo_ready() and self._last_step == "reward"
+        ppo_due = self.ppo_ready() and self._last_step == "reward" and not self.warming_up()
         if not ppo_due and self.learn_from_votes():
             self._last_step = "reward"
         elif not ppo_due and self._last_step != "ai_label" and self.label_with_ai():

@@ -4,6 +4,7 @@
 import json
 import logging
 import re
+import random
 import threading
 import time
 from types import SimpleNamespace
@@ -402,3 +403,19 @@ def test_a_degenerate_candidate_is_rejected_logged_and_training_continues_from_t
     from rlhf_online import dashboard
     text = dashboard.gate_markdown(worker.store.latest_metrics("gate"))
     assert "1 rejected" in text and "length collapse" in text  # what the panel shows
+
+
+def test_an_imported_file_is_learned_before_ppo_starts(tmp_path, tiny_model_dir):
+    """Warm start: 20 imported pairs (more than two batches of eight) all reach the reward model before the
+    first PPO iteration; votes alone would have let PPO start after `min_preferences` = 2."""
+    cfg = make_config(tmp_path, tiny_model_dir)
+    seed_votes(cfg)
+    rng = random.Random(0)
+    records = [{"prompt": [{"role": "user", "content": rng.choice(["hello", "Why is the sky blue?"])}],
+                "chosen": f"banana {i}", "rejected": f"Paris {i}"} for i in range(20)]
+    with PreferenceStore(store_path(cfg.data_path)) as store:
+        assert store.import_preferences(records).imported == 20
+    worker = TrainerWorker(cfg)
+    steps = [worker.step() for _ in range(4)]
+    assert steps == ["reward", "reward", "reward", "ppo"], steps  # 3 votes + 20 imports = 23 pairs in 3 batches
+    assert worker.learner.metrics.total == 23
