@@ -24,23 +24,9 @@ import torch.nn.functional as F
 
 from common import write_json
 from rlhf_online.reward import bootstrap_weights
+from rlhf_online.rl_math import length_balanced_mask, pearson_correlation, preference_accuracy
 
 CHECKPOINTS = (100, 200, 400, 800)
-
-
-def length_balanced(tokens_c: torch.Tensor, tokens_r: torch.Tensor, tolerance: float = 0.2) -> torch.Tensor:
-    """Pairs whose answers are within `tolerance` of each other in tokens: where length cannot decide."""
-    return (tokens_c - tokens_r).abs() <= tolerance * torch.maximum(tokens_c, tokens_r)
-
-
-def accuracy(sc: torch.Tensor, sr: torch.Tensor) -> float:
-    return float(((sc > sr).float() + 0.5 * (sc == sr).float()).mean()) if len(sc) else float("nan")
-
-
-def pearson(x: torch.Tensor, y: torch.Tensor) -> float:
-    x, y = x.double() - x.double().mean(), y.double() - y.double().mean()
-    d = float(x.norm() * y.norm())
-    return float((x * y).sum()) / d if d > 0 else float("nan")
 
 
 def stream(option: dict, xc: torch.Tensor, xr: torch.Tensor, train: list[int], evaluation: list[int], seed: int,
@@ -56,7 +42,7 @@ def stream(option: dict, xc: torch.Tensor, xr: torch.Tensor, train: list[int], e
     smoothing = option.get("smoothing", 0.0)
     replay, seen, curve, update_seconds = [], 0, [], []
     ec, er = xc[evaluation], xr[evaluation]
-    balanced = length_balanced(tokens[0][evaluation].float(), tokens[1][evaluation].float())
+    balanced = length_balanced_mask(tokens[0][evaluation], tokens[1][evaluation])
     for i in train:
         started = time.perf_counter()
         batch = [i] + rng.sample(replay, min(option.get("replay", 3), len(replay)))
@@ -76,11 +62,12 @@ def stream(option: dict, xc: torch.Tensor, xr: torch.Tensor, train: list[int], e
                 sc, sr = head(ec).mean(1), head(er).mean(1)
             scores = torch.cat([sc, sr])
             lengths = torch.cat([tokens[0][evaluation], tokens[1][evaluation]]).float()
-            curve.append({"pairs": seen, "eval_accuracy": accuracy(sc, sr),
-                          "eval_accuracy_length_balanced": accuracy(sc[balanced], sr[balanced]),
-                          "score_length_correlation": pearson(scores, lengths.log())})
+            curve.append({"pairs": seen, "eval_accuracy": preference_accuracy(sc, sr),
+                          "eval_accuracy_length_balanced": preference_accuracy(sc[balanced], sr[balanced]),
+                          "score_length_correlation": pearson_correlation(scores, lengths.log())})
     return {"curve": curve, "length_balanced_pairs": int(balanced.sum()),
-            "length_baseline_accuracy": accuracy(-tokens[0][evaluation].float(), -tokens[1][evaluation].float()),
+            "length_baseline_accuracy": preference_accuracy(-tokens[0][evaluation].float(),
+                                                            -tokens[1][evaluation].float()),
             "head_seconds_per_update": sum(update_seconds) / len(update_seconds)}
 
 

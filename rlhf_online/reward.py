@@ -27,7 +27,7 @@ from transformers.masking_utils import create_causal_mask
 
 from rlhf_online.config import ModelConfig, RewardConfig
 from rlhf_online.models import chat_ids, lora_config, lora_parameters, padded_position_ids
-from rlhf_online.rl_math import bradley_terry_loss
+from rlhf_online.rl_math import bradley_terry_loss, pearson_correlation
 
 REWARD_ADAPTER = "reward"
 
@@ -363,9 +363,7 @@ class LengthAudit:
             return float("nan")
         lengths = torch.tensor([a[0] for a in self.answers], dtype=torch.float64)
         scores = torch.tensor([a[1] for a in self.answers], dtype=torch.float64) - correction * lengths
-        lengths, scores = lengths - lengths.mean(), scores - scores.mean()
-        denominator = float(lengths.norm() * scores.norm())
-        return float((lengths * scores).sum()) / denominator if denominator > 0 else float("nan")
+        return pearson_correlation(scores, lengths)
 
     def summary(self) -> dict[str, float]:
         enough = len(self.pairs) >= self.min_pairs
