@@ -77,7 +77,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-size", type=int, default=400, help="pairs held out when --eval is not given")
     parser.add_argument("--limit", type=int, default=None, help="stream at most N training pairs")
     parser.add_argument("--eval-every", type=int, default=None, help="evaluate every N pairs (default: --eval-at)")
-    parser.add_argument("--eval-at", default="100,200,400,800", help="pair counts at which to evaluate")
+    parser.add_argument("--eval-at", default="100,200,400,800", help="pair counts at which to evaluate (0: the untrained model, always 0.5)")
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--threads", type=int, default=1, help="threads for updates (the trainer uses 1)")
     parser.add_argument("--eval-threads", type=int, default=2, help="threads for evaluation")
@@ -105,7 +105,7 @@ def main(argv=None) -> int:
 
     eval_tokens = token_counts(tokenizer, evaluation)
     eval_at = {int(x) for x in args.eval_at.split(",")}
-    curve = [evaluate(rm, evaluation, eval_tokens, args.eval_threads, 0)]
+    curve = [evaluate(rm, evaluation, eval_tokens, args.eval_threads, 0)] if 0 in eval_at else []
     print(f"{'pairs':>6} {'eval_acc':>9} {'95% CI':>13} {'balanced':>9} {'len_corr':>9} {'preq_acc':>9} "
           f"{'s/update':>9}")
     update_seconds = []
