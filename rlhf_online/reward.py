@@ -43,13 +43,18 @@ class UpdateStats:
     seconds: float
 
 
+def _base_model(model):
+    """The transformers model under a PeftModel (the trainer shares one base between policy and reward), or the
+    model itself when no adapter was attached."""
+    return model.get_base_model() if isinstance(model, PeftModel) else model
+
+
 def attach_reward_adapter(model, model_cfg: ModelConfig, reward_cfg: RewardConfig):
     """Add the reward LoRA to a PeftModel (sharing its base with the policy), or wrap a plain base.
 
     With `reward_lora_layers=0` the reward model is heads on frozen features and needs no adapter: the model
     is returned as it is."""
-    config = model.get_base_model().config if isinstance(model, PeftModel) else model.config
-    depth = feature_depth(config, reward_cfg)
+    depth = feature_depth(_base_model(model).config, reward_cfg)
     if reward_cfg.reward_lora_layers <= 0:
         return model
     top = list(range(max(0, depth - reward_cfg.reward_lora_layers), depth))
@@ -116,7 +121,7 @@ class RewardModel:
         self.model = model
         self.tokenizer = tokenizer
         self.cfg = cfg
-        base = model.get_base_model() if isinstance(model, PeftModel) else model
+        base = _base_model(model)
         self.taps = feature_taps(base.config, cfg)
         self.depth = self.taps[-1][0]
         if cfg.reward_lora_layers > 0 and len(self.taps) > 1:
@@ -147,8 +152,7 @@ class RewardModel:
 
     @property
     def trunk(self):
-        base = self.model.get_base_model() if isinstance(self.model, PeftModel) else self.model
-        return base.model  # the transformer without the LM head: no vocab matmul
+        return _base_model(self.model).model  # the transformer without the LM head: no vocab matmul
 
     def token_rows(self, conversations: list[tuple[list[dict], str]]) -> list[TokenRow]:
         """Chat-template each (messages, answer), keep the last `reward_max_tokens` tokens, and count the
@@ -425,12 +429,8 @@ class OnlineRewardLearner:
 
     def _features(self, pref) -> tuple[torch.Tensor, torch.Tensor]:
         """Frozen features of (chosen, rejected), computed once per pair and kept with it for replay."""
-        cached = self._feature_cache.get(pref.id)
-        if cached is None:
-            rows = self.rm.token_rows([(pref.prompt, pref.chosen), (pref.prompt, pref.rejected)])
-            cached = tuple(self.rm.frozen_features(rows))
-            self._feature_cache[pref.id] = cached
-        return cached
+        self.prefetch([pref])
+        return self._feature_cache[pref.id]
 
     def prefetch(self, prefs: list, batch_size: int = 8) -> None:
         """Compute the frozen features of several new pairs in a few batched forwards (answers of similar
