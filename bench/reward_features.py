@@ -18,39 +18,28 @@ import torch
 from common import SHARED_HH, read_preference_file
 from rlhf_online.config import AppConfig
 from rlhf_online.models import load_base_model, load_tokenizer, resolve_model_source
+from rlhf_online.reward import RewardModel, TokenRow, attach_reward_adapter
 
 
-def answer_rows(tokenizer, prompt: list[dict], answer: str, max_tokens: int) -> tuple[list[int], int]:
-    """Token ids of the chat-templated conversation (its last `max_tokens`) and how many of them are the answer."""
-    full = tokenizer.apply_chat_template(prompt + [{"role": "assistant", "content": answer}], tokenize=True)
-    head = tokenizer.apply_chat_template(prompt, tokenize=True, add_generation_prompt=True)
-    full = list(full["input_ids"] if hasattr(full, "keys") else full)
-    head = list(head["input_ids"] if hasattr(head, "keys") else head)
-    answer_tokens = max(1, len(full) - len(head))
-    kept = full[-max_tokens:]
-    return kept, min(answer_tokens, len(kept))
+def feature_spec(layers: list[int], total: int) -> str:
+    """`reward_features` tapping every requested depth with both poolings: the app's own featurisation computes the
+    cache, so what the sweep compares is what the app would learn from."""
+    return ",".join(f"{l / total!r}:{pool}" for l in layers for pool in ("last", "mean"))
 
 
 @torch.no_grad()
-def extract(trunk, tokenizer, rows: list[tuple[list[int], int]], layers: list[int], batch_size: int):
-    features = {f"L{l}_{pool}": [] for l in layers for pool in ("last", "mean")}
-    for start in range(0, len(rows), batch_size):
-        chunk = rows[start:start + batch_size]
-        batch = tokenizer.pad({"input_ids": [ids for ids, _ in chunk]}, padding=True, padding_side="left",
-                              return_tensors="pt")
-        out = trunk(**batch, output_hidden_states=True)
-        width = batch["input_ids"].shape[1]
-        answer_mask = torch.zeros(len(chunk), width)
-        for i, (_, n) in enumerate(chunk):
-            answer_mask[i, width - n:] = 1.0  # left padding: the answer is the last n tokens
-        for l in layers:
-            hidden = out.hidden_states[l]
-            hidden = hidden if l == len(out.hidden_states) - 1 else trunk.norm(hidden)  # the last one is normed
-            features[f"L{l}_last"].append(hidden[:, -1].float())
-            pooled = (hidden * answer_mask[..., None]).sum(1) / answer_mask.sum(1, keepdim=True)
-            features[f"L{l}_mean"].append(pooled.float())
+def extract(rm: RewardModel, rows: list[TokenRow], batch_size: int) -> dict[str, torch.Tensor]:
+    """{"L{blocks}_{pool}": (N, H)} for every tap of `rm`, rows batched by length (little padding)."""
+    order = sorted(range(len(rows)), key=lambda i: len(rows[i].ids))
+    vectors: list = [None] * len(rows)
+    for start in range(0, len(order), batch_size):
+        chunk = order[start:start + batch_size]
+        for i, (vector, _) in zip(chunk, rm.frozen_features([rows[i] for i in chunk])):
+            vectors[i] = vector
         print(f"{start + len(chunk)}/{len(rows)} answers", flush=True)
-    return {k: torch.cat(v) for k, v in features.items()}
+    stacked = torch.stack(vectors)  # (N, H * taps), taps in rm.taps order
+    width = stacked.shape[1] // len(rm.taps)
+    return {f"L{blocks}_{pool}": stacked[:, k * width:(k + 1) * width] for k, (blocks, pool) in enumerate(rm.taps)}
 
 
 def main(argv=None) -> int:
@@ -58,7 +47,7 @@ def main(argv=None) -> int:
     parser.add_argument("--data", default=str(SHARED_HH))
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--max-tokens", type=int, default=AppConfig().reward.reward_max_tokens)
-    parser.add_argument("--layers", default="6,10,14,18,22,26,30", help="depths (0 = embeddings)")
+    parser.add_argument("--layers", default="6,10,14,18,22,26,30", help="depths in decoder blocks (1 to the number of blocks)")
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--out", default="bench/cache/hh_features.pt")
@@ -69,17 +58,16 @@ def main(argv=None) -> int:
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(source)
     base = load_base_model(source, cfg.model.quantization, for_training=True).model  # as the trainer loads it
+    layers = [int(x) for x in args.layers.split(",")]
+    cfg.reward.reward_features = feature_spec(layers, base.config.num_hidden_layers)
+    cfg.reward.reward_max_tokens = args.max_tokens
+    rm = RewardModel(attach_reward_adapter(base, cfg.model, cfg.reward), tokenizer, cfg.reward)
     pairs = read_preference_file(args.data)
-    rows = [answer_rows(tokenizer, p["prompt"], answer, args.max_tokens)
-            for p in pairs for answer in (p["chosen"], p["rejected"])]  # answer 2i chosen, 2i+1 rejected
+    rows = rm.token_rows([(p["prompt"], answer) for p in pairs
+                          for answer in (p["chosen"], p["rejected"])])  # answer 2i chosen, 2i+1 rejected
     started = time.time()
-    order = sorted(range(len(rows)), key=lambda i: len(rows[i][0]))  # similar lengths together: little padding
-    sorted_features = extract(base.model, tokenizer, [rows[i] for i in order], [int(x) for x in args.layers.split(",")],
-                              args.batch_size)
-    inverse = torch.empty(len(order), dtype=torch.long)
-    inverse[torch.tensor(order)] = torch.arange(len(order))
-    features = {k: v[inverse] for k, v in sorted_features.items()}
-    features["answer_tokens"] = torch.tensor([n for _, n in rows])
+    features = extract(rm, rows, args.batch_size)
+    features["answer_tokens"] = torch.tensor([r.answer_tokens for r in rows])
     features["answer_chars"] = torch.tensor([len(a) for p in pairs for a in (p["chosen"], p["rejected"])])
     torch.save({"features": features, "data": args.data, "model": args.model, "max_tokens": args.max_tokens,
                 "quantization": cfg.model.quantization, "seconds": time.time() - started}, args.out)
