@@ -54,10 +54,10 @@ def build_judge(args, cfg: AppConfig) -> Judge:
     else:
         constitution = load_constitution(cfg.feedback, args.data_dir)
     if args.judge_model:
-        model, tokenizer = load_judge_model(args.judge_model, cfg.model.quantization)
+        model, tokenizer = load_judge_model(args.judge_model, cfg.model.resolved_quantization())
         return Judge(model, tokenizer, constitution, cfg.feedback, judge_id=args.judge_model)
     source = resolve_model_source(cfg.model)
-    model = load_base_model(source, cfg.model.quantization, for_training=True).model
+    model = load_base_model(source, cfg.model.resolved_quantization(), for_training=True).model
     return Judge(model, load_tokenizer(source), constitution, cfg.feedback,
                  judge_id=BASE_JUDGE_PREFIX + cfg.model.model)
 
@@ -188,7 +188,7 @@ def train_reward_model(cfg: AppConfig, source: str, tokenizer, pairs: list[Pair]
     from rlhf_online.reward import OnlineRewardLearner, RewardModel, attach_reward_adapter
 
     torch.manual_seed(seed)
-    base = load_base_model(source, cfg.model.quantization, for_training=True).model
+    base = load_base_model(source, cfg.model.resolved_quantization(), for_training=True).model
     rm = RewardModel(attach_reward_adapter(base, cfg.model, cfg.reward), tokenizer, cfg.reward)
     learner = OnlineRewardLearner(rm, cfg.reward, seed=seed)
     began = time.perf_counter()

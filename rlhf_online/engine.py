@@ -68,7 +68,7 @@ def build_engine(cfg: AppConfig, name: str, tokenizer, source: str, registry: Ad
     """Load the engine `choose_engine` picked and its manager of published versions (not yet refreshed)."""
     keep = 2  # the newest version and its predecessor: what a pair compares
     if name == "transformers":
-        base = load_base_model(source, cfg.model.quantization, for_training=False)
+        base = load_base_model(source, cfg.model.resolved_quantization(), for_training=False)
         generator = Generator(base.model, tokenizer, cfg.sampling,  # on ZeroGPU, a GPU lent per pair
                               gpu_call=lambda call: maybe_gpu_decorator(call, os.environ))
         live = LiveAdapters(generator, registry, keep=keep, lora_shape=lora_config(cfg.model))

@@ -43,6 +43,16 @@ log = logging.getLogger(__name__)
 XLLAMACPP_PIN = "xllamacpp==2026.10.11549"
 
 
+@dataclass(frozen=True)
+class TokenSample:
+    """One sampled answer as tokens: through its end-of-turn token when it ended (not cut by the length limit),
+    with the sampler's log-probability of each token (None where llama.cpp reports none: the end-of-turn)."""
+
+    token_ids: list[int]
+    logprobs: list[float | None]
+    ended: bool
+
+
 @dataclass
 class LlamaCppState:
     server: object
@@ -160,6 +170,57 @@ class LlamaCppEngine(ChatEngine):
             yield from merge_row_streams(len(prompt_ids), run_row,
                                          lambda reason: RuntimeError(f"llama.cpp generation failed: {reason}"),
                                          "llamacpp")
+
+    def serve_only(self, name: str, adapter: Path | None) -> float:
+        """From now on serve one adapter under `name` (or none: the base). For the trainer's sampler, whose one
+        version is the policy as it is now; returns the seconds the new server took to build."""
+        started = time.perf_counter()
+        self.states.switch_to(self._new_state([(name, adapter)] if adapter is not None else []))
+        return time.perf_counter() - started
+
+    def sample_tokens(self, prompt_ids: Sequence[list[int]], version: str, max_new_tokens: int,
+                      seeds: Sequence[int], end_of_turn_id: int) -> list[TokenSample]:
+        """Sample one answer per prompt, as token ids with their log-probabilities: all rows sent at once, so
+        llama.cpp decodes them in the same batches (they share one adapter set).
+
+        Sampled as the chat samples (temperature, top-p) but without the repetition penalty, so that the tokens
+        are the policy's own draws; the log-probabilities llama.cpp reports are those of the model's logits
+        before temperature and truncation, which is what PyTorch computes for PPO (its ratio and the
+        sampler-trainer mismatch compare like with like). `seeds`: one per row (the same seeds, the same draws).
+        """
+        with self.states.using([version]) as state:
+            requests = [{"prompt": list(ids), "n_predict": max_new_tokens, "temperature": self.sampling.temperature,
+                         "top_p": self.sampling.top_p, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0,
+                         "n_probs": 1, "cache_prompt": False, "seed": int(seed), "lora": state.lora(version)}
+                        for ids, seed in zip(prompt_ids, seeds)]
+            replies: list[dict | BaseException | None] = [None] * len(requests)
+
+            def run(row: int) -> None:
+                try:
+                    replies[row] = state.server.handle_completions(requests[row])
+                except BaseException as exc:  # re-raised in the caller's thread
+                    replies[row] = exc
+
+            rows = [threading.Thread(target=run, args=(row,), name=f"llamacpp-sample{row}", daemon=True)
+                    for row in range(len(requests))]
+            for thread in rows:
+                thread.start()
+            for thread in rows:
+                thread.join()
+        samples = []
+        for reply in replies:
+            if isinstance(reply, BaseException):
+                raise RuntimeError(f"llama.cpp sampling failed: {reply}") from reply
+            if not isinstance(reply, dict) or "error" in reply or not reply.get("choices"):
+                raise RuntimeError(f"llama.cpp sampling failed: {str(reply)[:300]}")
+            choice = reply["choices"][0]
+            content = (choice.get("logprobs") or {}).get("content") or []
+            ids, logprobs = [c["id"] for c in content], [c["logprob"] for c in content]
+            ended = choice.get("finish_reason") == "stop"  # no stop strings are sent: an end-of-generation token
+            if ended:
+                ids, logprobs = ids + [end_of_turn_id], logprobs + [None]
+            samples.append(TokenSample(token_ids=ids, logprobs=logprobs, ended=ended))
+        return samples
 
     def token_logprobs(self, prompt_ids: list[int], continuation: list[int], version: str, top_k: int = 400,
                        slot: int | None = None) -> list[float | None]:

@@ -176,7 +176,13 @@ def _bnb_config(dtype: torch.dtype) -> BitsAndBytesConfig:
 
 
 def load_base_model(source: str, quantization: str = "nf4", for_training: bool = False) -> LoadedBase:
-    """Load the frozen base. `for_training` keeps the 4-bit weights in a layout that backward can use."""
+    """Load the frozen base. `for_training` keeps the 4-bit weights in a layout that backward can use.
+
+    `auto` here means nf4: this function sees a folder, not the model's origin; callers resolve `auto` for a
+    GGUF model with `ModelConfig.resolved_quantization()`.
+    """
+    if quantization == "auto":
+        quantization = "nf4"
     device = "cuda" if torch.cuda.is_available() else "cpu"
     compute_dtype = torch.bfloat16 if device == "cuda" else torch.float32
     if quantization == "nf4":

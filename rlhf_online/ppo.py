@@ -29,7 +29,8 @@ from rlhf_online.models import (POLICY_ADAPTER, answer_ids, chat_ids, end_of_tur
 from rlhf_online.release_gate import is_held_out
 from rlhf_online.rl_math import (RunningMoments, center_per_prompt, clipped_policy_loss, clipped_value_loss, explained_variance,
                                  gae_advantages, length_penalty, make_kl_controller, masked_mean, masked_whiten,
-                                 kl_shrink_factor, per_token_rewards, should_stop_epochs)
+                                 kl_shrink_factor, per_token_rewards, sampler_mismatch, should_stop_epochs,
+                                 truncated_importance_weights)
 
 COLD_START_PROMPTS = [
     "What is a good way to learn a new language?",
@@ -57,6 +58,7 @@ class Rollout:
     prompt_length: int  # P
     messages: list[list[dict]]
     texts: list[str]
+    sampler_logprobs: torch.Tensor | None = None  # (B, R) another engine's log-probs of its samples; NaN: unknown
 
 
 @dataclass
@@ -70,6 +72,9 @@ class Scored:
     returns: torch.Tensor  # (B, R)
     scores: torch.Tensor  # (B,) reward model score (after any length penalty)
     kl: torch.Tensor  # (B,) summed k1 KL to the reference per answer
+    is_weights: torch.Tensor | None = None  # (B, R) truncated importance weights p_trainer / p_sampler
+    sampler_kl: float | None = None  # per-token KL(sampler || trainer) on these samples
+    is_truncated: float = 0.0  # share of tokens whose weight hit the cap
 
 
 @dataclass(frozen=True)
@@ -89,6 +94,9 @@ class IterationStats:
     seconds: float
     epochs: float = 0.0  # PPO epochs run (fewer than configured when the approx-KL early stop fired)
     kl_shrink: float = 1.0  # factor the adapter delta was scaled by after the update (1: KL was within target)
+    rollout_seconds: float = 0.0  # of `seconds`, sampling the answers
+    sampler_kl: float | None = None  # per-token KL between the engine that sampled and PyTorch (None: PyTorch did)
+    is_truncated: float = 0.0  # share of tokens whose importance weight hit --rollout-is-cap
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -133,19 +141,21 @@ class PPOTrainer:
 
     def __init__(self, policy: PolicyWithValue, tokenizer, score_fn: Callable[[list[list[dict]], list[str]], list[float]],
                  cfg: PPOConfig, sampling: SamplingConfig, *, yield_fn: Callable[[], None] = lambda: None,
-                 seed: int = 0):
+                 seed: int = 0, sampler=None):
         self.policy = policy
         self.tokenizer = tokenizer
         self.score_fn = score_fn
         self.cfg = cfg
         self.sampling = sampling
         self.yield_fn = yield_fn  # called between steps so live chat gets the CPU first
+        self.sampler = sampler  # rollout_sampler.LlamaCppRolloutSampler, or None: the policy's own generate
         self.rng = random.Random(seed)
         self.reward_moments = RunningMoments()  # for reward scaling: the reward model's scale drifts as it learns
         self.kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.target_kl or None, cfg.kl_horizon,
                                          kind=cfg.kl_controller, min_kl_coef=cfg.min_kl_coef)
         self.optimizer = torch.optim.AdamW(policy.policy_parameters(), lr=cfg.ppo_lr, weight_decay=0.0)
         self.iterations = 0
+        self.last_texts: list[str] = []
         self.end_of_turn_ids = end_of_turn_ids(tokenizer)
 
     # ---- rollout --------------------------------------------------------------------------------------------
@@ -161,17 +171,27 @@ class PPOTrainer:
         return chat_ids(self.tokenizer, messages)[-self.sampling.context_tokens:]
 
     @torch.no_grad()
-    def rollout(self, prompts: list[list[dict]]) -> Rollout:
-        """Sample one answer per prompt from the current policy adapter."""
+    def rollout(self, prompts: list[list[dict]], seed: int | None = None, own_generate: bool = False) -> Rollout:
+        """Sample one answer per prompt from the current policy adapter; `seed` fixes the draws.
+
+        `own_generate`: sample with the policy's own `generate` even when a faster sampler is set. The release
+        gate needs it: it compares versions on the same seeded draws, which PyTorch keeps the same for nearly
+        the same weights, while llama.cpp's change completely (a 1e-7 change of one adapter's weights changed
+        6 answers of 6, same seeds; measured here)."""
         self._activate_policy()
+        if self.sampler is not None and not own_generate:
+            return self._sampled_rollout(prompts, seed)
         model = self.policy.peft_model
         model.eval()
         batch = self.tokenizer.pad({"input_ids": [self._prompt_ids(m) for m in prompts]}, padding=True,
                                    padding_side="left", return_tensors="pt").to(self._device())
-        sequences = model.generate(
-            **batch, do_sample=True, temperature=self.sampling.temperature, top_p=self.sampling.top_p, top_k=None,
-            max_new_tokens=self.cfg.ppo_max_new_tokens, eos_token_id=self.end_of_turn_ids,
-            pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=[_YieldEachToken(self.yield_fn)])
+        with torch.random.fork_rng(devices=[], enabled=seed is not None):
+            if seed is not None:
+                torch.manual_seed(seed)
+            sequences = model.generate(
+                **batch, do_sample=True, temperature=self.sampling.temperature, top_p=self.sampling.top_p,
+                top_k=None, max_new_tokens=self.cfg.ppo_max_new_tokens, eos_token_id=self.end_of_turn_ids,
+                pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=[_YieldEachToken(self.yield_fn)])
         prompt_length = batch["input_ids"].shape[1]  # P
         response = sequences[:, prompt_length:]  # (B, R)
         response_mask = _mask_through_first_eos(response, self.end_of_turn_ids)  # (B, R)
@@ -180,6 +200,35 @@ class PPOTrainer:
                  for r, m in zip(response, response_mask)]
         return Rollout(input_ids=sequences, attention_mask=attention_mask, response_mask=response_mask.float(),
                        prompt_length=prompt_length, messages=prompts, texts=texts)
+
+    def _sampled_rollout(self, prompts: list[list[dict]], seed: int | None) -> Rollout:
+        """The same rollout with the answers sampled by `self.sampler` (llama.cpp), which also reports its
+        log-probability of every token it sampled (kept to measure and correct the sampler-trainer mismatch)."""
+        rng = random.Random(seed) if seed is not None else self.rng
+        seeds = [rng.randrange(2**31) for _ in prompts]
+        prompt_ids = [self._prompt_ids(m) for m in prompts]
+        self.yield_fn()
+        samples = self.sampler.sample(prompt_ids, self.cfg.ppo_max_new_tokens, seeds)
+        self.yield_fn()
+        pad = self.tokenizer.pad_token_id
+        prompt_batch = self.tokenizer.pad({"input_ids": prompt_ids}, padding=True, padding_side="left",
+                                          return_tensors="pt")
+        width = max(1, max(len(s.token_ids) for s in samples))  # R
+        response = torch.full((len(samples), width), pad, dtype=torch.long)  # (B, R) right-padded
+        response_mask = torch.zeros(len(samples), width)  # (B, R)
+        sampler_logprobs = torch.full((len(samples), width), float("nan"))  # (B, R)
+        for row, sample in enumerate(samples):
+            n = len(sample.token_ids)
+            response[row, :n] = torch.tensor(sample.token_ids, dtype=torch.long)
+            response_mask[row, :n] = 1.0
+            sampler_logprobs[row, :n] = torch.tensor([float("nan") if lp is None else lp for lp in sample.logprobs])
+        texts = [self.tokenizer.decode(r[m.bool()], skip_special_tokens=True).strip()
+                 for r, m in zip(response, response_mask)]
+        device = self._device()
+        return Rollout(input_ids=torch.cat([prompt_batch["input_ids"], response], 1).to(device),
+                       attention_mask=torch.cat([prompt_batch["attention_mask"], response_mask.long()], 1).to(device),
+                       response_mask=response_mask.to(device), prompt_length=prompt_batch["input_ids"].shape[1],
+                       messages=prompts, texts=texts, sampler_logprobs=sampler_logprobs.to(device))
 
     # ---- score ----------------------------------------------------------------------------------------------
     def _logprobs(self, rollout: Rollout, rows=slice(None), with_values=True):
@@ -210,8 +259,16 @@ class PPOTrainer:
         rewards, kl = per_token_rewards(terminal, old_logprobs, ref_logprobs, mask, self.kl_ctl.kl_coef)  # (B, R)
         advantages, returns = gae_advantages(rewards, old_values, mask, self.cfg.gamma, self.cfg.lam)  # (B, R)
         advantages = masked_whiten(advantages, mask)
-        return Scored(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values,
-                      advantages=advantages, returns=returns, scores=scores, kl=kl.sum(1))
+        scored = Scored(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values,
+                        advantages=advantages, returns=returns, scores=scores, kl=kl.sum(1))
+        if rollout.sampler_logprobs is not None:
+            # Another engine sampled: the tokens come from its policy, not exactly from the one whose log-probs
+            # PPO's ratio divides by. Measure how far apart they are and weight the policy loss accordingly.
+            scored.sampler_kl = sampler_mismatch(rollout.sampler_logprobs, old_logprobs, mask)
+            if self.cfg.rollout_is_cap > 0:
+                scored.is_weights, scored.is_truncated = truncated_importance_weights(
+                    old_logprobs, rollout.sampler_logprobs, mask, self.cfg.rollout_is_cap)
+        return scored
 
     # ---- update ---------------------------------------------------------------------------------------------
     def demonstration_batch(self, demonstrations: list[tuple[list[dict], str]]) -> Rollout:
@@ -256,8 +313,9 @@ class PPOTrainer:
                 mb = torch.tensor(order[start:start + self.cfg.ppo_minibatch_size], device=self._device())  # rows
                 mask = rollout.response_mask[mb]  # (b, R)
                 logits, new_logprobs, new_values = self._logprobs(rollout, mb)
-                pg_loss, pg_stats = clipped_policy_loss(new_logprobs, scored.old_logprobs[mb],
-                                                        scored.advantages[mb], mask, self.cfg.clip_eps)
+                pg_loss, pg_stats = clipped_policy_loss(
+                    new_logprobs, scored.old_logprobs[mb], scored.advantages[mb], mask, self.cfg.clip_eps,
+                    weights=None if scored.is_weights is None else scored.is_weights[mb])
                 v_loss, _ = clipped_value_loss(new_values, scored.old_values[mb], scored.returns[mb], mask,
                                                self.cfg.value_clip_eps)
                 entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
@@ -283,6 +341,8 @@ class PPOTrainer:
         """One PPO iteration on a batch of prompts; also adapts the KL coefficient toward its target."""
         started = time.perf_counter()
         rollout = self.rollout(prompts)
+        rollout_seconds = time.perf_counter() - started
+        self.last_texts = rollout.texts  # for the benchmarks' sample answers
         self.yield_fn()
         scored = self.score(rollout)
         update_stats = self.update(rollout, scored, demonstrations)
@@ -302,7 +362,8 @@ class PPOTrainer:
             entropy=update_stats["entropy"], approx_kl=update_stats["approx_kl"],
             clip_fraction=update_stats["clip_fraction"],
             explained_variance=explained_variance(scored.old_values, scored.returns, mask),
-            seconds=time.perf_counter() - started, epochs=update_stats["epochs"], kl_shrink=shrink)
+            seconds=time.perf_counter() - started, epochs=update_stats["epochs"], kl_shrink=shrink,
+            rollout_seconds=rollout_seconds, sampler_kl=scored.sampler_kl, is_truncated=scored.is_truncated)
 
     @torch.no_grad()
     def shrink_adapter(self, factor: float) -> None:

@@ -273,13 +273,11 @@ class GateEvaluator:
         self.batch_size = batch_size
 
     def _sample(self, prompts: list[list[dict]]):
-        """Rollouts in fixed-size chunks, each re-seeded: the same draws for every version measured."""
-        rollouts = []
-        for chunk, start in enumerate(range(0, len(prompts), self.batch_size)):
-            with torch.random.fork_rng(devices=[]):
-                torch.manual_seed(self.seed + chunk)
-                rollouts.append(self.trainer.rollout(prompts[start:start + self.batch_size]))
-        return rollouts
+        """Rollouts in fixed-size chunks, each re-seeded: the same draws for every version measured (sampled in
+        PyTorch: see `PPOTrainer.rollout`)."""
+        return [self.trainer.rollout(prompts[start:start + self.batch_size], seed=self.seed + chunk,
+                                     own_generate=True)
+                for chunk, start in enumerate(range(0, len(prompts), self.batch_size))]
 
     @torch.no_grad()
     def evaluate(self, version: str, prompts: list[list[dict]], harmful: list[list[dict]]) -> GateReport:

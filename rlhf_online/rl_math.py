@@ -344,20 +344,25 @@ def clipped_policy_loss(
     advantages: torch.Tensor,
     mask: torch.Tensor,
     clip_eps: float,
+    weights: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, PolicyLossStats]:
     """PPO clipped surrogate objective L^CLIP (Schulman et al. 2017, eq. 7), as a loss to minimise.
 
     The ratio pi_new/pi_old lets us reuse samples from the old policy for several epochs; clipping it to
     [1 - eps, 1 + eps] and taking the pessimistic (max of the two losses) removes any incentive to move the ratio
     further once it has left the trust region in the direction the advantage favours, so those tokens get zero
-    gradient. All inputs (B, T); the loss is a masked mean over tokens.
+    gradient. All inputs (B, T); the loss is a masked mean over tokens. `weights` (B, T), fixed: per-token
+    importance weights for samples drawn by another engine (`truncated_importance_weights`).
     """
     logratio = new_logprobs - old_logprobs  # (B, T)
     ratio = torch.exp(logratio)  # (B, T)
 
     pg_loss1 = -advantages * ratio  # (B, T)
     pg_loss2 = -advantages * torch.clamp(ratio, 1 - clip_eps, 1 + clip_eps)  # (B, T)
-    pg_loss = masked_mean(torch.max(pg_loss1, pg_loss2), mask)
+    pg_loss_per_token = torch.max(pg_loss1, pg_loss2)  # (B, T)
+    if weights is not None:
+        pg_loss_per_token = pg_loss_per_token * weights.detach()
+    pg_loss = masked_mean(pg_loss_per_token, mask)
 
     with torch.no_grad():
         # k3 with p = pi_old (tokens were sampled from it) and q = pi_new, so r = ratio: (r - 1) - log r >= 0
@@ -365,6 +370,33 @@ def clipped_policy_loss(
         approx_kl = masked_mean(kl_k3(old_logprobs, new_logprobs), mask)
         clip_fraction = masked_mean(((ratio - 1.0).abs() > clip_eps).to(ratio.dtype), mask)
     return pg_loss, PolicyLossStats(approx_kl=approx_kl.item(), clip_fraction=clip_fraction.item())
+
+
+def sampler_mismatch(sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
+    """Per-token KL(sampler || trainer), k1-estimated on the sampler's own draws: E_s[log p_s - log p_t].
+
+    (B, T) inputs; NaN sampler log-probs (tokens the sampler reported nothing for) are left out. 0 means the
+    engine that sampled and the one that trains compute the same policy.
+    """
+    known = mask * torch.isfinite(sampler_logprobs)  # (B, T)
+    diff = torch.nan_to_num(sampler_logprobs - trainer_logprobs)  # (B, T)
+    return float(masked_mean(diff, known)) if known.sum() > 0 else 0.0
+
+
+def truncated_importance_weights(trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor,
+                                 mask: torch.Tensor, cap: float) -> tuple[torch.Tensor, float]:
+    """Per-token min(p_trainer / p_sampler, cap): truncated importance sampling (TIS; Yao et al. 2025, "Your
+    efficient RL framework secretly brings you off-policy RL training").
+
+    When a fast engine samples and PyTorch trains, the tokens come from the sampler's version of the policy,
+    while PPO's ratio assumes they came from the trainer's; weighting each token's loss by p_trainer / p_sampler
+    makes the gradient the trainer's again, and the cap keeps a token the sampler found unlikely from
+    dominating. NaN sampler log-probs weigh 1. Returns (weights (B, T), share of masked tokens capped).
+    """
+    ratio = torch.exp(trainer_logprobs - sampler_logprobs)  # (B, T)
+    weights = torch.where(torch.isfinite(ratio), ratio.clamp(max=cap), torch.ones_like(ratio))  # (B, T)
+    capped = masked_mean((torch.isfinite(ratio) & (ratio > cap)).float(), mask)
+    return weights, float(capped)
 
 
 def clipped_value_loss(

@@ -33,6 +33,7 @@ from rlhf_online.ppo import COLD_START_PROMPTS, IterationStats, PolicyWithValue,
 from rlhf_online.release_gate import (GateDecision, GateEvaluator, GateReport, decide, gate_prompt_set,
                                       harmful_requests, prompt_set_id)
 from rlhf_online.reward import OnlineRewardLearner, RewardModel, attach_reward_adapter
+from rlhf_online.rollout_sampler import build_rollout_sampler
 from rlhf_online.store import AI_PLACEMENT, Pair, PreferenceStore, store_path
 from rlhf_online.timeline import record_published
 from rlhf_online.versions import BASE_VERSION, version_number
@@ -89,14 +90,15 @@ class TrainerWorker:
         self.chat_yield = ChatYield(chat_busy if cfg.ppo.trainer_yield else None, stop_event=stop_event)
         source = resolve_model_source(cfg.model)
         self.tokenizer = load_tokenizer(source)
-        base = load_base_model(source, cfg.model.quantization, for_training=True).model
+        base = load_base_model(source, cfg.model.resolved_quantization(), for_training=True).model
         self.peft = attach_lora(base, cfg.model, POLICY_ADAPTER)
         self.policy = PolicyWithValue(self.peft)
         self.reward_model = RewardModel(attach_reward_adapter(self.peft, cfg.model, cfg.reward), self.tokenizer,
                                         cfg.reward)
         self.learner = OnlineRewardLearner(self.reward_model, cfg.reward, seed=cfg.seed)
+        self.sampler = build_rollout_sampler(cfg, self.tokenizer, self.peft, POLICY_ADAPTER)
         self.ppo = PPOTrainer(self.policy, self.tokenizer, self._score, cfg.ppo, cfg.sampling,
-                              yield_fn=self.chat_yield, seed=cfg.seed)
+                              yield_fn=self.chat_yield, seed=cfg.seed, sampler=self.sampler)
         self.parent = self._resume_policy()
         self._resume_reward()
         self.since_publish = 0
@@ -162,6 +164,12 @@ class TrainerWorker:
     # ---- work -----------------------------------------------------------------------------------------------
     def _score(self, messages: list[list[dict]], texts: list[str]) -> list[float]:
         return self.learner.ppo_scores(list(zip(messages, texts)))
+
+    def close(self) -> None:
+        """Release the rollout sampler's llama.cpp server (the models go with the process)."""
+        if self.sampler is not None:
+            self.sampler.close()
+            self.sampler = None
 
     def report(self, doing: str) -> None:
         """Tell the page what the trainer is doing now (one small write, only when it changes)."""
@@ -406,7 +414,7 @@ class TrainerWorker:
             return Judge(self.peft, self.tokenizer, constitution, self.cfg.feedback,
                          judge_id=BASE_JUDGE_PREFIX + self.cfg.model.model, base_context=self.peft.disable_adapter)
         if self._judge_model is None:
-            self._judge_model = load_judge_model(self.cfg.feedback.judge_model, self.cfg.model.quantization)
+            self._judge_model = load_judge_model(self.cfg.feedback.judge_model, self.cfg.model.resolved_quantization())
         model, tokenizer = self._judge_model
         return Judge(model, tokenizer, constitution, self.cfg.feedback, judge_id=self.cfg.feedback.judge_model)
 
@@ -528,6 +536,7 @@ def trainer_main(cfg: AppConfig, chat_busy=None, stop_event=None) -> None:
         except TrainingStopped:
             pass
         worker.save_reward()
+        worker.close()
         log.info("trainer stopped; reward model checkpointed (%d pairs)", worker.learner.metrics.total)
     finally:
         lock.release()

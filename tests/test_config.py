@@ -8,9 +8,17 @@ def test_defaults_without_env_or_flags():
     assert cfg == AppConfig()
     assert cfg.train is True
     assert cfg.model.model == "embedded"
-    assert cfg.model.quantization == "nf4"
+    assert cfg.model.quantization == "auto"
     assert cfg.sampling.max_new_tokens == 96
     assert cfg.model.lora_target_modules[0] == "q_proj"
+
+
+def test_auto_quantization_trains_a_gguf_model_on_its_own_dequantized_weights():
+    """The embedded GGUF is served as is by llama.cpp; the trainer must train that policy, not an NF4 copy."""
+    assert load_config([], environ={}).model.resolved_quantization() == "fp32"
+    assert load_config(["--model", "/models/x.Q4_K_M.gguf"], environ={}).model.resolved_quantization() == "fp32"
+    assert load_config(["--model", "some/hub-model"], environ={}).model.resolved_quantization() == "nf4"
+    assert load_config(["--quantization", "nf4"], environ={}).model.resolved_quantization() == "nf4"
 
 
 def test_environment_overrides_defaults(tmp_path):

@@ -33,6 +33,8 @@ from rlhf_online.rl_math import (
     length_balanced_mask,
     pearson_correlation,
     preference_accuracy,
+    sampler_mismatch,
+    truncated_importance_weights,
 )
 
 
@@ -283,6 +285,35 @@ def test_clipped_policy_loss_hand_computed():
     assert stats.clip_fraction == pytest.approx(0.5)  # |0.5| > 0.2 yes, |-0.1| no
     # approx_kl = mean((r - 1) - log r): (0.5 - 0.4054651081) = 0.0945348919 ; (-0.1 + 0.1053605157) = 0.0053605157
     assert stats.approx_kl == pytest.approx(0.0499477038, abs=1e-8)
+
+
+def test_importance_weights_correct_toward_the_trainer_and_are_capped():
+    trainer = t([[math.log(0.5), math.log(0.2), math.log(0.9), 0.0]])
+    sampler = t([[math.log(0.5), math.log(0.4), math.log(0.3), float("nan")]])  # last: not reported
+    mask = t([[1, 1, 1, 0]])
+    weights, capped = truncated_importance_weights(trainer, sampler, mask, cap=2.0)
+    close(weights, [[1.0, 0.5, 2.0, 1.0]])  # ratio 1; 0.5; 3 capped at 2; unknown weighs 1
+    assert capped == pytest.approx(1 / 3)
+
+
+def test_importance_weights_scale_each_tokens_policy_loss():
+    old = t([[0.0, 0.0]])
+    new = t([[math.log(1.1), math.log(1.1)]])
+    adv = t([[1.0, 1.0]])
+    mask = t([[1, 1]])
+    plain, _ = clipped_policy_loss(new, old, adv, mask, 0.2)
+    weighted, _ = clipped_policy_loss(new, old, adv, mask, 0.2, weights=t([[0.5, 0.0]]))
+    close(plain, -1.1)
+    close(weighted, -1.1 * 0.5 / 2)  # the second token no longer counts; the mean is still over both
+
+
+def test_sampler_mismatch_is_the_k1_kl_over_known_tokens():
+    sampler = t([[-1.0, -2.0, float("nan")], [-0.5, -0.5, -0.5]])
+    trainer = t([[-1.5, -1.0, -3.0], [-0.5, -0.7, -0.1]])
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    # known & masked: (0.5, -1.0) and (0.0, 0.2) -> mean (0.5 - 1.0 + 0.0 + 0.2) / 4
+    assert sampler_mismatch(sampler, trainer, mask) == pytest.approx(-0.075)
+    assert sampler_mismatch(sampler, sampler, mask) == 0.0
 
 
 def test_policy_loss_stats_are_frozen():

@@ -1,0 +1,144 @@
+"""PPO rollouts sampled by llama.cpp on the embedded GGUF: the policy sampled is the policy trained.
+
+The trainer samples with llama.cpp and computes log-probabilities in PyTorch on the GGUF's own dequantized
+weights (fp32). These tests check, on the real model, that the sampler serves the adapter as it is at each call
+(not a stale one), that its reported log-probabilities agree with PyTorch's on the tokens it sampled, and that a
+PPO iteration built on it trains the policy with the mismatch measured.
+"""
+
+import math
+
+import pytest
+import torch
+
+from rlhf_online import models
+from rlhf_online.config import ModelConfig, PPOConfig, SamplingConfig, load_config
+from rlhf_online.ppo import PolicyWithValue, PPOTrainer
+from rlhf_online.rollout_sampler import LlamaCppRolloutSampler, adapter_fingerprint, choose_rollout_engine
+
+pytest.importorskip("xllamacpp")
+pytestmark = [pytest.mark.integration, pytest.mark.usefixtures("one_torch_thread")]
+
+PROMPTS = [[{"role": "user", "content": "Why is the sky blue?"}],
+           [{"role": "user", "content": "Give me a tip for sleeping better."}]]
+SAMPLING = SamplingConfig(temperature=1.0, top_p=1.0)  # the full distribution: every token's probability counts
+
+
+@pytest.fixture(scope="module")
+def policy(embedded_source):
+    base = models.load_base_model(embedded_source, ModelConfig().resolved_quantization(), for_training=True).model
+    torch.manual_seed(0)
+    return PolicyWithValue(models.attach_lora(base, ModelConfig()))
+
+
+@pytest.fixture(scope="module")
+def tokenizer(embedded_source):
+    return models.load_tokenizer(embedded_source)
+
+
+@pytest.fixture(scope="module")
+def sampler(policy, tokenizer):
+    sampler = LlamaCppRolloutSampler(models.embedded_gguf_path(), tokenizer, SAMPLING, policy.peft_model,
+                                     models.POLICY_ADAPTER, threads=1, slots=4, max_new_tokens=24)
+    yield sampler
+    sampler.close()
+
+
+def set_adapter(policy, std: float, seed: int) -> None:
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in models.lora_parameters(policy.peft_model, models.POLICY_ADAPTER).items():
+            if "lora_B" in name:
+                p.copy_(torch.randn(p.shape, generator=generator) * std)
+
+
+def trainer(policy, tokenizer, sampler, **ppo) -> PPOTrainer:
+    cfg = PPOConfig(ppo_batch_size=4, ppo_minibatch_size=2, ppo_max_new_tokens=24, samples_per_prompt=2,
+                    ppo_lr=1e-3, **ppo)
+    return PPOTrainer(policy, tokenizer, lambda messages, texts: [len(t) / 20.0 for t in texts], cfg, SAMPLING,
+                      sampler=sampler)
+
+
+def per_token_mismatch(ppo: PPOTrainer, rollout) -> float:
+    """KL(sampler || PyTorch) per token on the sampled tokens, with the policy as it is now."""
+    with torch.no_grad():
+        _, logprobs, _ = ppo._logprobs(rollout, with_values=False)
+    from rlhf_online.rl_math import sampler_mismatch
+
+    return sampler_mismatch(rollout.sampler_logprobs, logprobs, rollout.response_mask)
+
+
+def test_auto_samples_rollouts_with_llamacpp_for_the_embedded_gguf_on_cpu(tiny_model_dir):
+    assert choose_rollout_engine(load_config([], environ={}), cuda=False) == "llamacpp"
+    assert choose_rollout_engine(load_config([], environ={}), cuda=True) == "torch"
+    assert choose_rollout_engine(load_config(["--model", str(tiny_model_dir)], environ={}), cuda=False) == "torch"
+    with pytest.raises(ValueError, match="--rollout-engine torch"):
+        choose_rollout_engine(load_config(["--model", str(tiny_model_dir), "--rollout-engine", "llamacpp"],
+                                          environ={}), cuda=False)
+
+
+def test_sampled_tokens_have_the_trainers_probabilities_with_the_current_adapter(policy, tokenizer, sampler):
+    ppo = trainer(policy, tokenizer, sampler)
+    set_adapter(policy, std=0.1, seed=1)  # an adapter that changes the answers' probabilities a lot
+    rollout = ppo.rollout(PROMPTS * 2, seed=3)
+    matched = per_token_mismatch(ppo, rollout)
+    # The same samples against a policy the sampler was not given: the check can tell the adapter apart.
+    set_adapter(policy, std=0.1, seed=2)
+    stale = per_token_mismatch(ppo, rollout)
+    print(f"sampler-trainer KL per token: {matched:.4f} with the sampled adapter, {stale:.4f} with another")
+    assert abs(matched) < 0.05
+    assert stale > 10 * max(abs(matched), 0.01)
+
+
+def test_rollouts_end_at_end_of_turn_and_the_same_seed_gives_the_same_answers(policy, tokenizer, sampler):
+    ppo = trainer(policy, tokenizer, sampler)
+    set_adapter(policy, std=0.0, seed=0)  # the base: no adapter file needed
+    first = ppo.rollout(PROMPTS, seed=11)
+    again = ppo.rollout(PROMPTS, seed=11)
+    assert first.texts == again.texts and all(first.texts)
+    end = models.end_of_turn_id(tokenizer)
+    response = first.input_ids[:, first.prompt_length:]
+    for row in range(len(PROMPTS)):
+        length = int(first.response_mask[row].sum())
+        assert 0 < length <= 24
+        tokens = response[row, :length].tolist()
+        logprobs = first.sampler_logprobs[row, :length]
+        if end in tokens:  # it ended by itself: the end of turn is the answer's last token, with no sampler log-prob
+            assert tokens.index(end) == length - 1
+            assert math.isnan(float(logprobs[-1])) and torch.isfinite(logprobs[:-1]).all()
+        else:
+            assert torch.isfinite(logprobs).all()
+
+
+def test_the_server_is_rebuilt_only_when_the_adapter_changed(policy, tokenizer, sampler):
+    ppo = trainer(policy, tokenizer, sampler)
+    set_adapter(policy, std=0.05, seed=4)
+    ppo.rollout(PROMPTS, seed=1)
+    rebuilds = sampler.rebuilds
+    ppo.rollout(PROMPTS, seed=2)
+    assert sampler.rebuilds == rebuilds
+    set_adapter(policy, std=0.05, seed=5)
+    ppo.rollout(PROMPTS, seed=1)
+    assert sampler.rebuilds == rebuilds + 1
+    assert len(list(sampler.work_dir.glob("policy-*.gguf"))) == 1  # the old adapter file is gone
+
+
+def test_fingerprint_sees_any_change():
+    weights = {"a.lora_A.weight": torch.zeros(2, 3), "a.lora_B.weight": torch.zeros(3, 2)}
+    before = adapter_fingerprint(weights)
+    weights["a.lora_B.weight"][1, 1] = 1e-6
+    assert adapter_fingerprint(weights) != before
+
+
+def test_a_ppo_iteration_on_llamacpp_rollouts_trains_and_reports_the_mismatch(policy, tokenizer, sampler):
+    set_adapter(policy, std=0.02, seed=6)
+    ppo = trainer(policy, tokenizer, sampler)
+    before = {n: p.detach().clone() for n, p in models.lora_parameters(policy.peft_model,
+                                                                       models.POLICY_ADAPTER).items()}
+    stats = ppo.iteration(PROMPTS * 2)
+    changed = [n for n, p in models.lora_parameters(policy.peft_model, models.POLICY_ADAPTER).items()
+               if not torch.equal(p, before[n])]
+    assert changed, "the policy adapter did not move"
+    assert stats.sampler_kl is not None and abs(stats.sampler_kl) < 0.05
+    assert 0.0 <= stats.is_truncated < 0.05
+    assert 0 < stats.rollout_seconds < stats.seconds
