@@ -210,9 +210,11 @@ class TrainerWorker:
         pending = self.store.preferences_since(self.learner.last_preference_id, limit=1)
         return bool(pending) and pending[0].source == "import"
 
-    def learn_from_votes(self, limit: int = 8) -> int:
-        """Online reward updates for new preference pairs, then scores for the voted pairs on screen."""
-        prefs = self.store.preferences_since(self.learner.last_preference_id, limit=limit)
+    def learn_from_votes(self, limit: int | None = None) -> int:
+        """Online reward updates for new preference pairs (at most `--votes-per-step`), then scores for the voted
+        pairs on screen."""
+        prefs = self.store.preferences_since(self.learner.last_preference_id,
+                                             limit=limit or max(1, self.cfg.ppo.votes_per_step))
         if prefs:
             imported = sum(p.source == "import" for p in prefs)
             self.report(f"learning {len(prefs)} imported pair{'s' if len(prefs) > 1 else ''} before PPO (reward "

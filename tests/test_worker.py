@@ -38,7 +38,7 @@ def make_config(root, tiny_model_dir) -> AppConfig:
         model=ModelConfig(model=str(tiny_model_dir), lora_r=8, lora_alpha=16),
         reward=RewardConfig(reward_max_tokens=48),  # the default: heads on frozen features
         ppo=PPOConfig(ppo_batch_size=2, ppo_minibatch_size=2, ppo_max_new_tokens=6, ppo_epochs=1,
-                      publish_every=1, min_preferences=2),
+                      publish_every=1, min_preferences=2, votes_per_step=8),
         gate=GateConfig(gate=False))  # publishing itself is under test here; the gate has its own tests below
 
 
