@@ -165,7 +165,7 @@ class PPOConfig:
     votes_per_step: int = _opt(32, "new preference pairs the reward model learns in one trainer step before PPO "
                                    "gets its turn (0.5 s each on 2 cores); with 8, votes arriving during PPO "
                                    "outran learning: an 18-minute simulated run learned 29 of 279 votes")
-    rollout_engine: str = _opt("auto", "what samples PPO's answers (and the release gate's): llamacpp (the served "
+    rollout_engine: str = _opt("auto", "what samples PPO's answers (the release gate samples in PyTorch): llamacpp (the served "
                                        "GGUF with the policy's current adapter, ~10x faster on CPU; PyTorch still "
                                        "computes every log-probability and gradient), torch (the training "
                                        "model's own generate), or auto: llamacpp for a GGUF model on CPU")
