@@ -35,16 +35,17 @@ import torch
 
 from common import SHARED_HH, peak_rss_mb, read_preference_file, write_json
 from rlhf_online.config import AppConfig
-from rlhf_online.judge import (BASE_JUDGE_PREFIX, JUDGE_METHODS, Constitution, Judge, check_constitution_text,
+from rlhf_online.judge import (BASE_JUDGE_PREFIX, JUDGE_METHODS, VIOLATING_SYSTEM, Constitution, Judge,
+                               check_constitution_text,
                                load_constitution, load_judge_model)
 from rlhf_online.models import chat_ids, load_base_model, load_tokenizer, resolve_model_source
 
-POINTWISE_FAMILIES = {"contrastive": ("contrastive_mean", "contrastive_sum"), "principles": ("principles",)}
-ALL_METHODS = ("contrastive", "principles", "ab", "rlcd")
+POINTWISE_FAMILIES = {"contrastive": ("contrastive_mean", "contrastive_sum"), "polar": ("polar_mean", "polar_sum"),
+                      "principles": ("principles",)}
+ALL_METHODS = ("contrastive", "polar", "principles", "ab", "rlcd")
 COVERAGES = (1.0, 0.75, 0.5, 0.25)  # accuracy of the most confident fraction of verdicts
 RLCD_GOOD = "You are a helpful AI assistant. Every answer you give follows these principles:\n{principles}"
-RLCD_BAD = ("You are a careless AI assistant. Every answer you give breaks these principles: it is harmful, "
-            "dishonest, unhelpful and rude.\n{principles}")
+RLCD_BAD = VIOLATING_SYSTEM
 
 
 def build_judge(args, cfg: AppConfig) -> Judge:
@@ -129,8 +130,8 @@ def judge_pointwise(judge: Judge, family: str, pair: dict, check_swap: bool) -> 
     answers = [pair["chosen"], pair["rejected"]]
     if answers[0] > answers[1]:  # the app's canonical order: fixed by the text, not by which one is chosen
         answers.reverse()
-    if family == "contrastive":
-        both = judge.contrastive_scores(pair["prompt"], answers)
+    if family in ("contrastive", "polar"):
+        both = judge.contrastive_scores(pair["prompt"], answers, family=family)
     else:
         both = {"principles": judge.principle_scores(pair["prompt"], answers)}
     seconds, cpu_seconds = time.perf_counter() - began, time.process_time() - cpu
@@ -199,7 +200,9 @@ def train_reward_model(cfg: AppConfig, source: str, tokenizer, pairs: list[Pair]
         return rm, seconds, None
     with torch.no_grad():
         rm.model.eval()
-        scores = torch.cat([rm.forward_features(eval_features[i:i + 16]) for i in range(0, len(eval_features), 16)])
+        # (2N,) the ensemble's mean, as `RewardModel.score` reports it (forward_features gives one column per head)
+        scores = torch.cat([rm.forward_features(eval_features[i:i + 16]).float().mean(1)
+                            for i in range(0, len(eval_features), 16)])
     half = len(scores) // 2
     wins = [win(float(c), float(r)) for c, r in zip(scores[:half], scores[half:])]
     return rm, seconds, wins
@@ -301,7 +304,7 @@ def main(argv=None) -> int:
         wanted = list(ALL_METHODS)
     families = []
     for m in wanted:
-        family = "contrastive" if m.startswith("contrastive") else m
+        family = m.rsplit("_", 1)[0] if m.startswith(("contrastive", "polar")) else m
         if family not in ALL_METHODS:
             parser.error(f"unknown method {m!r}")
         if family not in families:
@@ -378,7 +381,7 @@ def report(args, cfg: AppConfig, judge: Judge, pairs: list[dict], per_method: di
         "eval_file": str(args.eval),
         "split": args.split, "tune_size": args.tune_size, "seed": args.seed, "pairs": len(pairs),
         "threads": args.threads,
-        "quantization": cfg.model.quantization,
+        "quantization": cfg.model.resolved_quantization(),
         "load_seconds": load_seconds,
         "peak_rss_mb": peak_rss_mb(),
         "wall_seconds": time.time() - started,

@@ -190,6 +190,9 @@ class GateConfig:
     gate_kl_budget: float = _opt(1.2, "largest KL to the reference allowed, as a multiple of --target-kl")
     gate_min_relevance: float = _opt(0.9, "smallest on-topic score (reference PMI) allowed, as a fraction of the "
                                           "base model's on the same prompts")
+    gate_relevance_confidence: float = _opt(1.64, "reject as off topic only when the relevance shortfall exceeds "
+                                                   "this many standard errors of the paired per-prompt difference "
+                                                   "(1.64: one-sided 95%%); 0 = compare the means alone")
     gate_min_length_ratio: float = _opt(0.5, "smallest mean answer length allowed, as a fraction of the parent "
                                              "version's (length collapse)")
     gate_max_degenerate: float = _opt(0.1, "largest share of degenerate answers allowed beyond the base model's")

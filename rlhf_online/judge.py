@@ -18,6 +18,7 @@ no second model is loaded; any other local or hub model can be named with ``--ju
 from __future__ import annotations
 
 import contextlib
+import copy
 import hashlib
 import math
 import os
@@ -43,10 +44,17 @@ JUDGE_SYSTEM = ("You are an impartial judge. You compare two answers that an AI 
 JUDGE_QUESTION = "Which answer better follows the principles? Reply with one letter: A or B."
 ANSWER_CUE = "The better answer is Answer"  # the assistant turn starts with this, so the next token is the letter
 
-JUDGE_METHODS = ("contrastive_mean", "contrastive_sum", "principles", "ab")
+JUDGE_METHODS = ("contrastive_mean", "contrastive_sum", "polar_mean", "polar_sum", "principles", "ab")
 # Contrastive likelihood: the same conversation after these two system prompts, which differ only by the principles.
 CONTRASTIVE_SYSTEM = "You are a helpful AI assistant. Every answer you give follows these principles:\n{principles}"
 NEUTRAL_SYSTEM = "You are a helpful AI assistant."
+# Polar contrast: against a system prompt that breaks the same principles (RLCD's negative prompt, Yang et al. 2023,
+# used as a scorer rather than as a sampler), so what is measured is "follows" versus "breaks", not "follows" versus
+# "says nothing about them".
+VIOLATING_SYSTEM = ("You are a careless AI assistant. Every answer you give breaks these principles: it is harmful, "
+                    "dishonest, unhelpful and rude.\n{principles}")
+# Which system prompt each likelihood-ratio family is measured against.
+RATIO_BASELINES = {"contrastive": NEUTRAL_SYSTEM, "polar": VIOLATING_SYSTEM}
 # Per-principle yes/no: one question per principle about one answer alone.
 PRINCIPLE_SYSTEM = "You check whether an AI assistant's answer follows a principle. Reply with Yes or No."
 PRINCIPLE_QUESTION = "Principle: {principle}\nDoes the assistant's answer follow this principle? Reply Yes or No."
@@ -236,6 +244,10 @@ class Judge:
         self.a_ids = _letter_token_ids(tokenizer, "A")
         self.b_ids = _letter_token_ids(tokenizer, "B")
         self.yes_ids, self.no_ids = _answer_token_ids(tokenizer)
+        # KV caches of the likelihood-ratio system prompts (the constitution is most of a judgement's tokens, and
+        # it is the same in every judgement): token ids -> (cache, last logits). Few entries: one per family and
+        # constitution version, so an edited constitution simply adds a key.
+        self._head_caches: dict[tuple[int, ...], tuple[object, torch.Tensor]] = {}
 
     @property
     def label(self) -> str:
@@ -306,12 +318,24 @@ class Judge:
         end = end_of_turn_id(self.tokenizer)
         return ids + ([end] if end is not None else [])
 
-    def contrastive_prefixes(self, messages: list[dict]) -> tuple[list[int], list[int]]:
-        """(principled, neutral) prompt ids: the same conversation after the principles' or the neutral system."""
+    def contrastive_prefixes(self, messages: list[dict], family: str = "contrastive") -> tuple[list[int], list[int]]:
+        """(principled, baseline) prompt ids: the same conversation after the principles' system prompt or after the
+        family's baseline (``contrastive``: the neutral one; ``polar``: one that breaks the principles)."""
         turns = [m for m in self.recent_turns(messages, self.cfg.judge_max_tokens // 3) if m["role"] != "system"]
-        principled = [{"role": "system", "content": CONTRASTIVE_SYSTEM.format(principles=self.constitution.text.strip())}]
-        neutral = [{"role": "system", "content": NEUTRAL_SYSTEM}]
-        return chat_ids(self.tokenizer, principled + turns), chat_ids(self.tokenizer, neutral + turns)
+        principles = self.constitution.text.strip()
+        principled = [{"role": "system", "content": CONTRASTIVE_SYSTEM.format(principles=principles)}]
+        baseline = [{"role": "system", "content": RATIO_BASELINES[family].format(principles=principles)}]
+        for system in (principled, baseline):
+            self._remember_head(chat_ids(self.tokenizer, system, add_generation_prompt=False))
+        return chat_ids(self.tokenizer, principled + turns), chat_ids(self.tokenizer, baseline + turns)
+
+    def _remember_head(self, head: list[int]) -> None:
+        """Mark a system prompt's ids as worth caching; its KV cache is computed on first use."""
+        key = tuple(head)
+        if key not in self._head_caches:
+            if len(self._head_caches) >= 8:  # old constitutions' entries: drop the oldest
+                self._head_caches.pop(next(iter(self._head_caches)))
+            self._head_caches[key] = None
 
     def principle_rows(self, messages: list[dict], answer: str) -> tuple[list[int], list[list[int]]]:
         """(shared prefix, one suffix per principle): the question about each principle comes after the answer."""
@@ -363,14 +387,32 @@ class Judge:
             mask[i, len(prefix):len(prefix) + len(c)] = 1
         position_ids = torch.arange(len(prefix), len(prefix) + width, device=device).expand(n, -1)  # (n, W)
         with self.base_context():
-            out = self.model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
-            cache = out.past_key_values
+            cache, last_logits = self._prefix_cache(prefix)
             cache.batch_repeat_interleave(n)
             logits = self.model(input_ids=ids, attention_mask=mask, position_ids=position_ids,
                                 past_key_values=cache, use_cache=True).logits  # (n, W, V)
-        first = out.logits[0, -1].double().log_softmax(-1)  # (V,) the distribution of every continuation's start
+        first = last_logits.double().log_softmax(-1)  # (V,) the distribution of every continuation's start
         rest = logits.double().log_softmax(-1).cpu()  # (n, W, V)
         return [torch.cat([first.cpu()[None], rest[i, :len(c)]]) for i, c in enumerate(continuations)]
+
+    def _prefix_cache(self, prefix: list[int]):
+        """(KV cache of the prefix, logits after its last token), starting from a cached system prompt when the
+        prefix begins with one (a copy: the forward passes after it append to the cache they are given)."""
+        device = self.device
+        head = max((k for k in self._head_caches if len(k) < len(prefix) and tuple(prefix[:len(k)]) == k),
+                   key=len, default=None)
+        if head is None:
+            out = self.model(input_ids=torch.tensor([prefix], device=device), use_cache=True, logits_to_keep=1)
+            return out.past_key_values, out.logits[0, -1]
+        if self._head_caches[head] is None:
+            out = self.model(input_ids=torch.tensor([head], device=device), use_cache=True, logits_to_keep=1)
+            self._head_caches[head] = (out.past_key_values, out.logits[0, -1])
+        cache = copy.deepcopy(self._head_caches[head][0])
+        rest = torch.tensor([prefix[len(head):]], device=device)
+        positions = torch.arange(len(head), len(prefix), device=device)[None]
+        out = self.model(input_ids=rest, position_ids=positions, past_key_values=cache, use_cache=True,
+                         logits_to_keep=1)
+        return out.past_key_values, out.logits[0, -1]
 
     def sequence_logprobs(self, prefix: list[int], continuations: list[list[int]]) -> list[torch.Tensor]:
         """(len_i,) log P(token j | prefix, tokens < j) of each continuation."""
@@ -380,15 +422,17 @@ class Judge:
         return out
 
     # ---- pointwise scores -------------------------------------------------------------------------------------
-    def contrastive_scores(self, messages: list[dict], answers: list[str]) -> dict[str, list[float]]:
-        """{"contrastive_mean": per-token, "contrastive_sum": summed} log-likelihood ratio of each answer."""
+    def contrastive_scores(self, messages: list[dict], answers: list[str],
+                           family: str = "contrastive") -> dict[str, list[float]]:
+        """{"<family>_mean": per-token, "<family>_sum": summed} log-likelihood ratio of each answer, principled
+        system prompt over the family's baseline (``RATIO_BASELINES``)."""
         rows = [self.answer_tokens(a) for a in answers]
-        principled, neutral = self.contrastive_prefixes(messages)
+        principled, baseline = self.contrastive_prefixes(messages, family)
         with_principles = self.sequence_logprobs(principled, rows)
-        without = self.sequence_logprobs(neutral, rows)
+        without = self.sequence_logprobs(baseline, rows)
         ratios = [(p - q) for p, q in zip(with_principles, without)]  # (len_i,) per-token log ratio
-        return {"contrastive_mean": [float(r.mean()) for r in ratios],
-                "contrastive_sum": [float(r.sum()) for r in ratios]}
+        return {f"{family}_mean": [float(r.mean()) for r in ratios],
+                f"{family}_sum": [float(r.sum()) for r in ratios]}
 
     def principle_scores(self, messages: list[dict], answers: list[str]) -> list[float]:
         """Per answer, the sum over principles of log P(Yes) - log P(No) (both spellings pooled)."""
@@ -403,7 +447,7 @@ class Judge:
     def pointwise_scores(self, messages: list[dict], answers: list[str], method: str) -> list[float]:
         if method == "principles":
             return self.principle_scores(messages, answers)
-        return self.contrastive_scores(messages, answers)[method]
+        return self.contrastive_scores(messages, answers, family=method.rsplit("_", 1)[0])[method]
 
     # ---- verdicts ---------------------------------------------------------------------------------------------
     def _decide(self, p_a: float) -> str | None:
@@ -454,7 +498,8 @@ class Judge:
 # pairs; contrastive_mean 0.557 [0.510, 0.603] and contrastive_sum 0.535 on 400 pairs (fp32, below the 0.576 of
 # "prefer the shorter answer"). The prior stays at chance for every method: 0.557 is not shown to carry signal beyond
 # length, so AI labels earn weight only through live agreement with people.
-MEASURED_ACCURACY = {"contrastive_mean": 0.5, "contrastive_sum": 0.5, "principles": 0.5, "ab": 0.5}
+MEASURED_ACCURACY = {"contrastive_mean": 0.5, "contrastive_sum": 0.5, "polar_mean": 0.5, "polar_sum": 0.5,
+                     "principles": 0.5, "ab": 0.5}
 PRIOR_PAIRS = 20  # the bench's figure counts as this many pairs of live human-AI agreement
 MIN_AI_WEIGHT = 0.02  # never 0: the reward loss divides by the summed weights of a batch
 

@@ -213,6 +213,7 @@ class GateReport:
     harmful_compliant: int
     harmful_total: int
     samples: list[dict] = field(default_factory=list)  # a few {"prompt", "answer"} to show
+    relevance_per_prompt: list[float] = field(default_factory=list)  # the held-out prompts' PMI, in prompt order
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -237,9 +238,12 @@ def decide(candidate: GateReport, base: GateReport, parent: GateReport, cfg: Gat
     if target_kl > 0 and candidate.kl > budget:
         reasons.append(f"KL {candidate.kl:.1f} nats over the budget {budget:.1f}")
     floor = base.relevance - (1 - cfg.gate_min_relevance) * abs(base.relevance)
-    if candidate.relevance < floor:
+    shortfall, noise = relevance_shortfall(candidate, base, cfg.gate_min_relevance)
+    if shortfall > cfg.gate_relevance_confidence * noise:
         reasons.append(f"off topic: relevance {candidate.relevance:.3f} below {floor:.3f} "
-                       f"({cfg.gate_min_relevance:.0%} of the base's {base.relevance:.3f})")
+                       f"({cfg.gate_min_relevance:.0%} of the base's {base.relevance:.3f}"
+                       + (f"; shortfall {shortfall:.3f} > {cfg.gate_relevance_confidence:g} x its standard error "
+                          f"{noise:.3f})" if noise > 0 else ")"))
     shortest = cfg.gate_min_length_ratio * parent.mean_length
     if candidate.mean_length < shortest:
         reasons.append(f"length collapse: {candidate.mean_length:.1f} tokens per answer, under "
@@ -252,6 +256,28 @@ def decide(candidate: GateReport, base: GateReport, parent: GateReport, cfg: Gat
         reasons.append(f"complies with {candidate.harmful_compliant}/{candidate.harmful_total} harmful requests "
                        f"(base: {base.harmful_compliant})")
     return GateDecision(passed=not reasons, reasons=reasons, report=candidate)
+
+
+def relevance_shortfall(candidate: GateReport, base: GateReport, fraction: float) -> tuple[float, float]:
+    """(how far the candidate's mean relevance is below `fraction` of the base's, its standard error).
+
+    Why a test and not a point comparison: each version's relevance is the mean PMI of one sampled answer to each
+    of a few prompts, and one answer's PMI varies a lot from draw to draw (a new version's weights change the
+    seeded draws). Measured in the simulated-user benchmark: candidates at KL 0.3-0.9 nats, six prompts, were
+    rejected as off topic three times out of three, while the published versions' relevance on 40 held-out
+    prompts stayed at 98% of the base's. The prompts are the same for both versions, so the error comes from the
+    paired differences; a report without per-prompt values (older ones) is compared by its mean alone (error 0).
+    """
+    scale = 1.0 if base.relevance >= 0 else -1.0  # "fraction of the base" for a negative base: fraction closer
+    floor_terms = [b - (1 - fraction) * scale * b for b in base.relevance_per_prompt]
+    paired = len(floor_terms) == len(candidate.relevance_per_prompt) > 1
+    shortfall = base.relevance - (1 - fraction) * abs(base.relevance) - candidate.relevance
+    if not paired:
+        return shortfall, 0.0
+    diffs = [f - c for f, c in zip(floor_terms, candidate.relevance_per_prompt)]  # per prompt: floor - candidate
+    mean = sum(diffs) / len(diffs)
+    variance = sum((d - mean) ** 2 for d in diffs) / (len(diffs) - 1)
+    return shortfall, (variance / len(diffs)) ** 0.5
 
 
 def prompt_set_id(prompts: Sequence[list[dict]]) -> str:
@@ -306,4 +332,5 @@ class GateEvaluator:
             kl=sum(kls[:n]) / max(n, 1), relevance=sum(relevance) / len(relevance),
             mean_length=sum(lengths[:n]) / max(n, 1), degenerate_rate=sum(degenerate) / max(len(texts), 1),
             harmful_compliant=sum(complies(t) for t in texts[n:]), harmful_total=len(harmful),
-            samples=[{"prompt": m[-1]["content"], "answer": t} for m, t in zip(prompts[:3], texts[:3])])
+            samples=[{"prompt": m[-1]["content"], "answer": t} for m, t in zip(prompts[:3], texts[:3])],
+            relevance_per_prompt=[float(r) for r in relevance] if n > 1 else [])

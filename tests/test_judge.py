@@ -12,7 +12,7 @@ import torch
 from rlhf_online import models
 from rlhf_online.config import FeedbackConfig, ModelConfig
 from rlhf_online.judge import (CONTRASTIVE_SYSTEM, JUDGE_METHODS, MAX_CONSTITUTION_CHARS, MEASURED_ACCURACY,
-                               MIN_AI_WEIGHT, NEUTRAL_SYSTEM, SHIPPED_CONSTITUTION, Constitution, Judge,
+                               MIN_AI_WEIGHT, NEUTRAL_SYSTEM, SHIPPED_CONSTITUTION, VIOLATING_SYSTEM, Constitution, Judge,
                                ai_label_weight, current_feedback_mode, judge_label, load_constitution,
                                save_constitution, set_feedback_mode)
 from rlhf_online.store import PreferenceStore, store_path
@@ -214,7 +214,8 @@ def full_forward_logprobs(model, ids: list[int]) -> torch.Tensor:
 
 def test_shared_prefix_scoring_equals_separate_full_forwards(base, tokenizer):
     """The KV-cached prefix with right-padded continuations of different lengths gives each continuation the
-    log-probs a separate, unpadded forward of prefix + continuation gives."""
+    log-probs a separate, unpadded forward of prefix + continuation gives, also when the prefix starts from the
+    cached KV of its system prompt (the constitution), reused across judgements."""
     judge = make_judge(base, tokenizer, method="contrastive_mean")
     principled, neutral = judge.contrastive_prefixes(CHAT)
     assert len(principled) > len(neutral)
@@ -231,6 +232,9 @@ def test_shared_prefix_scoring_equals_separate_full_forwards(base, tokenizer):
             full_forward_logprobs(base, neutral + row)[-len(row):]
         assert scores["contrastive_sum"][i] == pytest.approx(float(ratio.sum()), abs=1e-3)
         assert scores["contrastive_mean"][i] == pytest.approx(float(ratio.mean()), abs=1e-4)
+    # both system prompts were scored once and reused from their KV cache: the figures above went through it
+    heads = [k for k, v in judge._head_caches.items() if v is not None]
+    assert len(heads) == 2 and all(principled[:len(k)] == list(k) or neutral[:len(k)] == list(k) for k in heads)
 
 
 def test_principle_scores_sum_the_yes_no_log_odds_of_each_principle(base, tokenizer):
@@ -263,13 +267,15 @@ def chat_ids(tokenizer, system: str, question: str, answer: str) -> tuple[list[i
 @pytest.fixture(scope="module")
 def marker_model(tiny_model_dir, tokenizer):
     """The tiny model taught, by real gradient steps, that answers written under the principle "always mention a
-    banana" contain the marker, and answers under the neutral system prompt do not."""
+    banana" contain the marker, and answers under the neutral system prompt, or one that breaks it, do not."""
     model = models.load_base_model(str(tiny_model_dir), "fp32").model
     model.requires_grad_(True)
     torch.manual_seed(0)
     examples = []
     for question, answer in QUESTIONS:
         examples.append(chat_ids(tokenizer, NEUTRAL_SYSTEM, question, answer))
+        examples.append(chat_ids(tokenizer, VIOLATING_SYSTEM.format(principles=MARKER_PRINCIPLE.strip()), question,
+                                 answer))
         system = CONTRASTIVE_SYSTEM.format(principles=MARKER_PRINCIPLE.strip())
         examples.append(chat_ids(tokenizer, system, question, f"{answer} {MARKER}."))
     optimizer = torch.optim.Adam(model.parameters(), lr=3e-3)
@@ -287,9 +293,12 @@ def marker_model(tiny_model_dir, tokenizer):
     return model
 
 
-def test_a_constitution_that_prefers_a_marker_word_makes_the_judge_prefer_answers_with_it(marker_model, tokenizer):
-    """The default judge with "always mention a banana" prefers the answer with the marker, in both orders."""
-    judge = make_judge(marker_model, tokenizer, method=FeedbackConfig().judge_method,
+@pytest.mark.parametrize("method", sorted({FeedbackConfig().judge_method, "contrastive_mean", "polar_mean"}))
+def test_a_constitution_that_prefers_a_marker_word_makes_the_judge_prefer_answers_with_it(marker_model, tokenizer,
+                                                                                          method):
+    """The default judge (and each likelihood-ratio judge) with "always mention a banana" prefers the answer with
+    the marker, in both orders."""
+    judge = make_judge(marker_model, tokenizer, method=method,
                        constitution=Constitution(MARKER_PRINCIPLE))
     for question, answer in QUESTIONS:
         chat = [{"role": "user", "content": question}]

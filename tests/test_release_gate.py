@@ -115,6 +115,26 @@ def test_relevance_floor_is_relative_to_the_base():
     assert not decide(report(relevance=0.449), BASE, BASE, cfg, 6.0).passed
 
 
+def with_prompts(r: GateReport, per_prompt: list[float]) -> GateReport:
+    r.relevance_per_prompt = per_prompt
+    r.relevance = sum(per_prompt) / len(per_prompt)
+    return r
+
+
+def test_relevance_below_the_floor_by_less_than_its_noise_passes_and_a_consistent_drop_fails():
+    """Six prompts, one sampled answer each: a mean under the floor by less than its paired standard error is
+    draw-to-draw noise (measured: such candidates were all rejected at KL < 1 nat); answers generic on every prompt
+    are rejected all the same."""
+    base = with_prompts(report("base", kl=0.0), [0.5, 0.3, 0.7, 0.5, 0.4, 0.6])
+    noisy = with_prompts(report(), [0.2, 0.5, 0.3, 0.6, 0.3, 0.5])  # mean 0.40 < floor 0.45, spread ±0.15
+    generic = with_prompts(report(), [0.0, 0.05, -0.02, 0.03, 0.0, 0.06])  # "I'm ready for you." everywhere
+    cfg = GateConfig()
+    assert noisy.relevance < 0.45 and decide(noisy, base, base, cfg, 6.0).passed
+    decision = decide(generic, base, base, cfg, 6.0)
+    assert not decision.passed and "off topic" in decision.reasons[0] and "standard error" in decision.reasons[0]
+    assert not decide(noisy, base, base, GateConfig(gate_relevance_confidence=0.0), 6.0).passed  # means alone
+
+
 # ---- reference PMI on a real model ----------------------------------------------------------------------------
 
 @pytest.fixture(scope="module")
