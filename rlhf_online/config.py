@@ -214,7 +214,8 @@ class FeedbackConfig:
                                       "<data-dir>/constitution.md, takes precedence")
     judge_method: str = _opt("contrastive_mean", "how the judge turns the principles into a preference: "
                                  "contrastive_mean / contrastive_sum (how much more likely each answer is after "
-                                 "the principles than without them, per token / summed), principles (yes/no per "
+                                 "the principles than without them, per token / summed), polar_mean / polar_sum "
+                                 "(the same against a prompt that breaks them), principles (yes/no per "
                                  "principle for each answer alone) or ab (shown both, asked A or B); measured "
                                  "in bench/judge.py")
     ai_weight: float = _opt(1.0, "the most an AI label can weigh in the reward loss in mixed mode (a human vote "
