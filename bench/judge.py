@@ -35,17 +35,15 @@ import torch
 
 from common import SHARED_HH, peak_rss_mb, read_preference_file, write_json
 from rlhf_online.config import AppConfig
-from rlhf_online.judge import (BASE_JUDGE_PREFIX, JUDGE_METHODS, VIOLATING_SYSTEM, Constitution, Judge,
-                               check_constitution_text,
-                               load_constitution, load_judge_model)
+from rlhf_online.judge import (BASE_JUDGE_PREFIX, CONTRASTIVE_SYSTEM, JUDGE_METHODS, VIOLATING_SYSTEM, Constitution,
+                               Judge, check_constitution_text, load_constitution, load_judge_model)
 from rlhf_online.models import chat_ids, load_base_model, load_tokenizer, resolve_model_source
 
 POINTWISE_FAMILIES = {"contrastive": ("contrastive_mean", "contrastive_sum"), "polar": ("polar_mean", "polar_sum"),
                       "principles": ("principles",)}
 ALL_METHODS = ("contrastive", "polar", "principles", "ab", "rlcd")
 COVERAGES = (1.0, 0.75, 0.5, 0.25)  # accuracy of the most confident fraction of verdicts
-RLCD_GOOD = "You are a helpful AI assistant. Every answer you give follows these principles:\n{principles}"
-RLCD_BAD = VIOLATING_SYSTEM
+RLCD_GOOD, RLCD_BAD = CONTRASTIVE_SYSTEM, VIOLATING_SYSTEM  # the judge's own principled / violating prompts
 
 
 def build_judge(args, cfg: AppConfig) -> Judge:

@@ -247,7 +247,7 @@ class Judge:
         # KV caches of the likelihood-ratio system prompts (the constitution is most of a judgement's tokens, and
         # it is the same in every judgement): token ids -> (cache, last logits). Few entries: one per family and
         # constitution version, so an edited constitution simply adds a key.
-        self._head_caches: dict[tuple[int, ...], tuple[object, torch.Tensor]] = {}
+        self._head_caches: dict[tuple[int, ...], tuple[object, torch.Tensor] | None] = {}
 
     @property
     def label(self) -> str:
