@@ -237,7 +237,7 @@ def decide(candidate: GateReport, base: GateReport, parent: GateReport, cfg: Gat
     budget = cfg.gate_kl_budget * target_kl
     if target_kl > 0 and candidate.kl > budget:
         reasons.append(f"KL {candidate.kl:.1f} nats over the budget {budget:.1f}")
-    floor = base.relevance - (1 - cfg.gate_min_relevance) * abs(base.relevance)
+    floor = relevance_floor(base.relevance, cfg.gate_min_relevance)
     shortfall, noise = relevance_shortfall(candidate, base, cfg.gate_min_relevance)
     if shortfall > cfg.gate_relevance_confidence * noise:
         reasons.append(f"off topic: relevance {candidate.relevance:.3f} below {floor:.3f} "
@@ -258,6 +258,11 @@ def decide(candidate: GateReport, base: GateReport, parent: GateReport, cfg: Gat
     return GateDecision(passed=not reasons, reasons=reasons, report=candidate)
 
 
+def relevance_floor(base_relevance: float, fraction: float) -> float:
+    """The least relevance allowed: `fraction` of the base's, measured towards it when the base is negative."""
+    return base_relevance - (1 - fraction) * abs(base_relevance)
+
+
 def relevance_shortfall(candidate: GateReport, base: GateReport, fraction: float) -> tuple[float, float]:
     """(how far the candidate's mean relevance is below `fraction` of the base's, its standard error).
 
@@ -268,10 +273,10 @@ def relevance_shortfall(candidate: GateReport, base: GateReport, fraction: float
     prompts stayed at 98% of the base's. The prompts are the same for both versions, so the error comes from the
     paired differences; a report without per-prompt values (older ones) is compared by its mean alone (error 0).
     """
-    scale = 1.0 if base.relevance >= 0 else -1.0  # "fraction of the base" for a negative base: fraction closer
+    scale = 1.0 if base.relevance >= 0 else -1.0  # the sign of the mean's floor, applied to every prompt's term
     floor_terms = [b - (1 - fraction) * scale * b for b in base.relevance_per_prompt]
     paired = len(floor_terms) == len(candidate.relevance_per_prompt) > 1
-    shortfall = base.relevance - (1 - fraction) * abs(base.relevance) - candidate.relevance
+    shortfall = relevance_floor(base.relevance, fraction) - candidate.relevance
     if not paired:
         return shortfall, 0.0
     diffs = [f - c for f, c in zip(floor_terms, candidate.relevance_per_prompt)]  # per prompt: floor - candidate
