@@ -30,8 +30,8 @@ from rlhf_online.lifecycle import (TRAINER_LOCKED_EXIT_CODE, TrainerLock, Traine
 from rlhf_online.models import (POLICY_ADAPTER, attach_lora, load_base_model, load_tokenizer,
                                 resolve_model_source)
 from rlhf_online.ppo import COLD_START_PROMPTS, IterationStats, PolicyWithValue, PPOTrainer
-from rlhf_online.release_gate import (GateDecision, GateEvaluator, GateReport, decide, gate_prompt_set,
-                                      harmful_requests, prompt_set_id)
+from rlhf_online.release_gate import (GateDecision, GateEvaluator, GateReport, decide, gate_own_generate,
+                                      gate_prompt_set, harmful_requests, prompt_set_id)
 from rlhf_online.reward import OnlineRewardLearner, RewardModel, attach_reward_adapter
 from rlhf_online.rollout_sampler import build_rollout_sampler
 from rlhf_online.store import AI_PLACEMENT, Pair, PreferenceStore, store_path
@@ -107,7 +107,7 @@ class TrainerWorker:
         self.feedback_rng = random.Random(cfg.seed)
         self._judge_model = None  # (model, tokenizer) of a separately configured judge, loaded on first use
         self._activity: str | None = None
-        self.gate_evaluator = GateEvaluator(self.ppo, seed=cfg.seed + 1234)
+        self.gate_evaluator = GateEvaluator(self.ppo, seed=cfg.seed + 1234, own_generate=gate_own_generate(cfg.gate))
         self.gate_prompts: list[list[dict]] = []
         self.gate_reports: dict[tuple[str, str], GateReport] = {}  # (version, prompt set) -> report
         self.gate_runs = 0
