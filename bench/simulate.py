@@ -31,6 +31,26 @@ from rlhf_online.services import build_services
 from rlhf_online.versions import BASE_VERSION
 
 
+def trainer_time_split(ppo, rewards, started: float) -> dict:
+    """Where the trainer's wall time went, from its first PPO iteration to its last (reward learning counted
+    from then too): what is not PPO, the gate, publishing (the timeline's probes included) or reward learning is
+    stepping aside for the chat, scoring voted pairs, AI labels and the store's writes."""
+    if not ppo:
+        return {}
+    first_ppo_start = ppo[0].created_at - ppo[0].values["seconds"]
+    split = {"ppo": sum(m.values["seconds"] for m in ppo),
+             "ppo_rollouts": sum(m.values.get("rollout_seconds", 0.0) for m in ppo),
+             "gate": sum(m.values.get("gate_seconds", 0.0) for m in ppo),
+             "publish": sum(m.values.get("publish_seconds", 0.0) for m in ppo),
+             "reward_learning": sum(m.values.get("seconds", 0.0) for m in rewards
+                                    if first_ppo_start < m.created_at <= ppo[-1].created_at),
+             "until_first_ppo": first_ppo_start - started,
+             "wall": ppo[-1].created_at - started}
+    accounted = sum(v for k, v in split.items() if k not in ("wall", "ppo_rollouts"))
+    split["other"] = split["wall"] - accounted
+    return {k: round(v, 1) for k, v in split.items()}
+
+
 def load_oracle(spec: str):
     path, _, name = spec.partition(":")
     module_spec = importlib.util.spec_from_file_location("oracle_module", path)
@@ -192,7 +212,8 @@ def main(argv=None) -> int:
         final = head_to_head(services, oracle, held_out, harmful)
         newest = final["newest"]
         ppo = services.store.latest_metrics("ppo", limit=10_000)
-        reward = services.store.latest_metrics("reward", limit=1)
+        rewards = services.store.latest_metrics("reward", limit=10_000)
+        reward = rewards[-1:]
         gates = [m.values for m in services.store.latest_metrics("gate", limit=10_000)]
         quality = {k: final[k] for k in ("relevance_base", "relevance_final", "degenerate_rate_base",
                                          "degenerate_rate_final", "harmful_compliance_base",
@@ -224,6 +245,7 @@ def main(argv=None) -> int:
                                                                  "length_correction", "length_corr_raw",
                                                                  "length_corr_adjusted")} if reward else None,
             "ppo_iterations": len(ppo),
+            "trainer_seconds": trainer_time_split(ppo, rewards, started),
             "seconds_per_ppo_iteration": sum(m.values["seconds"] for m in ppo) / len(ppo) if ppo else None,
             "mean_reward_first_last": [ppo[0].values["mean_score"], ppo[-1].values["mean_score"]] if ppo else None,
             "mean_length_first_last": [ppo[0].values["mean_length"], ppo[-1].values["mean_length"]] if ppo else None,

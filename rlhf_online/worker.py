@@ -251,12 +251,17 @@ class TrainerWorker:
         stats = self.ppo.iteration(prompts, demos)
         self.since_publish += 1
         published = rejected = None
+        gate_seconds = publish_seconds = 0.0  # beside the iteration's own seconds: where a publish cycle's time goes
         if self.since_publish >= self.cfg.ppo.publish_every:
             self.since_publish = 0
+            started = time.perf_counter()
             decision = self.gate_candidate() if self.cfg.gate.gate else None
+            gate_seconds = time.perf_counter() - started
             if decision is None or decision.passed:
                 report = decision.report if decision else None
+                started = time.perf_counter()
                 published = self.publish(stats, report).name
+                publish_seconds = time.perf_counter() - started
                 if report is not None:
                     report.version = published
                     self.gate_reports[(published, report.prompt_set)] = report
@@ -266,7 +271,8 @@ class TrainerWorker:
                 self._record_gate(stats.iteration, decision, None)
                 self.reject_candidate(decision)
         self.store.record_metric("ppo", stats.iteration, {**stats.as_dict(), "published": published,
-                                                           "rejected": rejected,
+                                                           "rejected": rejected, "gate_seconds": gate_seconds,
+                                                           "publish_seconds": publish_seconds,
                                                            "target_kl": self.cfg.ppo.target_kl,
                                                            "reward_pairs": self.learner.metrics.total})
         return stats

@@ -101,6 +101,7 @@ def test_step_learns_votes_then_runs_ppo_and_publishes(cfg, tiny_model_dir):
     assert worker.parent == "v0001"
     ppo_metrics = worker.store.latest_metrics("ppo")
     assert len(ppo_metrics) == 1 and ppo_metrics[0].values["published"] == "v0001"
+    assert ppo_metrics[0].values["publish_seconds"] > 0  # where the cycle's time went, beside the iteration's
     assert not [p for p in cfg.adapters_path.iterdir() if ".tmp" in p.name]
     # publishing answered the timeline's probes (the base's too), and the page can tell what the trainer did last
     assert [e.version for e in load_entries(worker.store)] == ["v0001", BASE_VERSION]
@@ -394,7 +395,8 @@ def test_a_degenerate_candidate_is_rejected_logged_and_training_continues_from_t
     gate = worker.store.latest_metrics("gate")[-1].values
     assert gate["passed"] is False and gate["version"] is None
     assert any("length collapse" in r for r in gate["reasons"]) and any("degenerate" in r for r in gate["reasons"])
-    assert worker.store.latest_metrics("ppo")[-1].values["rejected"] is True
+    ppo = worker.store.latest_metrics("ppo")[-1].values
+    assert ppo["rejected"] is True and ppo["gate_seconds"] > 0 and ppo["publish_seconds"] == 0
     # the trainer went back to the last good version (the base: an identity adapter) with fresh optimizer moments
     assert all(float(p.abs().max()) == 0.0 for n, p in policy_state(worker).items() if "lora_B" in n)
     assert not worker.ppo.optimizer.state
