@@ -122,7 +122,7 @@ def main() -> None:
     stats = trainer.iteration(prompts)
     result["ppo_iteration_s"] = timed(lambda: trainer.iteration(prompts), repeats=2)
     result["ppo_batch"] = ppo_cfg.ppo_batch_size
-    result["ppo_max_new_tokens"] = ppo_cfg.ppo_max_new_tokens
+    result["ppo_max_new_tokens"] = trainer.max_new_tokens
     result["ppo_mean_length"] = stats.mean_length
 
     reward = RewardModel(peft, tokenizer, RewardConfig())

@@ -121,6 +121,9 @@ class RewardConfig:
                                                "deviation, so it does not chase scores the heads disagree on")
     reward_length_correction: bool = _opt(True, "remove the part of the reward's dependence on answer length "
                                                 "that the votes themselves do not show (see reward.LengthAudit)")
+    reward_length_match: bool = _opt(False, "with the correction, also add the part of the votes' length "
+                                            "preference the reward model has not learned, so PPO's reward "
+                                            "depends on length as much as the votes do")
 
 
 @dataclass
@@ -136,7 +139,15 @@ class PPOConfig:
     ppo_minibatch_size: int = _opt(4, "answers per gradient step")
     ppo_epochs: int = _opt(2, "passes over each rollout batch")
     ppo_lr: float = _opt(3e-4, "AdamW learning rate of the policy adapter and value head")
-    ppo_max_new_tokens: int = _opt(48, "answer length during rollouts")
+    ppo_max_new_tokens: int = _opt(0, "longest rollout answer in tokens; 0 = the chat's --max-new-tokens. "
+                                      "Rollouts cut shorter than the answers people see cannot show the reward a "
+                                      "length they prefer: measured with a concise taste, 48-token rollouts all "
+                                      "ran to the cap and the win rate was 0.58 after 10 minutes; rollouts of the "
+                                      "chat's 96 tokens shortened from 92 to 42 and won 0.825 after 20")
+
+    def answer_tokens(self, sampling: SamplingConfig) -> int:
+        """The rollouts' token limit: the configured one, or the chat's (0)."""
+        return self.ppo_max_new_tokens if self.ppo_max_new_tokens > 0 else sampling.max_new_tokens
     gamma: float = _opt(1.0, "discount; 1 because the only real reward comes at the end of an answer")
     lam: float = _opt(0.95, "GAE lambda")
     clip_eps: float = _opt(0.2, "PPO ratio clip")

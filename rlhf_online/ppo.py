@@ -157,6 +157,7 @@ class PPOTrainer:
         self.iterations = 0
         self.last_texts: list[str] = []
         self.end_of_turn_ids = end_of_turn_ids(tokenizer)
+        self.max_new_tokens = cfg.answer_tokens(sampling)
 
     # ---- rollout --------------------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -190,7 +191,7 @@ class PPOTrainer:
                 torch.manual_seed(seed)
             sequences = model.generate(
                 **batch, do_sample=True, temperature=self.sampling.temperature, top_p=self.sampling.top_p,
-                top_k=None, max_new_tokens=self.cfg.ppo_max_new_tokens, eos_token_id=self.end_of_turn_ids,
+                top_k=None, max_new_tokens=self.max_new_tokens, eos_token_id=self.end_of_turn_ids,
                 pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=[_YieldEachToken(self.yield_fn)])
         prompt_length = batch["input_ids"].shape[1]  # P
         response = sequences[:, prompt_length:]  # (B, R)
@@ -208,7 +209,7 @@ class PPOTrainer:
         seeds = [rng.randrange(2**31) for _ in prompts]
         prompt_ids = [self._prompt_ids(m) for m in prompts]
         self.yield_fn()
-        samples = self.sampler.sample(prompt_ids, self.cfg.ppo_max_new_tokens, seeds)
+        samples = self.sampler.sample(prompt_ids, self.max_new_tokens, seeds)
         self.yield_fn()
         pad = self.tokenizer.pad_token_id
         prompt_batch = self.tokenizer.pad({"input_ids": prompt_ids}, padding=True, padding_side="left",
@@ -275,7 +276,7 @@ class PPOTrainer:
         """Human-written answers as a rollout: each prompt, then the answer as the chat template writes the
         assistant's turn, through its end-of-turn token (the target teaches the model to stop there too)."""
         prompts = [self._prompt_ids(m) for m, _ in demonstrations]
-        answers = [answer_ids(self.tokenizer, m, a)[:self.cfg.ppo_max_new_tokens] for m, a in demonstrations]
+        answers = [answer_ids(self.tokenizer, m, a)[:self.max_new_tokens] for m, a in demonstrations]
         prompt_batch = self.tokenizer.pad({"input_ids": prompts}, padding=True, padding_side="left",
                                           return_tensors="pt")
         answer_batch = self.tokenizer.pad({"input_ids": answers}, padding=True, padding_side="right",

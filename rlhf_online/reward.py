@@ -318,13 +318,19 @@ class LengthAudit:
       per unit of log length);
     * the **correction** c: the part of s the votes do not show - all of s when it has the other sign than w,
       s - w when it is steeper than w in the same direction, 0 otherwise. PPO's reward subtracts c * l.
+      With `match`, c = s - w always: where the reward model is *shallower* than the votes, the rest of the
+      votes' slope is added too, so PPO's reward depends on length exactly as much as the votes do.
 
     So a length preference people really have (a "concise" taste) is kept, and one the reward model picked up
-    on its own (shorter answers winning when votes do not favour them) is removed. `correlation` is the
+    on its own (shorter answers winning when votes do not favour them) is removed. Why `match`: the heads read
+    mean-pooled hidden states, which barely encode length; measured in a simulated run with a concise taste
+    (the votes' slope -4.2), the reward model's slope was only -0.37, so PPO was hardly paid for what people
+    asked for most plainly. `correlation` is the
     Pearson correlation between scores and l over the recent answers, before and after the correction.
     """
 
-    def __init__(self, window: int = 200, min_pairs: int = 20, prior_var: float = 1.0):
+    def __init__(self, window: int = 200, min_pairs: int = 20, prior_var: float = 1.0, match: bool = False):
+        self.match = match
         self.min_pairs = min_pairs
         self.prior_var = prior_var
         self.pairs: collections.deque = collections.deque(maxlen=window)  # (dl, dr)
@@ -357,6 +363,8 @@ class LengthAudit:
         if len(self.pairs) < self.min_pairs:
             return 0.0
         s, w = self.reward_slope(), self.vote_slope()
+        if self.match:
+            return s - w
         if s * w <= 0:
             return s  # opposite signs (or votes indifferent): none of the reward's length slope is justified
         return s - w if abs(s) > abs(w) else 0.0
@@ -419,7 +427,7 @@ class OnlineRewardLearner:
         self._feature_cache: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}  # preference id -> features
         self.replay_capacity = cfg.reward_replay_capacity
         self.metrics = PrequentialRecord()
-        self.length_audit = LengthAudit()
+        self.length_audit = LengthAudit(match=cfg.reward_length_match)
         self.last_preference_id = 0
         head_params = list(reward_model.head.parameters())
         groups = [{"params": head_params, "lr": cfg.reward_head_lr}]  # the head starts at zero and must move first

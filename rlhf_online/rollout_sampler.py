@@ -116,7 +116,7 @@ def build_rollout_sampler(cfg: AppConfig, tokenizer, peft_model: PeftModel, adap
     sampler = LlamaCppRolloutSampler(gguf_model_file(cfg.model), tokenizer, cfg.sampling, peft_model, adapter_name,
                                      threads=max(1, cfg.ppo.trainer_threads),
                                      slots=max(1, cfg.ppo.ppo_batch_size),  # PPO's rollouts only
-                                     max_new_tokens=cfg.ppo.ppo_max_new_tokens)
+                                     max_new_tokens=cfg.ppo.answer_tokens(cfg.sampling))
     log.info("PPO rollouts sampled by llama.cpp on %s (%d threads)", sampler.engine.model_path.name,
              sampler.engine.threads)
     return sampler

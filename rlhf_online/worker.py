@@ -443,7 +443,7 @@ class TrainerWorker:
         if not answer_a or not answer_b or answer_a == answer_b:
             return None  # nothing to compare
         sampling = {"temperature": self.cfg.sampling.temperature, "top_p": self.cfg.sampling.top_p,
-                    "max_new_tokens": self.cfg.ppo.ppo_max_new_tokens}
+                    "max_new_tokens": self.ppo.max_new_tokens}
         pair_id = self.store.record_pair(conversation_id=f"ai-{uuid.uuid4().hex}", turn=0, messages=messages,
                                          answer_a=answer_a, answer_b=answer_b, version_a=self.parent,
                                          version_b=self.parent, sampling=sampling, session_id=None,

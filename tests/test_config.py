@@ -21,6 +21,13 @@ def test_auto_quantization_trains_a_gguf_model_on_its_own_dequantized_weights():
     assert load_config(["--quantization", "nf4"], environ={}).model.resolved_quantization() == "nf4"
 
 
+def test_rollouts_are_as_long_as_the_chat_answers_unless_set():
+    cfg = load_config(["--max-new-tokens", "120"], environ={})
+    assert cfg.ppo.answer_tokens(cfg.sampling) == 120  # PPO trains on the answers people are shown
+    cfg = load_config(["--max-new-tokens", "120", "--ppo-max-new-tokens", "32"], environ={})
+    assert cfg.ppo.answer_tokens(cfg.sampling) == 32
+
+
 def test_environment_overrides_defaults(tmp_path):
     cfg = load_config([], environ={"RLHF_DATA_DIR": str(tmp_path), "RLHF_MAX_NEW_TOKENS": "12",
                                    "RLHF_TRAIN": "false", "RLHF_LORA_TARGET_MODULES": "q_proj, v_proj"})

@@ -329,6 +329,11 @@ def test_length_audit_keeps_a_length_taste_the_votes_show_and_removes_one_they_d
     assert concise.reward_slope() == pytest.approx(-2.0)
     assert concise.vote_slope() < -2.0  # a strong (finite under the prior) preference for shorter answers
     assert concise.correction() == 0.0  # the reward's length slope is what the votes show: kept
+    matched = LengthAudit(min_pairs=20, match=True)
+    matched.pairs, matched.answers = concise.pairs, concise.answers
+    # the reward model under-learned the votes' slope: match adds the rest, so PPO's reward slope is the votes'
+    assert matched.correction() > 0
+    assert matched.reward_slope() - matched.correction() == pytest.approx(concise.vote_slope())
 
     indifferent = LengthAudit(min_pairs=20)
     for i in range(60):  # votes ignore length (half the winners are the longer answer); the reward does not
