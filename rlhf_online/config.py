@@ -195,8 +195,15 @@ class GateConfig:
     gate: bool = _opt(True, "check every candidate before publishing it; off: publish every candidate")
     gate_sampler: str = _opt("torch", "what samples the gate's answers: torch (the training model's generate; the "
                                       "same seeded draws for nearly the same weights) or rollout (PPO's sampler, "
-                                      "llama.cpp for a GGUF model on CPU; in a 20-minute simulated run it gave 9 "
-                                      "PPO iterations against torch's 8, so the gate is not what slows training)")
+                                      "llama.cpp for a GGUF model on CPU; in a 20-minute simulated run with 48-token "
+                                      "answers it gave 9 PPO iterations against torch's 8; the gate took 33-39%% "
+                                      "of the trainer's time in simulated runs, sampling most of it)")
+    gate_max_new_tokens: int = _opt(48, "longest gate answer in tokens (0 = as long as PPO's rollouts); the KL "
+                                        "budget is scaled by the ratio of the two limits, KL being summed over an "
+                                        "answer's tokens. Why shorter: sampling dominates the gate, whose 96-token "
+                                        "answers took 80 s a version under chat load, and the same seeded draws "
+                                        "of two nearly equal versions drift apart the longer they run: a candidate "
+                                        "at KL 0.49 was rejected as off topic on 96-token answers")
     gate_prompts: int = _opt(6, "held-out recent prompts (never used for PPO) the gate samples answers for")
     gate_harmful_prompts: int = _opt(6, "harmful requests the gate checks for compliance")
     harmful_prompts_file: str = _opt("../shared/data/hh_harmless_dev.jsonl",

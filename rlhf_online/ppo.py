@@ -172,16 +172,18 @@ class PPOTrainer:
         return chat_ids(self.tokenizer, messages)[-self.sampling.context_tokens:]
 
     @torch.no_grad()
-    def rollout(self, prompts: list[list[dict]], seed: int | None = None, own_generate: bool = False) -> Rollout:
+    def rollout(self, prompts: list[list[dict]], seed: int | None = None, own_generate: bool = False,
+                max_new_tokens: int | None = None) -> Rollout:
         """Sample one answer per prompt from the current policy adapter; `seed` fixes the draws.
 
         `own_generate`: sample with the policy's own `generate` even when a faster sampler is set. The release
         gate needs it: it compares versions on the same seeded draws, which PyTorch keeps the same for nearly
         the same weights, while llama.cpp's change completely (a 1e-7 change of one adapter's weights changed
-        6 answers of 6, same seeds; measured here)."""
+        6 answers of 6, same seeds; measured here). `max_new_tokens`: a shorter limit than the rollouts' own."""
         self._activate_policy()
+        max_new_tokens = max_new_tokens or self.max_new_tokens
         if self.sampler is not None and not own_generate:
-            return self._sampled_rollout(prompts, seed)
+            return self._sampled_rollout(prompts, seed, max_new_tokens)
         model = self.policy.peft_model
         model.eval()
         batch = self.tokenizer.pad({"input_ids": [self._prompt_ids(m) for m in prompts]}, padding=True,
@@ -191,7 +193,7 @@ class PPOTrainer:
                 torch.manual_seed(seed)
             sequences = model.generate(
                 **batch, do_sample=True, temperature=self.sampling.temperature, top_p=self.sampling.top_p,
-                top_k=None, max_new_tokens=self.max_new_tokens, eos_token_id=self.end_of_turn_ids,
+                top_k=None, max_new_tokens=max_new_tokens, eos_token_id=self.end_of_turn_ids,
                 pad_token_id=self.tokenizer.pad_token_id, stopping_criteria=[_YieldEachToken(self.yield_fn)])
         prompt_length = batch["input_ids"].shape[1]  # P
         response = sequences[:, prompt_length:]  # (B, R)
@@ -202,14 +204,14 @@ class PPOTrainer:
         return Rollout(input_ids=sequences, attention_mask=attention_mask, response_mask=response_mask.float(),
                        prompt_length=prompt_length, messages=prompts, texts=texts)
 
-    def _sampled_rollout(self, prompts: list[list[dict]], seed: int | None) -> Rollout:
+    def _sampled_rollout(self, prompts: list[list[dict]], seed: int | None, max_new_tokens: int) -> Rollout:
         """The same rollout with the answers sampled by `self.sampler` (llama.cpp), which also reports its
         log-probability of every token it sampled (kept to measure and correct the sampler-trainer mismatch)."""
         rng = random.Random(seed) if seed is not None else self.rng
         seeds = [rng.randrange(2**31) for _ in prompts]
         prompt_ids = [self._prompt_ids(m) for m in prompts]
         self.yield_fn()
-        samples = self.sampler.sample(prompt_ids, self.max_new_tokens, seeds)
+        samples = self.sampler.sample(prompt_ids, max_new_tokens, seeds)
         self.yield_fn()
         pad = self.tokenizer.pad_token_id
         prompt_batch = self.tokenizer.pad({"input_ids": prompt_ids}, padding=True, padding_side="left",

@@ -311,17 +311,19 @@ class GateEvaluator:
     worker swaps in the base or the parent to measure those).
     """
 
-    def __init__(self, trainer, seed: int = 1234, batch_size: int = 8, own_generate: bool = True):
+    def __init__(self, trainer, seed: int = 1234, batch_size: int = 8, own_generate: bool = True,
+                 max_new_tokens: int | None = None):
         self.trainer = trainer  # a ppo.PPOTrainer
         self.seed = seed
         self.batch_size = batch_size
         self.own_generate = own_generate  # False: PPO's rollout sampler (llama.cpp) draws the answers
+        self.max_new_tokens = max_new_tokens  # None: as long as PPO's rollouts
 
     def _sample(self, prompts: list[list[dict]]):
         """Rollouts in fixed-size chunks, each re-seeded: the same draws for the same weights (see the module
         docstring and `PPOTrainer.rollout` for which sampler keeps them for nearly the same weights)."""
         return [self.trainer.rollout(prompts[start:start + self.batch_size], seed=self.seed + chunk,
-                                     own_generate=self.own_generate)
+                                     own_generate=self.own_generate, max_new_tokens=self.max_new_tokens)
                 for chunk, start in enumerate(range(0, len(prompts), self.batch_size))]
 
     @torch.no_grad()

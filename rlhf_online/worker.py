@@ -107,7 +107,8 @@ class TrainerWorker:
         self.feedback_rng = random.Random(cfg.seed)
         self._judge_model = None  # (model, tokenizer) of a separately configured judge, loaded on first use
         self._activity: str | None = None
-        self.gate_evaluator = GateEvaluator(self.ppo, seed=cfg.seed + 1234, own_generate=gate_own_generate(cfg.gate))
+        self.gate_evaluator = GateEvaluator(self.ppo, seed=cfg.seed + 1234, own_generate=gate_own_generate(cfg.gate),
+                                            max_new_tokens=self.gate_tokens)
         self.gate_prompts: list[list[dict]] = []
         self.gate_reports: dict[tuple[str, str], GateReport] = {}  # (version, prompt set) -> report
         self.gate_runs = 0
@@ -278,6 +279,16 @@ class TrainerWorker:
         return stats
 
     # ---- the release gate -------------------------------------------------------------------------------------
+    @property
+    def gate_tokens(self) -> int:
+        return min(self.cfg.gate.gate_max_new_tokens or self.ppo.max_new_tokens, self.ppo.max_new_tokens)
+
+    @property
+    def gate_target_kl(self) -> float:
+        """The KL target in the gate's units: KL is summed over tokens, and the gate's answers may be cut shorter
+        than the rollouts the target is set for (a first-order scaling: per-token KL taken as even)."""
+        return self.cfg.ppo.target_kl * self.gate_tokens / self.ppo.max_new_tokens
+
     def _pick_gate_prompts(self) -> list[list[dict]]:
         if not self.gate_prompts or self.gate_runs % GATE_REPICK_EVERY == 0:
             self.gate_prompts = gate_prompt_set(self.store.recent_prompts(limit=500), self.cfg.gate.gate_prompts)
@@ -308,13 +319,14 @@ class TrainerWorker:
             log.error("release gate: %s; comparing with the base", exc)
             parent = base
         candidate = self.gate_evaluator.evaluate("candidate", prompts, harmful)
-        return decide(candidate, base, parent, self.cfg.gate, self.cfg.ppo.target_kl)
+        return decide(candidate, base, parent, self.cfg.gate, self.gate_target_kl)
 
     def _record_gate(self, iteration: int, decision: GateDecision, version: str | None) -> None:
         base = self.gate_reports.get((BASE_VERSION, decision.report.prompt_set))
         self.store.record_metric("gate", iteration, {
             "passed": decision.passed, "reasons": decision.reasons, "version": version, "parent": self.parent,
-            "kl_budget": self.cfg.gate.gate_kl_budget * self.cfg.ppo.target_kl, "target_kl": self.cfg.ppo.target_kl,
+            "kl_budget": self.cfg.gate.gate_kl_budget * self.gate_target_kl, "target_kl": self.cfg.ppo.target_kl,
+            "gate_tokens": self.gate_tokens,
             **{k: v for k, v in decision.report.as_dict().items() if k != "version"},
             "base": base.as_dict() if base else None})
 

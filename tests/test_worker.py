@@ -374,6 +374,18 @@ def test_the_gate_measures_identical_weights_identically_and_passes_them(gated):
     assert len(worker.gate_prompts) == 4
 
 
+def test_a_gate_with_shorter_answers_than_the_rollouts_scales_its_kl_budget(gated):
+    gated.gate.gate_max_new_tokens = 3  # the rollouts have 6
+    worker = TrainerWorker(gated)
+    assert worker.gate_tokens == 3 and worker.gate_target_kl == pytest.approx(gated.ppo.target_kl / 2)
+    decision = worker.gate_candidate()
+    assert 0 < decision.report.mean_length <= 3
+    worker._record_gate(0, decision, None)
+    gate = worker.store.latest_metrics("gate")[-1].values
+    assert gate["kl_budget"] == pytest.approx(gated.gate.gate_kl_budget * gated.ppo.target_kl / 2)
+    assert gate["gate_tokens"] == 3
+
+
 def test_a_degenerate_candidate_is_rejected_logged_and_training_continues_from_the_last_good_version(gated):
     worker = TrainerWorker(gated)
     assert worker.step() == "reward"
