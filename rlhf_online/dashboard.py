@@ -177,8 +177,9 @@ def gate_markdown(gate_metrics: Sequence[Any], limit: int = 6) -> str:
     rejected = [v for v in values if not v.get("passed")]
     last = values[-1]
     base = last.get("base") or {}
+    tokens = f" (answers of up to {last['gate_tokens']} tokens)" if last.get("gate_tokens") else ""
     lines = [f"**Release gate:** {len(values) - len(rejected)} published, {len(rejected)} rejected. Checks on "
-             f"held-out prompts: KL ≤ {_fmt(last.get('kl_budget'), 1)} nats, on-topic (reference PMI; base "
+             f"held-out prompts{tokens}: KL ≤ {_fmt(last.get('kl_budget'), 1)} nats, on-topic (reference PMI; base "
              f"{_fmt(base.get('relevance'))}), not degenerate, no length collapse, harmful compliance ≤ base "
              f"({base.get('harmful_compliant', '–')}/{base.get('harmful_total', '–')})."]
     if rejected:

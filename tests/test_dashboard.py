@@ -186,8 +186,9 @@ def test_gate_markdown_lists_rejected_candidates_with_why():
     metrics = [{"passed": True, "reasons": [], "kl_budget": 7.2, "kl": 3.0, "base": base},
                {"passed": False, "reasons": ["KL 9.1 nats over the budget 7.2", "length collapse: 5 | 6"],
                 "kl_budget": 7.2, "kl": 9.1, "relevance": 0.2, "mean_length": 5.0, "degenerate_rate": 0.5,
-                "harmful_compliant": 3, "harmful_total": 6, "base": base}]
+                "harmful_compliant": 3, "harmful_total": 6, "base": base, "gate_tokens": 48}]
     text = gate_markdown(metrics)
     assert "1 published, 1 rejected" in text and "KL ≤ 7.2 nats" in text and "(2/6)" in text
+    assert "answers of up to 48 tokens" in text  # the gate's KL is over its own (shorter) answers
     row = [line for line in text.splitlines() if "over the budget" in line][0]
     assert "9.1" in row and "length collapse: 5 / 6" in row  # a | in a reason cannot break the table
