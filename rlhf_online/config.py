@@ -46,12 +46,16 @@ class ModelConfig:
                              "4-bit weights are exactly what llama.cpp serves (NF4 of them is another policy: "
                              "0.39 nats/token apart, bench/sampler_mismatch.py), nf4 for any other model")
 
+    def names_gguf(self) -> bool:
+        """Whether the model is a GGUF file (the embedded one or a `.gguf` path): the one rule that `auto`
+        quantization and `models.gguf_model_file` both follow."""
+        return self.model == "embedded" or self.model.lower().endswith(".gguf")
+
     def resolved_quantization(self) -> str:
         """What `auto` means for this model (the rule is in the help text above)."""
         if self.quantization != "auto":
             return self.quantization
-        gguf = self.model == "embedded" or self.model.lower().endswith(".gguf")
-        return "fp32" if gguf else "nf4"
+        return "fp32" if self.names_gguf() else "nf4"
     cache_dir: str = _opt("~/.cache/rlhf_online", "where the embedded GGUF is converted once to safetensors")
     lora_r: int = _opt(16, "LoRA rank of the policy and reward adapters")
     lora_alpha: int = _opt(32, "LoRA alpha (scale = alpha / r)")

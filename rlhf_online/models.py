@@ -76,7 +76,7 @@ def gguf_model_file(cfg: ModelConfig) -> Path | None:
     if cfg.model == EMBEDDED:
         return embedded_gguf_path()
     path = Path(cfg.model).expanduser()
-    return path if path.suffix == ".gguf" and path.is_file() else None
+    return path if cfg.names_gguf() and path.is_file() else None
 
 
 def resolve_model_source(cfg: ModelConfig) -> str:

@@ -21,6 +21,17 @@ def test_auto_quantization_trains_a_gguf_model_on_its_own_dequantized_weights():
     assert load_config(["--quantization", "nf4"], environ={}).model.resolved_quantization() == "nf4"
 
 
+def test_a_gguf_file_named_in_capitals_is_served_and_trained_as_a_gguf(tmp_path):
+    """One rule decides "is this a GGUF": the trainer's fp32 base and the engine's file must not disagree."""
+    from rlhf_online.models import gguf_model_file
+    path = tmp_path / "Model.Q4_1.GGUF"
+    path.write_bytes(b"GGUF")
+    cfg = load_config(["--model", str(path)], environ={}).model
+    assert cfg.resolved_quantization() == "fp32"
+    assert gguf_model_file(cfg) == path
+    assert gguf_model_file(load_config(["--model", str(tmp_path)], environ={}).model) is None
+
+
 def test_rollouts_are_as_long_as_the_chat_answers_unless_set():
     cfg = load_config(["--max-new-tokens", "120"], environ={})
     assert cfg.ppo.answer_tokens(cfg.sampling) == 120  # PPO trains on the answers people are shown
