@@ -129,13 +129,23 @@ def latest_pair(db: Path) -> tuple[int, str, str]:
         conn.close()
 
 
+def as_a_textarea_shows(text: str) -> str:
+    """A textarea's value has its line breaks normalised to LF (HTML spec), so a stored CR (the tiny random model
+    writes any byte) reads back as LF: compare what the person sees with the stored answer the same way."""
+    return text.replace("\r\n", "\n").replace("\r", "\n")
+
+
+def shown(answer_a: str, answer_b: str) -> tuple[str, str]:
+    return as_a_textarea_shows(answer_a), as_a_textarea_shows(answer_b)
+
+
 def assert_enabled_only_when_complete(driver, answer_a: str, answer_b: str) -> list[dict]:
     """Each moment the vote buttons turned clickable, both boxes already held the complete, stored answers."""
     states = driver.execute_script("return window.__voteStates")
     assert states, "the vote buttons never changed state"
     for state in states:
         if not state["disabled"]:
-            assert (state["a"], state["b"]) == (answer_a, answer_b)
+            assert (state["a"], state["b"]) == shown(answer_a, answer_b)
     return states
 
 
@@ -161,7 +171,7 @@ def test_chat_vote_and_panel_in_a_real_browser(app, browser, shots):
     browser.save_screenshot(str(shots / "02-answers-complete.png"))
 
     first_pair, answer_a, answer_b = latest_pair(app.db)
-    assert answers(browser) == (answer_a, answer_b)
+    assert answers(browser) == shown(answer_a, answer_b)
     assert_enabled_only_when_complete(browser, answer_a, answer_b)
     assert not any(disabled(browser, button) for button in VOTE_IDS)
     assert "Why is the sky blue?" in text_of(browser, "chatbot")
