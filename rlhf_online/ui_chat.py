@@ -8,8 +8,12 @@ disabled buttons look disabled (`PAGE_CSS`). The handlers themselves live in `ui
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import gradio as gr
+
+if TYPE_CHECKING:  # ui.py imports this module, so the session type is named for annotations only
+    from rlhf_online.ui import SessionState
 
 VOTE_BUTTONS = (("a", "A is better"), ("b", "B is better"), ("tie", "Tie"), ("both_bad", "Both are bad"))
 VOTE_KEYS = {"1": "a", "2": "b", "3": "tie", "4": "both_bad"}

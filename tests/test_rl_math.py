@@ -489,8 +489,6 @@ def test_running_moments_match_the_whole_sample_and_scale_without_shifting():
 # ---- issue 11: the KL leash ---------------------------------------------------------------------------------
 
 def test_log_beta_pi_controller_hand_computed():
-    from rlhf_online.rl_math import LogBetaPIController
-
     ctl = LogBetaPIController(kl_coef=0.1, target_kl=6.0, kp=0.5, ki=0.25)
     # KL twice the target: e = ln 2, I = ln 2 -> log beta = ln 0.1 + 0.5 ln 2 + 0.25 ln 2 -> 0.1 * 2^0.75
     assert ctl.update(12.0, 8) == pytest.approx(0.1 * 2 ** 0.75)
