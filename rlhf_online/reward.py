@@ -377,6 +377,12 @@ class LengthAudit:
         scores = torch.tensor([a[1] for a in self.answers], dtype=torch.float64) - correction * lengths
         return pearson_correlation(scores, lengths)
 
+    def typical_length(self) -> float:
+        """Mean l over the recent answers. The correction is applied as c * (l - this), not c * l: PPO's
+        advantages do not change either way, but the reward curve the panel shows stays on the scale of the
+        scores instead of jumping by c * l (about -25 for a steep concise taste) once the correction starts."""
+        return sum(a[0] for a in self.answers) / len(self.answers) if self.answers else 0.0
+
     def summary(self) -> dict[str, float]:
         enough = len(self.pairs) >= self.min_pairs
         correction = self.correction()
@@ -501,7 +507,7 @@ class OnlineRewardLearner:
         if self.cfg.reward_length_correction:
             correction = self.length_audit.correction()
             lengths = torch.tensor([answer_length_feature(a) for _, a in conversations])
-            scores = scores - correction * lengths
+            scores = scores - correction * (lengths - self.length_audit.typical_length())
         return scores.tolist()
 
     def _remember(self, pref) -> None:

@@ -347,6 +347,28 @@ def test_length_audit_keeps_a_length_taste_the_votes_show_and_removes_one_they_d
     assert abs(indifferent.correlation(indifferent.correction())) < 0.2
 
 
+def test_the_length_correction_leaves_an_answer_of_typical_length_at_its_score(trained):
+    """The presenter's reward curve must not jump by c * l when the correction starts: it is centred."""
+    rm = trained["rm"]
+    cfg = dataclasses.replace(REWARD_CFG, reward_length_correction=False)
+    corrected = OnlineRewardLearner(rm, REWARD_CFG)
+    for i in range(40):  # an audit whose reward model learned "shorter wins" that the votes do not show
+        short, long = "b" * (5 + i % 7), "b" * (80 + 3 * i)
+        chosen, rejected = (short, long) if i % 2 else (long, short)
+        corrected.length_audit.add(chosen, rejected, -math.log1p(len(chosen)), -math.log1p(len(rejected)))
+    c = corrected.length_audit.correction()
+    assert c == pytest.approx(-1.0, abs=0.05)
+    typical = corrected.length_audit.typical_length()
+    answers = ["b" * (round(math.expm1(typical))), "b" * 3, "b" * 400]
+    conversations = [([{"role": "user", "content": "hi"}], a) for a in answers]
+    raw = torch.tensor(OnlineRewardLearner(rm, cfg).ppo_scores(conversations))
+    shifted = torch.tensor(corrected.ppo_scores(conversations)) - raw
+    lengths = torch.tensor([math.log1p(len(a)) for a in answers])
+    torch.testing.assert_close(shifted, -c * (lengths - typical), atol=1e-4, rtol=0)
+    assert abs(float(shifted[0])) < 0.01  # a typical-length answer keeps its score
+    assert float(shifted[1]) < 0 < float(shifted[2])  # the unjustified "shorter wins" is taken back
+
+
 # ---- issue 17: what the reward model learns beyond length ---------------------------------------------------
 
 FROZEN_CFG = RewardConfig(reward_lora_layers=0, reward_features="0.5:mean", reward_max_tokens=64, reward_replay=16,
