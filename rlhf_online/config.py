@@ -93,6 +93,8 @@ class EngineConfig:
     engine_url: str = _opt("", "base URL of the OpenAI-compatible server for --engine openai, e.g. "
                                "http://127.0.0.1:8000")
     engine_threads: int = _opt(0, "CPU threads of the llama.cpp engine (0 = all cores)")
+    engine_lanes: int = _opt(0, "llama.cpp servers side by side, sharing the threads; a pair's two answers "
+                                "decode in parallel on two lanes (0 = min(2, threads))")
     engine_slots: int = _opt(0, "llama.cpp slots, i.e. answers decoded at once (0 = 2 x --queue-concurrency: "
                                 "every running chat needs two)")
     engine_api_key: str = _secret("API key for the --engine openai server", env=("OPENAI_API_KEY",))

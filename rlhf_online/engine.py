@@ -80,8 +80,11 @@ def build_engine(cfg: AppConfig, name: str, tokenizer, source: str, registry: Ad
 
         gguf = gguf_model_file(cfg.model)
         slots = cfg.serve.engine_slots or 2 * max(1, cfg.limits.queue_concurrency)
-        engine = LlamaCppEngine(gguf, tokenizer, cfg.sampling, slots=slots, threads=cfg.serve.engine_threads)
-        log.info("llama.cpp engine: %s as is, %d slots, %d threads", gguf.name, engine.slots, engine.threads)
+        threads = cfg.serve.engine_threads or os.cpu_count() or 1
+        engine = LlamaCppEngine(gguf, tokenizer, cfg.sampling, slots=slots, threads=threads,
+                                lanes=cfg.serve.engine_lanes or min(2, threads))
+        log.info("llama.cpp engine: %s as is, %d lanes x %d slots, %d threads", gguf.name, engine.lanes,
+                 engine.slots, engine.threads)
         return ServingEngine(engine, ServedVersions(engine, registry, keep=keep), f"{gguf.stem.split('.')[-1]} GGUF")
     if name == "openai":
         from rlhf_online.openai_engine import OpenAIEngine

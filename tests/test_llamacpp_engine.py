@@ -44,7 +44,7 @@ def engine(embedded_source):
     from rlhf_online.llamacpp_engine import LlamaCppEngine
 
     engine = LlamaCppEngine(models.embedded_gguf_path(), models.load_tokenizer(embedded_source), GREEDY, slots=4,
-                            ctx_per_slot=512)
+                            ctx_per_slot=512, threads=2, lanes=2)  # the chat's default on 2 cores
     yield engine
     engine.close()
 
@@ -141,3 +141,20 @@ def test_concurrent_pairs_are_generated_at_the_same_time(engine):
         thread.join()
     (a_first, a_last), (b_first, b_last) = spans["a"], spans["b"]
     assert a_first < b_last and b_first < a_last  # the two streams overlap in time
+
+
+def test_a_pair_from_two_versions_decodes_on_two_lanes_at_once(engine, served, trainer):
+    """The two answers of a pair run on different servers (one core each) instead of alternating in one, and
+    each still comes from its own version."""
+    publish(served.registry, trainer, seed=1)
+    served.refresh()
+    assert engine.lanes == 2 and len(engine.states.current.servers) == 2
+    prompt = engine.build_prompt(QUESTION)
+    alone = [engine.sample([prompt.input_ids], [version], max_new_tokens=24)[0] for version in ("v0001", BASE_VERSION)]
+    busy_lanes = []
+    update = None
+    for update in engine.stream_pair(prompt, ("v0001", BASE_VERSION), max_new_tokens=24):
+        busy_lanes.append(sum(1 for count in engine._in_flight if count))
+    assert max(busy_lanes) == 2  # both lanes had a row in flight at the same time
+    assert list(update.texts) == alone
+    assert engine._in_flight == [0, 0]  # every row released its lane
