@@ -8,12 +8,11 @@ decoded in the same forward passes, and LoRA adapters loaded at construction who
 not batched together by llama.cpp; a pair of two versions alternates between them.
 
 **Lanes.** The engine runs `lanes` servers side by side, each with its share of the threads and every
-version's adapters, and sends each new row to the lane with the fewest rows in flight, so a pair's two answers
-decode in parallel on two cores instead of alternating in one server. llama.cpp's own threads barely help a
+version's adapters, and sends each new row to a lane chosen by `choose_lane`: a pair's two answers decode in
+parallel on two cores instead of alternating in one server, and many users' rows gather by version. llama.cpp's own threads barely help a
 135M model's small decode batches: measured here (64 tokens, 2 cores), a pair from two versions took 1.66-1.84 s
 in one 2-thread server (first tokens of both after 0.96-1.04 s) and 1.10-1.25 s in two 1-thread servers (after
-0.24-0.28 s); even a base pair, which one server batches, took 1.47-1.66 s there. A lane's rows that share an
-adapter set are still batched together (many users).
+0.24-0.28 s); even a base pair, which one server batches, took 1.47-1.66 s there.
 
 A new adapter file needs a new server, so an engine state is (servers, the versions they serve); see
 `served_versions` for how a new state is built in the background and switched to between requests. The
@@ -36,6 +35,7 @@ import secrets
 import tempfile
 import threading
 import time
+from collections import Counter
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -81,6 +81,18 @@ class LlamaCppState:
         return [{"id": index, "scale": 1.0 if index == chosen else 0.0} for index in self.versions.values()]
 
 
+def choose_lane(rows_by_lane: Sequence[Counter], version: str, slots: int) -> int:
+    """The lane for a new row of `version`: a lane with a free slot first; then the one where the row costs
+    least, counting rows of other versions only, since llama.cpp batches rows with the same adapters (a
+    decode step of several rows costs little more than one of one row, while rows of different adapters take
+    turns); then the least busy lane; then the first. So a lone pair's two rows land on two lanes, and many
+    users' pairs from (newest, previous) sort themselves into one lane per version, each decoded as a batch."""
+    def cost(lane: int):
+        rows = sum(rows_by_lane[lane].values())
+        return rows >= slots, rows - rows_by_lane[lane][version], rows, lane
+    return min(range(len(rows_by_lane)), key=cost)
+
+
 class LlamaCppEngine(ChatEngine):
     name = "llamacpp"
 
@@ -95,7 +107,7 @@ class LlamaCppEngine(ChatEngine):
         self.threads = threads or os.cpu_count() or 1
         self.lanes = max(1, min(lanes, self.threads))  # each lane needs a thread of its own
         self.slots = max(1, -(-max(1, slots) // self.lanes))  # per lane: the total shared out, rounded up
-        self._in_flight = [0] * self.lanes  # rows running per lane, across engine states
+        self._in_flight = [Counter() for _ in range(self.lanes)]  # per lane: rows running per version
         self._lanes_lock = threading.Lock()
         self.ctx_per_slot = ctx_per_slot or sampling.context_tokens + max(sampling.max_new_tokens, 256)
         self.base_shape = BaseShape.from_gguf(self.model_path)
@@ -143,16 +155,17 @@ class LlamaCppEngine(ChatEngine):
         state.servers = []  # each destructor waits for its server's loop to exit
 
     @contextlib.contextmanager
-    def _lane(self, state: LlamaCppState):
-        """The server of the lane with the fewest rows in flight, counted as busy until the block ends."""
+    def _lane(self, state: LlamaCppState, version: str):
+        """The server of the lane `choose_lane` picks for a row of `version`, counted as busy until the block
+        ends (counts span engine states: an old state's rows still use their lane's core)."""
         with self._lanes_lock:
-            lane = min(range(self.lanes), key=lambda i: (self._in_flight[i], i))
-            self._in_flight[lane] += 1
+            lane = choose_lane(self._in_flight, version, self.slots)
+            self._in_flight[lane][version] += 1
         try:
             yield state.servers[lane]
         finally:
             with self._lanes_lock:
-                self._in_flight[lane] -= 1
+                self._in_flight[lane][version] -= 1
 
     def gguf_adapter(self, info: VersionInfo) -> Path:
         """The version's GGUF adapter: written beside the PEFT folder at publish time, or converted now (older
@@ -197,7 +210,7 @@ class LlamaCppEngine(ChatEngine):
                 def on_chunk(text: str) -> bool:
                     emit(text)
                     return stop.is_set()  # True asks llama.cpp to stop this request
-                with self._lane(state) as server:
+                with self._lane(state, versions[row]) as server:
                     server.handle_completions(json.dumps(requests[row]), on_chunk)
 
             yield from merge_row_streams(len(prompt_ids), run_row,
@@ -230,7 +243,7 @@ class LlamaCppEngine(ChatEngine):
 
             def run(row: int) -> None:
                 try:
-                    with self._lane(state) as server:
+                    with self._lane(state, version) as server:
                         replies[row] = server.handle_completions(requests[row])
                 except BaseException as exc:  # re-raised in the caller's thread
                     replies[row] = exc

@@ -27,7 +27,8 @@ QUESTION = [{"role": "user", "content": "What is basil?"}]
 def trainer(embedded_source):
     """A policy adapter on the fp32 base, only to publish versions from."""
     base = models.load_base_model(embedded_source, "fp32").model
-    return models.attach_lora(base, ModelConfig())
+    torch.manual_seed(0)  # lora_A's initialisation: the same adapters every run (unseeded, 1 run in ~10 made a
+    return models.attach_lora(base, ModelConfig())  # version whose greedy answer happened to equal the base's)
 
 
 def publish(registry: AdapterRegistry, trainer, seed: int):
@@ -154,7 +155,29 @@ def test_a_pair_from_two_versions_decodes_on_two_lanes_at_once(engine, served, t
     busy_lanes = []
     update = None
     for update in engine.stream_pair(prompt, ("v0001", BASE_VERSION), max_new_tokens=24):
-        busy_lanes.append(sum(1 for count in engine._in_flight if count))
+        busy_lanes.append(sum(1 for rows in engine._in_flight if sum(rows.values())))
     assert max(busy_lanes) == 2  # both lanes had a row in flight at the same time
     assert list(update.texts) == alone
-    assert engine._in_flight == [0, 0]  # every row released its lane
+    assert [sum(rows.values()) for rows in engine._in_flight] == [0, 0]  # every row released its lane
+
+
+def test_rows_gather_by_version_so_each_lane_decodes_one_batch():
+    """Lane choice on its own: a lone pair spreads over both lanes; eight users' (newest, previous) pairs end up
+    one version per lane; a full lane is passed over even for its own version."""
+    from collections import Counter
+
+    from rlhf_online.llamacpp_engine import choose_lane
+
+    lanes = [Counter(), Counter()]
+    for version in ("v0002", "v0001"):
+        lanes[choose_lane(lanes, version, slots=8)][version] += 1
+    assert lanes == [Counter(v0002=1), Counter(v0001=1)]
+    for user in range(7):
+        for version in (("v0002", "v0001") if user % 2 else ("v0001", "v0002")):  # the sides are shuffled
+            lanes[choose_lane(lanes, version, slots=8)][version] += 1
+    assert lanes == [Counter(v0002=8), Counter(v0001=8)]
+    assert choose_lane([Counter(v0002=4), Counter(v0001=1)], "v0002", slots=4) == 1  # lane 0 has no free slot
+    base_pair = [Counter(), Counter()]
+    for _ in range(2):
+        base_pair[choose_lane(base_pair, BASE_VERSION, slots=4)][BASE_VERSION] += 1
+    assert base_pair == [Counter(base=1), Counter(base=1)]  # an idle core beats batching with the other row
