@@ -17,7 +17,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 from rlhf_online.config import SamplingConfig
-from rlhf_online.generation import Generator
+from rlhf_online.generation import Generator, at_most_every
 from rlhf_online.limits import Limits
 from rlhf_online.store import AI_PLACEMENT, PreferenceStore, UnknownPairError, VoteReceipt, parse_choice
 from rlhf_online.versions import BASE_VERSION
@@ -173,7 +173,8 @@ class Arena:
             newest_left = self.rng.random() < 0.5
             version_a, version_b = (newest, previous) if newest_left else (previous, newest)
             placement = "same" if newest == previous else ("newest_left" if newest_left else "newest_right")
-            for update in self.generator.stream_pair(prompt, (version_a, version_b)):
+            stream = self.generator.stream_pair(prompt, (version_a, version_b))
+            for update in at_most_every(stream, self.sampling.stream_interval_s):
                 yield PairUpdate(conversation.id, None, update.texts[0], update.texts[1], False, notice)
         answer_a, answer_b = update.texts
         pair_id = self.store.record_pair(

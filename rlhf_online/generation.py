@@ -14,10 +14,13 @@ from __future__ import annotations
 import contextlib
 import copy
 import json
+import math
 import queue
 import threading
+import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 from peft import LoraConfig, PeftModel
@@ -30,6 +33,7 @@ from rlhf_online.models import chat_ids, end_of_turn_ids
 from rlhf_online.versions import BASE_VERSION
 
 PEFT_BASE = "__base__"  # PEFT's reserved name for "no adapter" in `adapter_names`
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -186,6 +190,26 @@ def merge_row_streams(rows: int, run_row: Callable[[int, Callable[[object], None
 
 
 SLOT_PREFIX = "slot-"  # PEFT adapter names of the serving model's pre-built adapter slots
+
+
+def at_most_every(updates: Iterator[T], interval_s: float, clock: Callable[[], float] = time.monotonic) -> Iterator[T]:
+    """The updates of a stream, thinned so that two are at least `interval_s` apart: an update that comes sooner
+    is held and replaced by the next one, and the last is always delivered. Each update is a full snapshot (every
+    row's text so far), so dropping one loses nothing; the first arrives at once, so time to first token is kept.
+
+    The thinning happens where the updates are consumed: an update only waits for the next one, which at token
+    rates is a few tens of milliseconds, and the stream's end flushes what is held."""
+    last_sent = -math.inf
+    held = _NOTHING = object()
+    for update in updates:
+        now = clock()
+        if now - last_sent >= interval_s:
+            last_sent, held = now, _NOTHING
+            yield update
+        else:
+            held = update
+    if held is not _NOTHING:
+        yield held
 
 
 def _same_shape(config: LoraConfig, shape: LoraConfig) -> bool:

@@ -7,7 +7,7 @@ import torch
 
 from rlhf_online import models
 from rlhf_online.config import ModelConfig, SamplingConfig
-from rlhf_online.generation import Generator, StreamUpdate, merge_row_streams
+from rlhf_online.generation import Generator, StreamUpdate, at_most_every, merge_row_streams
 from rlhf_online.versions import BASE_VERSION
 
 SYSTEM = {"role": "system", "content": "You are a helpful assistant."}
@@ -217,3 +217,19 @@ def test_merged_row_streams_interleave_rows_surface_errors_and_stop_rows_on_clos
     assert next(stream).texts == ("x",)
     stream.close()  # the consumer went away: the row is told to stop, and waited for
     assert stopped.is_set()
+
+
+def test_a_fast_stream_reaches_the_browser_thinned_with_its_first_and_last_update_kept():
+    clock_now = [0.0]
+
+    def tokens_every_10_ms(count):
+        for n in range(1, count + 1):
+            clock_now[0] = n * 10  # milliseconds, whole numbers: no rounding at the boundaries
+            yield "x" * n  # a snapshot: everything so far
+
+    shown = list(at_most_every(tokens_every_10_ms(100), 50, clock=lambda: clock_now[0]))
+    assert shown[0] == "x" and shown[-1] == "x" * 100  # the first token at once, the whole answer at the end
+    assert len(shown) == 21  # one per 50 ms of a 1 s stream (10, 60, ..., 960 ms) and the last, not 100
+    assert all(len(a) < len(b) for a, b in zip(shown, shown[1:]))
+    assert list(at_most_every(iter(["only"]), 0.05)) == ["only"]
+    assert list(at_most_every(iter("abc"), 0.0)) == ["a", "b", "c"]  # 0 switches the thinning off
