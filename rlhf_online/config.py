@@ -80,8 +80,8 @@ class SamplingConfig:
     stream_interval_s: float = _opt(0.05, "shortest time between two streamed updates of a pair's text (tokens "
                                           "that arrive sooner are shown with the next one, 20 a second at most): "
                                           "each update re-sends the visible conversation through Gradio, whose "
-                                          "event loop took about a tenth of the 2 cores under bench/load.py at one update "
-                                          "per token (0 = one per token)")
+                                          "event loop took about a tenth of the 2 cores under bench/load.py at "
+                                          "one update per token (0 = one per token)")
     context_tokens: int = _opt(1024, "prompt budget in tokens; older turns are dropped beyond it")
     max_message_chars: int = _opt(4000, "longest user message accepted; longer ones are cut with a notice")
     torch_threads: int = _opt(0, "CPU threads for serving (0 = torch default)")
@@ -287,7 +287,7 @@ class LimitsConfig:
     queue_concurrency: int = _opt(8, "requests Gradio runs at once per event (the rest wait in the queue). 8: "
                                      "llama.cpp decodes more rows per second the more it batches (one core: 59 "
                                      "tok/s for 1 row, 92 for 4, 108 for 8), so 8 users' 16 rows ran faster than "
-                                     "4 users' 8 rows and 4 waiting (bench/load.py p50 8.4 -> 7.0 s); the "
+                                     "4 users' 8 rows and 4 waiting (bench/load.py p50 8.4 -> 7.0-7.6 s, two runs); the "
                                      "transformers engine runs one batch at a time whatever this is")
     queue_max_size: int = _opt(64, "requests waiting in Gradio's queue before new ones are turned away")
     admin_token: str = _secret("token that unlocks the admin actions; unset: one is generated at start-up and "

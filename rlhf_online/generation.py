@@ -189,9 +189,6 @@ def merge_row_streams(rows: int, run_row: Callable[[int, Callable[[object], None
     yield StreamUpdate(texts=tuple(t.strip() for t in texts), finished=(True,) * rows)
 
 
-SLOT_PREFIX = "slot-"  # PEFT adapter names of the serving model's pre-built adapter slots
-
-
 def at_most_every(updates: Iterator[T], interval_s: float, clock: Callable[[], float] = time.monotonic) -> Iterator[T]:
     """The updates of a stream, thinned so that two are at least `interval_s` apart: an update that comes sooner
     is held and replaced by the next one, and the last is always delivered. Each update is a full snapshot (every
@@ -210,6 +207,9 @@ def at_most_every(updates: Iterator[T], interval_s: float, clock: Callable[[], f
             held = update
     if held is not _NOTHING:
         yield held
+
+
+SLOT_PREFIX = "slot-"  # PEFT adapter names of the serving model's pre-built adapter slots
 
 
 def _same_shape(config: LoraConfig, shape: LoraConfig) -> bool:
