@@ -5,7 +5,8 @@ published LoRA versions (random adapters, published as the trainer publishes the
 written beside the PEFT folder): `ttft_s` (first token of a pair from two versions), `single_tok_s` (one answer),
 `pair_wall_s` (a pair from the base), `pair_two_versions_wall_s` (a pair, answer A from v0002 and B from v0001,
 as the chat serves it), `peak_rss_mb`. Written under "engines" in the JSON. transformers = today's serving path
-(bitsandbytes NF4 of the dequantized GGUF, PEFT slots); llamacpp = the shipped Q4_1 GGUF as is.
+(bitsandbytes NF4 of the dequantized GGUF, PEFT slots); llamacpp = the shipped Q4_1 GGUF's weights, stored as
+Q8_0 by default (`rlhf_online/gguf_weights.py`); `llamacpp:shipped` serves the file as it is.
 
 With `--dtypes fp32,bf16,nf4`, also for each of fp32, bf16 and nf4 (a serving copy, as the chat server loads it) this measures, in one run:
 
@@ -191,11 +192,13 @@ def worker_engine(args) -> dict:
     from rlhf_online.config import load_config
     from rlhf_online.engine import build_engine
 
-    cfg = load_config(["--model", args.model, "--engine", args.worker_dtype], environ={})
+    name, _, weights = args.worker_dtype.partition(":")  # e.g. llamacpp:shipped
+    cfg = load_config(["--model", args.model, "--engine", name] + (["--engine-weights", weights] if weights else []),
+                      environ={})
     source = models.resolve_model_source(cfg.model)
     started = time.perf_counter()
     tokenizer = models.load_tokenizer(source)
-    serving = build_engine(cfg, args.worker_dtype, tokenizer, source, AdapterRegistry(args.versions_dir))
+    serving = build_engine(cfg, name, tokenizer, source, AdapterRegistry(args.versions_dir))
     if hasattr(serving.live, "_load"):  # LiveAdapters serves newest vs base at start: load the predecessor first
         serving.live._load(serving.live.registry.versions()[0])
     serving.live.refresh()
@@ -242,10 +245,10 @@ def run_worker(args, mode: str, dtype: str) -> dict:
 
 
 def print_engine_table(engines: dict, n: int) -> None:
-    print(f"{'engine':<13} {'weights':<10} {'load s':>6} {'TTFT s':>7} {'1 ans tok/s':>11} {'base pair s':>11} "
+    print(f"{'engine':<17} {'weights':<26} {'load s':>6} {'TTFT s':>7} {'1 ans tok/s':>11} {'base pair s':>11} "
           f"{'2-version pair s':>16} {'peak RSS MB':>11}")
     for name, r in engines.items():
-        print(f"{name:<13} {r['weights']:<10} {r['load_s']:>6.2f} {r['ttft_s']:>7.3f} {r['single_tok_s']:>11.1f} "
+        print(f"{name:<17} {r['weights']:<26} {r['load_s']:>6.2f} {r['ttft_s']:>7.3f} {r['single_tok_s']:>11.1f} "
               f"{r['pair_wall_s']:>11.2f} {r['pair_two_versions_wall_s']:>16.2f} {r['peak_rss_mb']:>11.0f}")
     print(f"(best of the repeats, medians in the JSON; answers forced to {n} tokens; pair = 2 answers to one "
           f"prompt; TTFT = first token of a 2-version pair)")
@@ -274,7 +277,9 @@ def main(argv=None) -> None:
     parser.add_argument("--model", default="embedded", help="'embedded', a hub id or a local model folder")
     parser.add_argument("--max-new-tokens", type=int, default=64, help="answer length, in tokens")
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per measurement (after a warm-up)")
-    parser.add_argument("--engines", default="llamacpp,transformers", help="comma-separated engines to compare")
+    parser.add_argument("--engines", default="llamacpp,transformers",
+                        help="comma-separated engines to compare; llamacpp:shipped / llamacpp:q8_0 pick the "
+                             "llama.cpp weight storage (--engine-weights)")
     parser.add_argument("--dtypes", default="", help="also measure the transformers engine per base format "
                                                      f"(comma-separated, e.g. {','.join(DTYPES)})")
     parser.add_argument("--versions-dir", default="", help=argparse.SUPPRESS)

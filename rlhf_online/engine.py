@@ -21,6 +21,7 @@ from rlhf_online.config import AppConfig
 from rlhf_online.generation import ChatEngine, Generator
 from rlhf_online.hardware import maybe_gpu_decorator
 from rlhf_online.live_adapters import LiveAdapters
+from rlhf_online.gguf_weights import engine_gguf
 from rlhf_online.models import gguf_model_file, load_base_model, lora_config
 
 log = logging.getLogger(__name__)
@@ -78,14 +79,16 @@ def build_engine(cfg: AppConfig, name: str, tokenizer, source: str, registry: Ad
     if name == "llamacpp":
         from rlhf_online.llamacpp_engine import LlamaCppEngine
 
-        gguf = gguf_model_file(cfg.model)
+        gguf = engine_gguf(cfg)
         slots = cfg.serve.engine_slots or 2 * max(1, cfg.limits.queue_concurrency)
         threads = cfg.serve.engine_threads or os.cpu_count() or 1
         engine = LlamaCppEngine(gguf, tokenizer, cfg.sampling, slots=slots, threads=threads,
                                 lanes=cfg.serve.engine_lanes or min(2, threads))
-        log.info("llama.cpp engine: %s as is, %d lanes x %d slots, %d threads", gguf.name, engine.lanes,
+        log.info("llama.cpp engine: %s, %d lanes x %d slots, %d threads", gguf.name, engine.lanes,
                  engine.slots, engine.threads)
-        return ServingEngine(engine, ServedVersions(engine, registry, keep=keep), f"{gguf.stem.split('.')[-1]} GGUF")
+        shipped = gguf_model_file(cfg.model)
+        label = f"{shipped.stem.split('.')[-1]} GGUF" + (" (stored as Q8_0)" if gguf != shipped else "")
+        return ServingEngine(engine, ServedVersions(engine, registry, keep=keep), label)
     if name == "openai":
         from rlhf_online.openai_engine import OpenAIEngine
 

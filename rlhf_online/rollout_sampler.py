@@ -27,6 +27,7 @@ from peft.utils import get_peft_model_state_dict
 
 from rlhf_online.config import AppConfig, SamplingConfig
 from rlhf_online.gguf_adapter import write_gguf_adapter
+from rlhf_online.gguf_weights import engine_gguf
 from rlhf_online.models import end_of_turn_id, gguf_model_file
 from rlhf_online.versions import BASE_VERSION
 
@@ -113,7 +114,7 @@ def build_rollout_sampler(cfg: AppConfig, tokenizer, peft_model: PeftModel, adap
     """The trainer's llama.cpp sampler, or None where the training model samples for itself (torch)."""
     if choose_rollout_engine(cfg) != "llamacpp":
         return None
-    sampler = LlamaCppRolloutSampler(gguf_model_file(cfg.model), tokenizer, cfg.sampling, peft_model, adapter_name,
+    sampler = LlamaCppRolloutSampler(engine_gguf(cfg), tokenizer, cfg.sampling, peft_model, adapter_name,
                                      threads=max(1, cfg.ppo.trainer_threads),
                                      slots=max(1, cfg.ppo.ppo_batch_size),  # PPO's rollouts only
                                      max_new_tokens=cfg.ppo.answer_tokens(cfg.sampling))
