@@ -32,6 +32,7 @@ import json
 import os
 import random
 import secrets
+import shlex
 import signal
 import socket
 import sqlite3
@@ -97,6 +98,7 @@ def start_app(args, root: Path) -> tuple[subprocess.Popen, str, Path]:
         command.append("--no-train")
     if args.engine:
         command += ["--engine", args.engine]
+    command += shlex.split(args.app_args)
     env = {**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "HF_HUB_OFFLINE": "1"}
     with open(log_path, "wb") as log:
         process = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT,
@@ -300,6 +302,18 @@ def stats(url: str) -> dict:
     return Client(url, verbose=False).predict(api_name="/stats")
 
 
+def training_rows(db: Path) -> dict[str, int]:
+    """How much training the app's trainer recorded (metrics rows per kind: ppo iterations, reward updates):
+    a load figure with training "on" means little if the trainer did nothing meanwhile."""
+    conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
+    try:
+        return dict(conn.execute("SELECT kind, COUNT(*) FROM metrics GROUP BY kind").fetchall())
+    except sqlite3.Error:
+        return {}
+    finally:
+        conn.close()
+
+
 def stored_votes(db: Path, vote_ids: list[int]) -> int:
     """How many of the acknowledged vote ids are in the database file."""
     conn = sqlite3.connect(f"file:{db}?mode=ro", uri=True)
@@ -330,6 +344,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--model", default="embedded")
     parser.add_argument("--no-train", action="store_true", help="launch the app without the background trainer")
     parser.add_argument("--engine", default="", help="the launched app's --engine (default: its own default, auto)")
+    parser.add_argument("--app-args", default="", help="more flags for the launched app, e.g. \"--trainer-yield\"")
     parser.add_argument("--url", default="", help="attach to a running app instead of launching one")
     parser.add_argument("--db", default="", help="with --url: its preferences.sqlite, to count stored votes")
     parser.add_argument("--startup-timeout", type=float, default=300)
@@ -370,8 +385,10 @@ def main(argv: list[str] | None = None) -> dict:
                 stop_app(process)
                 app_log_tail = log_path.read_text(errors="replace")[-2000:]
         vote_ids = [v for r in results for v in r.vote_ids]
+        training_done: dict[str, int] = {}
         if db is not None:
             votes_stored = stored_votes(db, vote_ids)
+            training_done = training_rows(db)
         else:  # attached without the file: the growth of the app's own count
             votes_stored = sum(after["votes"].values()) - sum(before["votes"].values())
         latencies = [x for r in results for x in r.latencies]
@@ -386,7 +403,7 @@ def main(argv: list[str] | None = None) -> dict:
             "max_s": max(latencies) if latencies else None,
             "swaps": after.get("swaps", 0) - before.get("swaps", 0), "serving_at_end": after.get("serving"),
             "trainer_at_end": after.get("trainer"), "errors": [e for r in results for e in r.errors][:10],
-            "cpu_count": os.cpu_count(),
+            "cpu_count": os.cpu_count(), "app_args": args.app_args, "training_rows": training_done,
         }
         if args.attack:
             report.update({
@@ -409,7 +426,8 @@ def print_table(report: dict) -> None:
             ("failures", report["failures"]), ("votes acknowledged", report["votes_acknowledged"]),
             ("votes stored", report["votes_stored"]),
             ("p50 time to both answers (s)", _fmt(report["p50_s"])),
-            ("p95 time to both answers (s)", _fmt(report["p95_s"])), ("adapter swaps", report["swaps"])]
+            ("p95 time to both answers (s)", _fmt(report["p95_s"])), ("adapter swaps", report["swaps"]),
+            ("PPO iterations / reward updates", f"{report['training_rows'].get('ppo', 0)} / {report['training_rows'].get('reward', 0)}")]
     width = max(len(name) for name, _ in rows)
     for name, value in rows:
         print(f"{name:<{width}}  {value}")

@@ -202,6 +202,9 @@ class PPOConfig:
     trainer_yield: bool = _opt(False, "also pause training between steps while a chat answer is generating; off "
                                       "by default because the trainer already runs at the lowest OS priority, "
                                       "which yields the CPU to chat at a finer grain (see bench/chat_latency.py)")
+    trainer_busy_share: float = _opt(0.25, "with --trainer-yield: the share of time training may run while chat is "
+                                           "generating (after w seconds of work it waits up to w (1 - share) / share "
+                                           "seconds for the chat to go idle); 1 = never wait")
 
 
 @dataclass

@@ -21,7 +21,8 @@ from rlhf_online.judge import ai_label_weight, load_constitution, set_feedback_m
 from rlhf_online.store import AI_PLACEMENT, PreferenceStore, store_path
 from rlhf_online.timeline import load_entries
 from rlhf_online.versions import BASE_VERSION
-from rlhf_online.worker import ACTIVITY_KEY, PAUSED_KEY, REWARD_CHECKPOINT, VALUE_HEAD_FILE, ChatYield, TrainerWorker
+from rlhf_online.worker import (ACTIVITY_KEY, PAUSED_KEY, REWARD_CHECKPOINT, VALUE_HEAD_FILE, ChatYield, TrainerWorker,
+                                TrainingStopped)
 
 VOTES = [("hello how are you today?", "I am fine, thank you. banana", "Paris."),
          ("Why is the sky blue?", "Rayleigh scattering, banana.", "It is four."),
@@ -230,21 +231,36 @@ def test_rollback_to_base_makes_the_policy_the_base(cfg):
     torch.testing.assert_close(policy, base, rtol=0, atol=1e-6)
 
 
-def test_chat_yield_waits_while_the_chat_generates_but_not_forever():
-    busy = SimpleNamespace(value=1)  # one chat generation in flight
+def test_chat_yield_holds_training_to_its_share_of_the_time_while_people_chat():
+    busy = SimpleNamespace(value=2)  # chat generations in flight, and they keep coming
+    step = ChatYield(busy, busy_share=0.25)
+    time.sleep(0.2)  # 0.2 s of training work since the last step
     began = time.monotonic()
-    threading.Timer(0.3, lambda: setattr(busy, "value", 0)).start()
-    ChatYield(busy, max_wait_s=5.0)()
-    assert 0.25 <= time.monotonic() - began < 2.0  # resumed when the chat finished
+    step()
+    assert 0.5 <= time.monotonic() - began < 1.0  # 0.6 s: a quarter of the time, not starved
 
-    busy.value = 2
+    time.sleep(0.4)  # 0.4 s of work: it would wait 1.2 s, but the chat goes idle after 0.1 s
+    threading.Timer(0.1, lambda: setattr(busy, "value", 0)).start()
     began = time.monotonic()
-    ChatYield(busy, max_wait_s=0.2)()  # constant chat load: training still gets a turn
-    assert 0.15 <= time.monotonic() - began < 1.0
+    step()
+    assert 0.05 <= time.monotonic() - began < 0.6
     began = time.monotonic()
+    step()  # nobody chatting: no wait at all
     ChatYield(None)()
     assert time.monotonic() - began < 0.05
 
+
+def test_a_stop_request_ends_a_long_wait_for_the_chat():
+    busy, stop = SimpleNamespace(value=1), threading.Event()
+    step = ChatYield(busy, busy_share=0.01, stop_event=stop)  # would wait ~99x the work
+    time.sleep(0.1)
+    threading.Timer(0.2, stop.set).start()
+    began = time.monotonic()
+    with pytest.raises(TrainingStopped):
+        step()
+    assert time.monotonic() - began < 1.0
+    with pytest.raises(ValueError, match="busy-share"):
+        ChatYield(busy, busy_share=0)
 
 def human_votes(cfg: AppConfig, newer: str, older: str, wins: int, losses: int) -> None:
     """Votes people cast on pairs of `newer` (left) against `older` (right)."""
