@@ -76,11 +76,28 @@ def test_pair_from_two_versions_ends_at_end_of_turn(serving, live):
     assert "4" in texts[0] and "4" in texts[1]
 
 
-def test_hot_swapped_adapter_matches_the_training_copy(serving, training, live):
-    prompts = [serving[1].build_prompt(q).input_ids for q in (QUESTION, [{"role": "user", "content": "Hi!"}])]
-    served = serving[1].sample(prompts, ["v0002", "v0002"])  # the training copy still holds v0002's weights
-    trained = training[1].sample(prompts, [models.POLICY_ADAPTER] * 2)
-    assert served == trained and all(served)
+def test_hot_swapped_adapter_matches_the_training_copy(serving, training, live, tokenizer):
+    """The served v0002 is the model the trainer published (the training copy still holds its weights): the same
+    greedy answer, and the same log-probabilities of its tokens within the two NF4 copies' own noise.
+
+    One prompt with a clear answer: the two copies quantize the same weights separately, and on an open prompt
+    ("Hi!") a near-tie flipped the greedy text 15 tokens in about one run in three, and the copies' log-prob gap
+    there (0.015-0.026 nats/token) was as large as the difference between this test's two small adapters."""
+    generator, model = serving[1], training[0]
+    prompt = generator.build_prompt(QUESTION).input_ids
+    served_answer = generator.sample([prompt], ["v0002"])[0]
+    trained_answer = training[1].sample([prompt], [models.POLICY_ADAPTER])[0]
+    assert served_answer == trained_answer and served_answer
+    ids = torch.tensor([prompt + tokenizer(trained_answer, add_special_tokens=False)["input_ids"]])
+
+    def answer_logprobs(net, **kwargs):  # (R,) of the answer's tokens
+        with torch.no_grad():
+            out = net(input_ids=ids, **kwargs).logits[0, len(prompt) - 1:-1].float().log_softmax(-1)
+        return out.gather(1, ids[0, len(prompt):, None])[:, 0]
+
+    served = answer_logprobs(generator.model, adapter_names=[generator.peft_adapter("v0002")])
+    gap = float((served - answer_logprobs(model)).abs().mean())
+    assert gap < 0.03, gap  # measured 0.003-0.010 nats/token
 
 
 def test_gradients_reach_every_lora_weight_after_generate(training, live, tokenizer):
