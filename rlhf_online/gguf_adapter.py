@@ -15,6 +15,7 @@ Hugging Face folder; what it does for a LoRA on a Llama-family model is small, s
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import re
@@ -101,22 +102,18 @@ def gguf_lora_tensors(weights: dict[str, torch.Tensor], base: BaseShape,
     return tensors
 
 
-def write_gguf_adapter(weights: dict[str, torch.Tensor], lora_alpha: float, base: BaseShape, out_path: Path,
-                       permute_rotary: bool = True) -> Path:
-    """Write the GGUF adapter atomically (temp file + rename), so a reader never sees half a file."""
+@contextlib.contextmanager
+def atomic_gguf_writer(out_path: Path, architecture: str):
+    """A `gguf.GGUFWriter` for `out_path` that writes a temp file and renames it into place when the block
+    ends, so a reader never sees half a file; a crash or a full disk leaves no file at all."""
     import gguf
 
-    tensors = gguf_lora_tensors(weights, base, permute_rotary)
     out_path = Path(out_path)
     fd, tmp = tempfile.mkstemp(prefix=out_path.name + ".tmp-", dir=out_path.parent)
     os.close(fd)
     try:
-        writer = gguf.GGUFWriter(tmp, base.architecture)
-        writer.add_type(gguf.GGUFType.ADAPTER)
-        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
-        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(lora_alpha))
-        for name, array in tensors.items():
-            writer.add_tensor(name, array)
+        writer = gguf.GGUFWriter(tmp, architecture)
+        yield writer
         writer.write_header_to_file()
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
@@ -125,7 +122,21 @@ def write_gguf_adapter(weights: dict[str, torch.Tensor], lora_alpha: float, base
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-    return out_path
+
+
+def write_gguf_adapter(weights: dict[str, torch.Tensor], lora_alpha: float, base: BaseShape, out_path: Path,
+                       permute_rotary: bool = True) -> Path:
+    """Write the GGUF adapter atomically (temp file + rename), so a reader never sees half a file."""
+    import gguf
+
+    tensors = gguf_lora_tensors(weights, base, permute_rotary)
+    with atomic_gguf_writer(out_path, base.architecture) as writer:
+        writer.add_type(gguf.GGUFType.ADAPTER)
+        writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+        writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, float(lora_alpha))
+        for name, array in tensors.items():
+            writer.add_tensor(name, array)
+    return Path(out_path)
 
 
 def convert_peft_folder(folder: str | Path, base: BaseShape, out_path: str | Path | None = None,

@@ -20,11 +20,10 @@ compiled tool (not in the xllamacpp wheel); the `gguf` package has the (de)quant
 from __future__ import annotations
 
 import logging
-import os
-import tempfile
 from pathlib import Path
 
 from rlhf_online.config import AppConfig
+from rlhf_online.gguf_adapter import atomic_gguf_writer
 from rlhf_online.models import gguf_model_file
 
 log = logging.getLogger(__name__)
@@ -78,12 +77,9 @@ def restore_as_q8_0(source: Path, out: Path) -> int:
     types = gguf_lib.GGMLQuantizationType
     reader = gguf_lib.GGUFReader(source)
     out.parent.mkdir(parents=True, exist_ok=True)
-    handle, tmp = tempfile.mkstemp(prefix=out.name + ".tmp-", dir=out.parent)
-    os.close(handle)
     restored = 0
-    try:
-        architecture = reader.fields[gguf_lib.Keys.General.ARCHITECTURE].contents()
-        writer = gguf_lib.GGUFWriter(tmp, arch=architecture)
+    architecture = reader.fields[gguf_lib.Keys.General.ARCHITECTURE].contents()
+    with atomic_gguf_writer(out, architecture) as writer:
         for field in reader.fields.values():
             if field.name == gguf_lib.Keys.General.ARCHITECTURE or field.name.startswith("GGUF."):
                 continue  # the writer adds these itself
@@ -96,12 +92,4 @@ def restore_as_q8_0(source: Path, out: Path) -> int:
                 data, kind = quantize(dequantize(data, kind), types.Q8_0), types.Q8_0
                 restored += 1
             writer.add_tensor(tensor.name, data, raw_shape=data.shape, raw_dtype=kind)
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-        writer.close()
-        os.replace(tmp, out)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
     return restored
