@@ -24,17 +24,19 @@ was shown to; conversation ids likewise belong to the session that started them.
 Anyone may chat and vote, within the limits of ``limits.Limits``. Admin actions (pause, rollback, delete, export,
 reset, training settings...) live in ``admin_ui`` and check the admin token on the server in every handler.
 
-Bad input raises ``gr.Error`` with a message a person can act on; nothing else breaks.
+Bad input raises ``gr.Error`` with a message a person can act on; nothing else breaks. On the page the chat tab
+shows that message as a toast and leaves everything on screen as it was (``_toast_errors``).
 """
 
 import contextlib
 import functools
+import inspect
 import json
 import logging
 import os
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 
 import gradio as gr
@@ -381,16 +383,50 @@ def build_app(services) -> gr.Blocks:
     return demo
 
 
+def _toast_errors(fn: Callable, outputs: int) -> Callable:
+    """The chat tab's handler `fn`, with a gr.Error it raises shown as a toast and its `outputs` left as they were.
+
+    Why: raised out of an event, a gr.Error makes Gradio stamp "Error" over every output box (hiding the two answers
+    a person was about to vote on, after a vote that could not be saved) and, in Gradio 6.31's front end, skips the
+    `.then()` that gives the buttons back: one empty Send left the Send button disabled. The handlers keep raising
+    (the API endpoints and the tests rely on it); only the page turns the error into a notice. A notice after some
+    streamed updates keeps those updates: the state they carried has no pair to vote on until one is stored.
+    """
+    def notice(error: gr.Error) -> tuple:
+        gr.Warning(error.message, title=getattr(error, "title", None) or "Warning")
+        return (gr.skip(),) * outputs
+
+    if inspect.isgeneratorfunction(fn):
+        @functools.wraps(fn)
+        def streamed(*args, **kwargs):
+            try:
+                yield from fn(*args, **kwargs)
+            except gr.Error as error:
+                yield notice(error)
+        return streamed
+
+    @functools.wraps(fn)
+    def called(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except gr.Error as error:
+            return notice(error)
+    return called
+
+
 def _wire_chat(services, notices: dashboard.ServingNotices, state: gr.State, chat: ChatControls) -> None:
-    """Each action first disables every control (at once, without queueing), runs, then sets them from the state."""
+    """Each action first disables every control (at once, without queueing), runs, then sets them from the state:
+    after it finished, and also after it failed (Gradio 6.31's front end runs only `.failure()` listeners then)."""
     bind = functools.partial
     private = {"api_visibility": "private"}
     quiet = {"show_progress": "hidden", **private}
     turn_outputs = [state, chat.chatbot, chat.answer_a, chat.answer_b, chat.status, chat.better, chat.message]
 
     def action(trigger, fn, inputs, **kwargs):
-        trigger(bind(controls_ui, None, True), None, chat.buttons, queue=False, **quiet).then(
-            fn, inputs, turn_outputs, **kwargs, **private).then(controls_ui, [state], chat.buttons, **quiet)
+        run = trigger(bind(controls_ui, None, True), None, chat.buttons, queue=False, **quiet).then(
+            _toast_errors(fn, len(turn_outputs)), inputs, turn_outputs, **kwargs, **private)
+        run.then(controls_ui, [state], chat.buttons, **quiet)
+        run.failure(controls_ui, [state], chat.buttons, **quiet)
 
     for trigger in (chat.send.click, chat.message.submit):
         action(trigger, bind(chat_ui, services, notices=notices), [state, chat.message], concurrency_id="model")

@@ -201,6 +201,24 @@ def test_chat_vote_and_panel_in_a_real_browser(app, browser, shots):
     browser.save_screenshot(str(shots / "03-voted-panel-updated.png"))
 
 
+def test_an_empty_send_is_a_notice_and_the_page_stays_usable(app, browser, shots):
+    """Before: Gradio stamped "Error" over the message box, both answers and the status line, and Send stayed
+    disabled (the step that gives the buttons back did not run after the error)."""
+    open_page(browser, app)
+    browser.find_element(By.ID, "send").click()  # nothing typed
+    wait_for(browser, lambda d: "Type a message first" in d.find_element(By.TAG_NAME, "body").text,
+             "no notice said what to do")
+    wait_for(browser, lambda d: not disabled(d, "send"), "Send stayed disabled after an empty message")
+    browser.save_screenshot(str(shots / "03b-empty-message-notice.png"))
+    badges = [b for b in browser.find_elements(By.CSS_SELECTOR, "span.error") if b.is_displayed()]
+    assert not badges, f"'Error' stamped over the page: {[b.text for b in badges]}"
+    message = browser.find_element(By.CSS_SELECTOR, "#message textarea")
+    message.send_keys("Are you still there?")
+    browser.find_element(By.ID, "send").click()
+    wait_for(browser, lambda d: not disabled(d, "vote-a"), "a message after the notice got no answers")
+    assert answers(browser) == shown(*latest_pair(app.db)[1:])
+
+
 def publish_version(app, tiny_model_dir) -> str:
     """Publish a version as the trainer does (random nonzero LoRA weights) and record its timeline answers."""
     from rlhf_online.adapters import AdapterRegistry, save_peft_adapter

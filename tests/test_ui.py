@@ -113,6 +113,26 @@ def test_empty_message_gives_a_hint(services, message):
         list(ui.api_chat(services, "", message))
 
 
+def test_on_the_page_an_error_is_a_notice_and_leaves_the_screen_as_it_was(services):
+    """The chat tab wires its handlers through `_toast_errors`: a raised gr.Error becomes a warning toast and every
+    output is skipped (in the browser: no "Error" over the answers, and the buttons come back)."""
+    import functools
+    import inspect
+
+    outputs = 7  # state, chatbot, answer A, answer B, status, better-answer box, message box
+    chat = ui._toast_errors(functools.partial(ui.chat_ui, services), outputs)
+    assert "request" in inspect.signature(chat).parameters  # Gradio still passes the request (per-client limits)
+    with pytest.warns(UserWarning, match="Type a message first"):
+        updates = list(chat(ui.SessionState(), "   "))
+    assert len(updates) == 1 and all(isinstance(u, type(gr.skip())) for u in updates[0]) and len(updates[0]) == outputs
+    vote = ui._toast_errors(functools.partial(ui.vote_ui, services, "a"), outputs)
+    with pytest.warns(UserWarning, match="send a message first"):
+        skipped = vote(ui.SessionState())
+    assert len(skipped) == outputs and all(isinstance(u, type(gr.skip())) for u in skipped)
+    streamed = list(chat(ui.SessionState(), "Hello there"))  # without an error it passes everything through
+    assert streamed[-1][0].pair_token and len(streamed[-1]) == outputs
+
+
 def test_unknown_pair_and_bad_input_give_clear_errors(services):
     with pytest.raises(gr.Error, match="Unknown answer pair"):
         ui.api_vote(services, 10 ** 9, "a", "")
