@@ -45,7 +45,7 @@ import pandas as pd
 from rlhf_online import dashboard, ui_learning
 from rlhf_online.admin_ui import build_admin_panel, shown_constitution, shown_feedback_mode
 from rlhf_online.ui_chat import (PAGE_CSS, PAGE_HEAD, VOTE_BUTTONS, VOTE_KEYS, ChatControls,  # noqa: F401 (re-exported)
-                                 build_chat, controls_ui)
+                                 build_chat, controls_ui, typed_text_limit)
 from rlhf_online.arena import MAX_TOKEN_CHARS, EmptyMessageError
 from rlhf_online.limits import LimitExceededError, client_key, trusted_proxy_count
 from rlhf_online.store import StoreWriteError, UnknownPairError
@@ -336,7 +336,7 @@ def build_app(services) -> gr.Blocks:
             gr.Markdown(f"**Note:** {services.training_notice}")
         with gr.Tabs() as tabs:
             with gr.Tab("Chat", id="chat"):
-                chat = build_chat()
+                chat = build_chat(typed_text_limit(services.cfg.limits.max_request_kb))
             with gr.Tab("Learning timeline", id="timeline") as timeline_tab:
                 timeline_html, timeline_refresh = ui_learning.build_timeline_tab()
             with gr.Tab("How it works", id="how") as how_tab:

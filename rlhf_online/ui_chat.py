@@ -75,14 +75,24 @@ class ChatControls:
         return [b for _, b in self.vote_buttons] + [self.submit_better, self.regenerate, self.new_chat, self.send]
 
 
-def build_chat() -> ChatControls:
+def typed_text_limit(max_request_kb: int) -> int | None:
+    """The most characters the text boxes take (None: no limit), so that whatever a person pastes still fits in one
+    request. The server refuses a body over --max-request-kb before reading it, which the page can only show as
+    "Error" over every box; a capped box instead keeps the start of a huge paste, and the server then cuts the
+    message to --max-message-chars with a notice. A character is at most 3 bytes of UTF-8 per UTF-16 unit (what
+    a browser counts), so a quarter of the limit in characters leaves room for the rest of the request."""
+    return max_request_kb * 1024 // 4 if max_request_kb > 0 else None
+
+
+def build_chat(max_chars: int | None = None) -> ChatControls:
+    """The chat tab; `max_chars` caps what the message and better-answer boxes take (see `typed_text_limit`)."""
     chatbot = gr.Chatbot(label="Conversation", height=230, sanitize_html=True, allow_tags=False,
                          feedback_options=None, elem_id="chatbot",
                          placeholder="**Ask anything.** Two versions of the model answer side by side; pick the "
                                      "better one and watch the Training panel learn from your vote.")
     with gr.Row():
         message = gr.Textbox(placeholder="Type a message and press Enter", show_label=False, scale=6, lines=1,
-                             max_lines=8, elem_id="message", autofocus=True)
+                             max_lines=8, elem_id="message", autofocus=True, max_length=max_chars)
         send = gr.Button("Send", variant="primary", scale=1, elem_id="send")
     with gr.Row():  # model output goes in plain textboxes: nothing it writes is rendered as HTML
         answer_a = gr.Textbox(label="A", lines=5, max_lines=12, interactive=False, buttons=["copy"], elem_id="answer-a")
@@ -94,7 +104,7 @@ def build_chat() -> ChatControls:
                         for choice, label in VOTE_BUTTONS]
     status = gr.Markdown("Vote with the buttons or keys 1–4 (Esc leaves the text box first).", elem_id="chat-status")
     with gr.Accordion("Write a better answer", open=False):
-        better = gr.Textbox(label="Your answer (starts as answer A; edit it)", lines=6)
+        better = gr.Textbox(label="Your answer (starts as answer A; edit it)", lines=6, max_length=max_chars)
         better_choice = gr.Radio([(label, choice) for choice, label in VOTE_BUTTONS], value="both_bad",
                                  label="And of the two shown answers")
         submit_better = gr.Button("Submit my answer with the vote", variant="primary", interactive=False,

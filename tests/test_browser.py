@@ -219,6 +219,23 @@ def test_an_empty_send_is_a_notice_and_the_page_stays_usable(app, browser, shots
     assert answers(browser) == shown(*latest_pair(app.db)[1:])
 
 
+def test_a_huge_paste_is_cut_with_a_notice_not_refused(app, browser, shots):
+    """A 300 KB paste used to go out whole, the server refused the request (over --max-request-kb) and the page
+    showed "Error" over every box. The box now keeps what fits in a request; the server cuts that to
+    --max-message-chars and says so."""
+    open_page(browser, app)
+    message = browser.find_element(By.CSS_SELECTOR, "#message textarea")
+    message.click()
+    browser.execute_cdp_cmd("Input.insertText", {"text": "word " * 60_000})  # what a paste does, maxlength and all
+    kept = len(message.get_attribute("value"))
+    assert 4000 < kept < 300_000, f"the box kept {kept} characters"
+    browser.find_element(By.ID, "send").click()
+    wait_for(browser, lambda d: not disabled(d, "vote-a"), "the long message got no answers")
+    assert "cut to its first 4000 characters" in text_of(browser, "chat-status")
+    assert not [b for b in browser.find_elements(By.CSS_SELECTOR, "span.error") if b.is_displayed()]
+    browser.save_screenshot(str(shots / "03c-huge-paste-cut.png"))
+
+
 def publish_version(app, tiny_model_dir) -> str:
     """Publish a version as the trainer does (random nonzero LoRA weights) and record its timeline answers."""
     from rlhf_online.adapters import AdapterRegistry, save_peft_adapter
