@@ -31,9 +31,11 @@ FALLBACK_PROMPTS = ["Why is the sky blue?", "How do I make a cup of tea?", "Give
                     "What should I pack for a day hike?"]
 
 
-def prompts(count: int) -> list[list[dict]]:
+def prompts(count: int, multi_turn: bool = False) -> list[list[dict]]:
+    """HH first turns, or with `multi_turn` HH conversations of 3+ messages (earlier turns in the prompt)."""
     if SHARED_HH.is_file():
-        rows = [r["prompt"] for r in read_preference_file(SHARED_HH) if len(r["prompt"]) == 1]
+        rows = [r["prompt"] for r in read_preference_file(SHARED_HH)
+                if (len(r["prompt"]) >= 3 if multi_turn else len(r["prompt"]) == 1)]
         return rows[:count]
     return [[{"role": "user", "content": p}] for p in FALLBACK_PROMPTS[:count]]
 
@@ -55,7 +57,7 @@ def worker(args) -> dict:
         started = time.perf_counter()
         trainer = TrainerWorker(cfg)
         load_s = time.perf_counter() - started
-        batch = trainer.ppo.sample_prompts(prompts(4 * args.batch_size))  # (one in five is held out for the gate)
+        batch = trainer.ppo.sample_prompts(prompts(4 * args.batch_size, args.multi_turn))  # (one in five is held out for the gate)
         stats, samples = [], []
         for _ in range(args.iterations):
             result = trainer.ppo.iteration(batch)
@@ -71,6 +73,7 @@ def worker(args) -> dict:
             "is_truncated": statistics.mean(s["is_truncated"] for s in steady),
             "kl": [s["kl"] for s in stats], "mean_length": [s["mean_length"] for s in stats],
             "iterations": stats, "peak_rss_mb": peak_rss_mb(),
+            "prompt_tokens": [len(trainer.ppo._prompt_ids(m)) for m in batch],
             "prompts": [m[-1]["content"] for m in batch[:2]], "first_answers": samples[0], "last_answers": samples[-1]}
 
 
@@ -81,6 +84,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--batch-size", type=int, default=8)
     parser.add_argument("--threads", type=int, default=1, help="the trainer's torch and llama.cpp threads")
     parser.add_argument("--max-new-tokens", type=int, default=48)
+    parser.add_argument("--multi-turn", action="store_true", help="prompts are HH conversations of 3+ messages "
+                        "(longer prompts, as a chat's later turns) instead of first turns")
     parser.add_argument("--out", default="bench/results/ppo_iteration.json")
     parser.add_argument("--worker-setting", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -93,7 +98,7 @@ def main(argv=None) -> dict:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             cmd = [sys.executable, __file__, "--worker-setting", setting, "--worker-out", out.name, "--iterations",
                    str(args.iterations), "--threads", str(args.threads), "--batch-size", str(args.batch_size),
-                   "--max-new-tokens", str(args.max_new_tokens)]
+                   "--max-new-tokens", str(args.max_new_tokens)] + (["--multi-turn"] if args.multi_turn else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr[-4000:])
@@ -107,10 +112,11 @@ def main(argv=None) -> dict:
         kl = "-" if r["sampler_kl"] is None else f"{r['sampler_kl']:.4f}"
         print(f"{name:<16} {r['first_iteration_s']:>8.1f} {r['iteration_s']:>6.1f} {r['rollout_s']:>9.1f} "
               f"{kl:>10} {r['is_truncated']:>9.1%} {r['peak_rss_mb']:>8.0f}")
-    print(f"(batch {args.batch_size} x {args.max_new_tokens} tokens, {args.threads} thread(s), mean of iterations "
-          "2 onwards)")
+    tokens = statistics.mean(t for r in results.values() for t in r["prompt_tokens"])
+    print(f"(batch {args.batch_size} x {args.max_new_tokens} tokens, prompts {tokens:.0f} tokens on average, "
+          f"{args.threads} thread(s), mean of iterations 2 onwards)")
     report = {"settings": results, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-              "iterations": args.iterations, "threads": args.threads}
+              "iterations": args.iterations, "threads": args.threads, "multi_turn": args.multi_turn}
     write_json(args.out, report)
     print(f"wrote {args.out}")
     return report

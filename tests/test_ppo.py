@@ -10,7 +10,7 @@ import torch
 
 from rlhf_online import models
 from rlhf_online.config import ModelConfig, PPOConfig, RewardConfig, SamplingConfig
-from rlhf_online.ppo import PolicyWithValue, PPOTrainer, _mask_through_first_eos
+from rlhf_online.ppo import PolicyWithValue, PPOTrainer, _mask_through_first_eos, length_buckets, same_prompt_rows
 from rlhf_online.reward import REWARD_ADAPTER, attach_reward_adapter
 from tiny_model import build_gemma_like_tokenizer, build_model
 
@@ -183,6 +183,56 @@ def test_reference_logprobs_equal_the_fresh_policy_so_kl_starts_at_zero(tiny_mod
     torch.testing.assert_close(moved.ref_logprobs * mask, scored.ref_logprobs * mask, rtol=0, atol=1e-5)
 
 
+@pytest.mark.parametrize("slack", [1.0, 100.0], ids=["each-prompt-alone", "prompts-padded-together"])
+def test_prompts_run_once_each_and_give_what_one_padded_forward_gives(tiny_model_dir, tokenizer, monkeypatch, slack):
+    """The policy runs each distinct prompt once, alone or in a batch of similar lengths
+    (`PolicyWithValue._prompt_cache`): what PPO reads from the forward (log-probs, values) and the adapter's
+    gradients equal one plain forward over the left-padded batch."""
+    from trl.trainer.utils import selective_log_softmax
+
+    monkeypatch.setattr("rlhf_online.ppo.PADDING_SLACK", slack)
+    trainer = build(tiny_model_dir, tokenizer)
+    perturb_policy(trainer, 0.2)  # a policy adapter that changes the prompts' keys and values too
+    torch.nn.init.normal_(trainer.policy.value_head.weight, std=0.1)
+    torch.manual_seed(3)
+    rollout = trainer.rollout([m for m in PROMPTS[1:3] for _ in range(3)])  # 2 prompts x 3 answers
+    prompt_mask = rollout.attention_mask[:, :rollout.prompt_length]
+    assert same_prompt_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_length)[1] == 2
+    assert (prompt_mask == 0).any() and prompt_mask.sum(1).unique().numel() == 2  # two lengths: one is padded
+    assert len(length_buckets(prompt_mask.sum(1).unique().tolist(), slack)) == (2 if slack == 1.0 else 1)
+    params = list(models.lora_parameters(trainer.policy.peft_model, models.POLICY_ADAPTER).values())
+    mask = rollout.response_mask
+
+    def plain_padded_forward():
+        trunk, lm_head = trainer.policy.trunk_and_head()
+        hidden = trunk(input_ids=rollout.input_ids, attention_mask=rollout.attention_mask,
+                       position_ids=models.padded_position_ids(rollout.attention_mask)).last_hidden_state
+        response_hidden = hidden[:, rollout.prompt_length - 1:-1, :]
+        targets = rollout.input_ids[:, rollout.prompt_length:]
+        return (selective_log_softmax(lm_head(response_hidden).float(), targets),
+                trainer.policy.value_head(response_hidden).squeeze(-1))
+
+    def with_gradients(forward):
+        trainer.policy.peft_model.zero_grad(set_to_none=True)
+        logprobs, values = forward()  # (B, R) each
+        ((logprobs * mask).sum() + (values * mask).sum()).backward()
+        return logprobs * mask, values * mask, [p.grad.clone() for p in params]
+
+    got = with_gradients(lambda: trainer._logprobs(rollout)[1:])
+    expected = with_gradients(plain_padded_forward)
+    torch.testing.assert_close(got[0], expected[0], rtol=0, atol=1e-4)
+    torch.testing.assert_close(got[1], expected[1], rtol=0, atol=1e-4)
+    for grad, expected_grad in zip(got[2], expected[2]):
+        torch.testing.assert_close(grad, expected_grad, rtol=1e-3, atol=1e-4 * float(expected_grad.abs().max()) + 1e-6)
+    assert all(g.abs().sum() > 0 for g in got[2])  # every LoRA matrix learns, the prompts' k/v ones included
+
+
+def test_prompts_of_similar_length_share_a_batch_and_very_different_ones_do_not():
+    assert length_buckets([46, 39, 41, 53]) == [[3, 0, 2, 1]]  # first turns: padding costs little
+    assert length_buckets([334, 99, 178, 71]) == [[0], [2], [1, 3]]  # conversations: 263 tokens of padding avoided
+    assert length_buckets([7]) == [[0]] and length_buckets([5, 5, 5], slack=1.0) == [[0, 1, 2]]
+
+
 def test_sft_loss_decreases_on_a_demonstration(tiny_model_dir, tokenizer):
     trainer = build(tiny_model_dir, tokenizer)
     demo = [([{"role": "user", "content": "Please write a short answer."}], "Sure! banana.")]
@@ -300,14 +350,15 @@ def sharp_model_dir(tmp_path_factory):
     return path
 
 
-def test_a_marker_reward_drives_kl_up_and_the_leash_brings_it_back(sharp_model_dir):
+def marker_reward_run(sharp_model_dir, seed: int, target: float):
+    """(free, leashed) IterationStats: 10 PPO iterations on a marker reward under a weak fixed KL penalty, then 10
+    with the leash as the defaults run it."""
     from rlhf_online.rl_math import FixedKLController, LogBetaPIController
 
     tokenizer = models.load_tokenizer(str(sharp_model_dir))
     base = models.load_base_model(str(sharp_model_dir), "nf4", for_training=True).model
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     peft = models.attach_lora(base, MODEL_CFG)
-    target = 1.0
     cfg = PPOConfig(ppo_batch_size=32, ppo_minibatch_size=8, ppo_max_new_tokens=12, ppo_lr=1e-2, samples_per_prompt=4,
                     init_kl_coef=0.01, min_kl_coef=0.01, target_kl=target, kl_controller="pi", kl_shrink=False,
                     target_approx_kl=0.0)
@@ -315,17 +366,34 @@ def test_a_marker_reward_drives_kl_up_and_the_leash_brings_it_back(sharp_model_d
     def marker_reward(messages, texts):  # pays for every "it" (a frequent token of this model) in the answer
         return [float(t.count("it")) for t in texts]
 
-    trainer = PPOTrainer(PolicyWithValue(peft), tokenizer, marker_reward, cfg, SamplingConfig(temperature=1.0, top_p=1.0))
-    torch.manual_seed(0)
+    trainer = PPOTrainer(PolicyWithValue(peft), tokenizer, marker_reward, cfg,
+                         SamplingConfig(temperature=1.0, top_p=1.0), seed=seed)
+    torch.manual_seed(seed)
     trainer.kl_ctl = FixedKLController(0.01)  # no leash: a weak fixed penalty
     free = [trainer.iteration(trainer.sample_prompts(PROMPTS)) for _ in range(10)]
-    assert free[-1].kl > 2 * target, [s.kl for s in free]  # the marker reward pulled the policy away
-    assert sum(s.mean_score for s in free[-3:]) > sum(s.mean_score for s in free[:3])
-
     cfg.kl_shrink, cfg.target_approx_kl = True, 0.02  # the leash, as the defaults run it
     trainer.kl_ctl = LogBetaPIController(kl_coef=0.01, target_kl=target, min_kl_coef=0.01)
     leashed = [trainer.iteration(trainer.sample_prompts(PROMPTS)) for _ in range(10)]
-    kls = [s.kl for s in leashed]
-    assert min(kls[:6]) <= target, kls  # back under the target within a few iterations
-    assert sum(kls[-5:]) / 5 < 0.6 * free[-1].kl, kls  # and held well below where it had run
-    assert leashed[0].kl_shrink < 1.0 and max(s.kl_coef for s in leashed) > 0.05  # both parts of the leash acted
+    return free, leashed
+
+
+def test_a_marker_reward_drives_kl_up_and_the_leash_brings_it_back(sharp_model_dir):
+    """Five seeds. One seed's 20 iterations are chaotic: a float-level change to the forward pass (such as running
+    each prompt once) sends the sampling down another path. Measured on seeds 0-9 with three forwards that are
+    equal up to rounding (one padded batch; each prompt alone; prompts in length buckets): the KL came back under
+    the target within the 10 leashed iterations on every seed (the largest minimum 0.77, target 1.0), but within
+    the first 6 on 9, 8 and 5 of 10 seeds: that window is a coin flip here, so the check takes all 10. The KL of
+    the last 5 leashed iterations averaged 0.35-0.45 of the unleashed KL; the paid reward rose on 6-8 of 10 seeds,
+    so its check is on the mean over the seeds."""
+    target = 1.0
+    runs = [marker_reward_run(sharp_model_dir, seed, target) for seed in range(5)]
+    mean = lambda values: sum(values) / len(values)  # noqa: E731
+    for free, leashed in runs:
+        kls = [s.kl for s in leashed]
+        assert free[-1].kl > 2 * target, [s.kl for s in free]  # the marker reward pulled the policy away
+        assert min(kls) <= target, kls  # the leash brought it back under the target
+        assert leashed[0].kl_shrink < 1.0 and max(s.kl_coef for s in leashed) > 0.05  # both parts of the leash acted
+    assert mean([sum(s.mean_score for s in free[-3:]) for free, _ in runs]) > \
+        mean([sum(s.mean_score for s in free[:3]) for free, _ in runs])  # the reward it was paid rose
+    held = [sum(s.kl for s in leashed[-5:]) / 5 for _, leashed in runs]
+    assert mean(held) < 0.6 * mean([free[-1].kl for free, _ in runs]), held  # and held well below where it had run
