@@ -150,7 +150,8 @@ class PolicyWithValue(torch.nn.Module):
 
         Position t of the response is predicted from the hidden state at t-1; the LM head runs on those
         R positions alone, which skips the vocabulary matmul over the prompt. The prompts run first, each distinct
-        one once and without its padding (`_prompt_cache`), then every row's response on their keys and values.
+        one once, batched with prompts of similar length (`_prompt_cache`), then every row's response on their keys
+        and values.
         """
         _, lm_head = self.trunk_and_head()
         response_hidden = self._response_hidden(input_ids, attention_mask, prompt_length)  # (B, R, H)
@@ -186,7 +187,7 @@ class PolicyWithValue(torch.nn.Module):
         trunk, _ = self.trunk_and_head()
         first = [int((row_prompt == g).nonzero()[0]) for g in range(int(row_prompt.max()) + 1)]  # a row per prompt
         lengths = [int(attention_mask[row, :prompt_length].sum()) for row in first]
-        keys, values, last = {}, {}, {}  # prompt -> per layer (1, KV heads, P, head dim); (1, 1, H)
+        kv, last = {}, {}  # prompt -> per layer (keys, values), each (1, KV heads, P, head dim); (1, 1, H)
         for bucket in length_buckets(lengths, PADDING_SLACK):
             rows = torch.tensor([first[g] for g in bucket], device=input_ids.device)
             start = prompt_length - max(lengths[g] for g in bucket)  # columns that are padding in every row here
@@ -195,12 +196,12 @@ class PolicyWithValue(torch.nn.Module):
                         position_ids=padded_position_ids(mask), use_cache=True)  # (n, L, H)
             for i, g in enumerate(bucket):
                 pad = (0, 0, start, 0)  # back to P columns, on the left
-                keys[g] = [torch.nn.functional.pad(layer.keys[i:i + 1], pad) for layer in out.past_key_values.layers]
-                values[g] = [torch.nn.functional.pad(layer.values[i:i + 1], pad) for layer in out.past_key_values.layers]
+                kv[g] = [tuple(torch.nn.functional.pad(t[i:i + 1], pad) for t in (layer.keys, layer.values))
+                         for layer in out.past_key_values.layers]
                 last[g] = out.last_hidden_state[i:i + 1, -1:, :]
         prompts = range(len(first))
-        layers = [(torch.cat([keys[g][layer] for g in prompts])[row_prompt],  # (B, KV heads, P, head dim)
-                   torch.cat([values[g][layer] for g in prompts])[row_prompt]) for layer in range(len(keys[0]))]
+        layers = [tuple(torch.cat([kv[g][layer][j] for g in prompts])[row_prompt] for j in (0, 1))
+                  for layer in range(len(kv[0]))]  # per layer (keys, values), each (B, KV heads, P, head dim)
         return DynamicCache(ddp_cache_data=layers, config=trunk.config), torch.cat([last[g] for g in prompts])[row_prompt]
 
     def policy_parameters(self) -> list[torch.nn.Parameter]:

@@ -129,6 +129,11 @@ def latest_pair(db: Path) -> tuple[int, str, str]:
         conn.close()
 
 
+def error_badges(driver) -> list[str]:
+    """The "Error" labels Gradio shows over output boxes after a failed event, where visible."""
+    return [b.text for b in driver.find_elements(By.CSS_SELECTOR, "span.error") if b.is_displayed()]
+
+
 def as_a_textarea_shows(text: str) -> str:
     """A textarea's value has its line breaks normalised to LF (HTML spec), so a stored CR (the tiny random model
     writes any byte) reads back as LF: compare what the person sees with the stored answer the same way."""
@@ -210,8 +215,7 @@ def test_an_empty_send_is_a_notice_and_the_page_stays_usable(app, browser, shots
              "no notice said what to do")
     wait_for(browser, lambda d: not disabled(d, "send"), "Send stayed disabled after an empty message")
     browser.save_screenshot(str(shots / "03b-empty-message-notice.png"))
-    badges = [b for b in browser.find_elements(By.CSS_SELECTOR, "span.error") if b.is_displayed()]
-    assert not badges, f"'Error' stamped over the page: {[b.text for b in badges]}"
+    assert not error_badges(browser), f"'Error' stamped over the page: {error_badges(browser)}"
     message = browser.find_element(By.CSS_SELECTOR, "#message textarea")
     message.send_keys("Are you still there?")
     browser.find_element(By.ID, "send").click()
@@ -232,7 +236,7 @@ def test_a_huge_paste_is_cut_with_a_notice_not_refused(app, browser, shots):
     browser.find_element(By.ID, "send").click()
     wait_for(browser, lambda d: not disabled(d, "vote-a"), "the long message got no answers")
     assert "cut to its first 4000 characters" in text_of(browser, "chat-status")
-    assert not [b for b in browser.find_elements(By.CSS_SELECTOR, "span.error") if b.is_displayed()]
+    assert not error_badges(browser), f"'Error' stamped over the page: {error_badges(browser)}"
     browser.save_screenshot(str(shots / "03c-huge-paste-cut.png"))
 
 
