@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shlex
 import statistics
 import subprocess
 import sys
@@ -53,7 +54,7 @@ def worker(args) -> dict:
         cfg = load_config(["--data-dir", f"{root}/data", "--adapters-dir", f"{root}/adapters", "--quantization",
                            quantization, "--rollout-engine", engine, "--no-gate", "--trainer-threads",
                            str(args.threads), "--ppo-batch-size", str(args.batch_size), "--ppo-max-new-tokens",
-                           str(args.max_new_tokens)], environ={})
+                           str(args.max_new_tokens)] + shlex.split(args.config), environ={})
         started = time.perf_counter()
         trainer = TrainerWorker(cfg)
         load_s = time.perf_counter() - started
@@ -86,6 +87,7 @@ def main(argv=None) -> dict:
     parser.add_argument("--max-new-tokens", type=int, default=48)
     parser.add_argument("--multi-turn", action="store_true", help="prompts are HH conversations of 3+ messages "
                         "(longer prompts, as a chat's later turns) instead of first turns")
+    parser.add_argument("--config", default="", help="more app flags for the trainer, e.g. '--lora-layers 10'")
     parser.add_argument("--out", default="bench/results/ppo_iteration.json")
     parser.add_argument("--worker-setting", help=argparse.SUPPRESS)
     parser.add_argument("--worker-out", help=argparse.SUPPRESS)
@@ -98,7 +100,8 @@ def main(argv=None) -> dict:
         with tempfile.NamedTemporaryFile(suffix=".json") as out:
             cmd = [sys.executable, __file__, "--worker-setting", setting, "--worker-out", out.name, "--iterations",
                    str(args.iterations), "--threads", str(args.threads), "--batch-size", str(args.batch_size),
-                   "--max-new-tokens", str(args.max_new_tokens)] + (["--multi-turn"] if args.multi_turn else [])
+                   "--max-new-tokens", str(args.max_new_tokens), "--config", args.config] + \
+                (["--multi-turn"] if args.multi_turn else [])
             proc = subprocess.run(cmd, capture_output=True, text=True)
             if proc.returncode != 0:
                 sys.stderr.write(proc.stderr[-4000:])
@@ -116,7 +119,8 @@ def main(argv=None) -> dict:
     print(f"(batch {args.batch_size} x {args.max_new_tokens} tokens, prompts {tokens:.0f} tokens on average, "
           f"{args.threads} thread(s), mean of iterations 2 onwards)")
     report = {"settings": results, "batch_size": args.batch_size, "max_new_tokens": args.max_new_tokens,
-              "iterations": args.iterations, "threads": args.threads, "multi_turn": args.multi_turn}
+              "iterations": args.iterations, "threads": args.threads, "multi_turn": args.multi_turn,
+              "config": args.config}
     write_json(args.out, report)
     print(f"wrote {args.out}")
     return report

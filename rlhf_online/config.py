@@ -64,6 +64,8 @@ class ModelConfig:
         ["q_proj", "k_proj", "v_proj", "o_proj"],
         "module names that get LoRA adapters; attention only, because serving two versions in one batch runs "
         "every LoRA module once per version (all 7 projections halved pair throughput)")
+    lora_layers: int = _opt(0, "policy LoRA in the top N transformer blocks only (0 = every block): backward "
+                            "passes stop at the lowest block with an adapter, so fewer blocks train faster")
 
 
 @dataclass

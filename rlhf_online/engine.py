@@ -22,7 +22,7 @@ from rlhf_online.generation import ChatEngine, Generator
 from rlhf_online.hardware import maybe_gpu_decorator
 from rlhf_online.live_adapters import LiveAdapters
 from rlhf_online.gguf_weights import engine_gguf
-from rlhf_online.models import gguf_model_file, load_base_model, lora_config
+from rlhf_online.models import gguf_model_file, load_base_model, policy_lora_config
 
 log = logging.getLogger(__name__)
 
@@ -72,7 +72,7 @@ def build_engine(cfg: AppConfig, name: str, tokenizer, source: str, registry: Ad
         base = load_base_model(source, cfg.model.resolved_quantization(), for_training=False)
         generator = Generator(base.model, tokenizer, cfg.sampling,  # on ZeroGPU, a GPU lent per pair
                               gpu_call=lambda call: maybe_gpu_decorator(call, os.environ))
-        live = LiveAdapters(generator, registry, keep=keep, lora_shape=lora_config(cfg.model))
+        live = LiveAdapters(generator, registry, keep=keep, lora_shape=policy_lora_config(cfg.model, base.model.config))
         return ServingEngine(generator, live, base.quantization)
     from rlhf_online.served_versions import ServedVersions
 

@@ -236,9 +236,16 @@ def lora_config(cfg: ModelConfig, layers: list[int] | None = None) -> LoraConfig
                       bias="none", task_type="CAUSAL_LM")
 
 
+def policy_lora_config(cfg: ModelConfig, model_config) -> LoraConfig:
+    """The policy's LoRA config: in the top `cfg.lora_layers` blocks of a model with `model_config`'s depth."""
+    depth = model_config.num_hidden_layers
+    top = cfg.lora_layers
+    return lora_config(cfg, layers=list(range(depth - top, depth)) if 0 < top < depth else None)
+
+
 def attach_lora(base: PreTrainedModel, cfg: ModelConfig, adapter_name: str = POLICY_ADAPTER) -> PeftModel:
     """Wrap the frozen base in a PeftModel with one trainable, freshly initialised adapter."""
-    return get_peft_model(base, lora_config(cfg), adapter_name=adapter_name)
+    return get_peft_model(base, policy_lora_config(cfg, base.config), adapter_name=adapter_name)
 
 
 def lora_parameters(model: torch.nn.Module, adapter_name: str) -> dict[str, torch.nn.Parameter]:

@@ -162,3 +162,22 @@ def test_lora_config_limits_layers():
     cfg = models.lora_config(ModelConfig(lora_r=4), layers=[1])
     assert cfg.r == 4 and cfg.layers_to_transform == [1]
     assert set(cfg.target_modules) == set(ModelConfig().lora_target_modules)
+
+
+def test_lora_layers_trains_the_top_blocks_only(tiny_model_dir, tokenizer):
+    """--lora-layers N: the policy adapter sits in the top N blocks, learns there, and the blocks below it stay
+    out of the backward pass (why the option exists: an iteration's backward stops at the lowest adapter)."""
+    base = models.load_base_model(str(tiny_model_dir), "nf4", for_training=True).model
+    depth = base.config.num_hidden_layers
+    model = models.attach_lora(base, ModelConfig(lora_layers=1))
+    lora = models.lora_parameters(model, models.POLICY_ADAPTER)
+    assert lora and all(f".layers.{depth - 1}." in name for name in lora)
+    reached = []
+    model.get_base_model().model.layers[0].register_full_backward_hook(lambda *args: reached.append(0))
+    model.train()
+    batch = tokenizer(["hello how are you today?"], return_tensors="pt").to(model.device)
+    model(**batch, labels=batch["input_ids"]).loss.backward()
+    assert all(p.grad is not None for n, p in lora.items() if "lora_A" in n)
+    assert not reached  # nothing below the adapter needed a gradient
+    assert models.policy_lora_config(ModelConfig(lora_layers=0), base.config).layers_to_transform is None
+    assert models.policy_lora_config(ModelConfig(lora_layers=depth + 5), base.config).layers_to_transform is None
