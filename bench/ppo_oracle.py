@@ -63,8 +63,7 @@ def worker(args) -> dict:
         trainer = TrainerWorker(cfg)
         trainer.ppo.score_fn = lambda messages, texts: [oracle(m, a) for m, a in zip(messages, texts)]
         seeds = [args.seed * 1000 + i for i in range(args.eval_draws)]
-        eval_prompts = held_out
-        base = answers(trainer, eval_prompts, seeds)
+        base = answers(trainer, held_out, seeds)
         iterations = []
         started = time.perf_counter()
         while time.perf_counter() - started < 60 * args.minutes:
@@ -73,11 +72,11 @@ def worker(args) -> dict:
             scores = [oracle(m, a) for m, a in zip(batch, trainer.ppo.last_texts)]
             iterations.append({"oracle": statistics.median(scores), "kl": stats.kl, "kl_coef": stats.kl_coef,
                                "mean_length": stats.mean_length, "seconds": stats.seconds})
-        final = answers(trainer, eval_prompts, seeds)
+        final = answers(trainer, held_out, seeds)
         trainer.close()
-    prompts = [p for _ in seeds for p in eval_prompts]
-    wins = [1.0 if oracle(p, f) > oracle(p, b) else 0.5 if oracle(p, f) == oracle(p, b) else 0.0
-            for p, b, f in zip(prompts, base, final)]
+    prompts = [p for _ in seeds for p in held_out]  # the order `answers` returns them in
+    margins = [oracle(p, f) - oracle(p, b) for p, b, f in zip(prompts, base, final)]
+    wins = [1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins]
     return {"setting": args.worker_setting, "iterations": iterations, "iterations_run": len(iterations),
             "win_rate_final_vs_base": statistics.mean(wins),
             "kl_last3": statistics.mean(i["kl"] for i in iterations[-3:]) if iterations else 0.0,
