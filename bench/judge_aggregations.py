@@ -37,8 +37,8 @@ def token_logprobs(judge, pairs: list[dict], families=FAMILIES) -> list[dict]:
         row = {"chosen_chars": len(pair["chosen"]), "rejected_chars": len(pair["rejected"])}
         for family in families:
             principled, baseline = judge.contrastive_prefixes(pair["prompt"], family)
-            row[family] = [judge.sequence_logprobs(prefix, answers) for prefix in (principled, baseline)]
-            row[family] = [[t.tolist() for t in per_prefix] for per_prefix in row[family]]  # [prefix][answer][token]
+            row[family] = [[t.tolist() for t in judge.sequence_logprobs(prefix, answers)]
+                           for prefix in (principled, baseline)]  # [prefix][answer][token]
         rows.append(row)
         if (i + 1) % 20 == 0:
             print(f"  {i + 1}/{len(pairs)} pairs, {time.time() - started:.0f} s", flush=True)
