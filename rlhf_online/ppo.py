@@ -194,8 +194,8 @@ class PolicyWithValue(torch.nn.Module):
             mask = attention_mask[rows, start:prompt_length]  # (n, L)
             out = trunk(input_ids=input_ids[rows, start:prompt_length], attention_mask=mask,
                         position_ids=padded_position_ids(mask), use_cache=True)  # (n, L, H)
+            pad = (0, 0, start, 0)  # back to P columns, on the left
             for i, g in enumerate(bucket):
-                pad = (0, 0, start, 0)  # back to P columns, on the left
                 kv[g] = [tuple(torch.nn.functional.pad(t[i:i + 1], pad) for t in (layer.keys, layer.values))
                          for layer in out.past_key_values.layers]
                 last[g] = out.last_hidden_state[i:i + 1, -1:, :]

@@ -4,6 +4,7 @@ reference log-probs everything else rests on."""
 import contextlib
 import math
 from dataclasses import replace
+from statistics import mean
 
 import pytest
 import torch
@@ -387,7 +388,6 @@ def test_a_marker_reward_drives_kl_up_and_the_leash_brings_it_back(sharp_model_d
     so its check is on the mean over the seeds."""
     target = 1.0
     runs = [marker_reward_run(sharp_model_dir, seed, target) for seed in range(5)]
-    mean = lambda values: sum(values) / len(values)  # noqa: E731
     for free, leashed in runs:
         kls = [s.kl for s in leashed]
         assert free[-1].kl > 2 * target, [s.kl for s in free]  # the marker reward pulled the policy away
