@@ -178,6 +178,12 @@ class PPOConfig:
     min_kl_coef: float = _opt(0.05, "floor of the KL coefficient under the pi controller")
     kl_shrink: bool = _opt(True, "after an iteration whose KL exceeded --target-kl, scale the adapter's delta by "
                                  "sqrt(target/KL) (at least 0.5): a step back towards the reference")
+    kl_shrink_power: float = _opt(0.5, "the leash's step back is (target/KL)**power; 0.5 = back to the target "
+                                       "if KL were quadratic in the adapter's scale, smaller = a gentler step")
+    kl_shrink_forget: str = _opt("all", "what Adam forgets after the leash's step back: all (its whole state) or "
+                                        "momentum (the first moment only; the second keeps each step its usual "
+                                        "size, where a fresh Adam's first steps move every weight by the full "
+                                        "learning rate)")
     target_approx_kl: float = _opt(0.02, "stop an iteration's PPO epochs once the update moved the policy more "
                                          "than 1.5x this per-token KL from the one that sampled (0 = off)")
     kl_horizon: int = _opt(32, "adaptive KL horizon, in answers: at most a 20%% correction per this many answers "
@@ -186,6 +192,10 @@ class PPOConfig:
     length_penalty: float = _opt(0.0, "reward penalty per token beyond length_penalty_target (anti reward hacking)")
     length_penalty_target: int = _opt(64, "answer length, in tokens, beyond which the length penalty applies")
     sft_coef: float = _opt(0.1, "weight of the supervised loss on human-written demonstrations")
+    dpo_coef: float = _opt(0.0, "weight of a DPO loss on recent voted pairs, added to each PPO step (0 = off): "
+                                "the votes are the served policy's own answers, so the policy can learn from each "
+                                "vote directly and again, not only through the reward model")
+    dpo_beta: float = _opt(0.1, "DPO's beta: the scale of the implicit reward beta * log(pi / pi_ref)")
     publish_every: int = _opt(2, "publish a new adapter version every N PPO iterations")
     keep_versions: int = _opt(20, "published versions kept on disk (older ones are deleted; ~20 MB each)")
     min_preferences: int = _opt(4, "PPO waits until the reward model has learned from this many pairs")

@@ -393,6 +393,11 @@ def phases_markdown(counts: dict, reward_metrics: Sequence[Any], ppo_metrics: Se
     else:
         policy = (f"Not started yet: PPO waits until the reward model has learned from "
                   f"{getattr(ppo_cfg, 'min_preferences', '?')} pairs.")
+    dpo_coef = _number(getattr(ppo_cfg, "dpo_coef", None)) or 0.0
+    if dpo_coef > 0:
+        policy += (f" It also learns from the votes themselves: a DPO loss (weight {_fmt(dpo_coef, 2)}) makes the "
+                   "answer people picked more likely than the one they passed over"
+                   + (f", now **{_fmt(ppo.get('dpo_loss'), 3)}** (0.693 = no preference learned)." if ppo else "."))
     sections["ppo"] = (
         "### 3 · PPO (the chat model learns to please the reward model, on a leash)\n"
         "The trainer samples answers, the reward model scores them, and PPO shifts the chat model's LoRA adapter "

@@ -28,8 +28,8 @@ from rlhf_online.config import PPOConfig, SamplingConfig
 from rlhf_online.models import (POLICY_ADAPTER, answer_ids, chat_ids, end_of_turn_ids, lora_parameters,
                                 padded_position_ids)
 from rlhf_online.release_gate import is_held_out
-from rlhf_online.rl_math import (RunningMoments, center_per_prompt, clipped_policy_loss, clipped_value_loss, explained_variance,
-                                 gae_advantages, length_penalty, make_kl_controller, masked_mean, masked_whiten,
+from rlhf_online.rl_math import (RunningMoments, center_per_prompt, clipped_policy_loss, clipped_value_loss,
+                                 dpo_loss as direct_preference_loss, explained_variance, gae_advantages, length_penalty, make_kl_controller, masked_mean, masked_whiten,
                                  kl_shrink_factor, per_token_rewards, sampler_mismatch, should_stop_epochs,
                                  truncated_importance_weights)
 
@@ -98,6 +98,7 @@ class IterationStats:
     rollout_seconds: float = 0.0  # of `seconds`, sampling the answers
     sampler_kl: float | None = None  # per-token KL between the engine that sampled and PyTorch (None: PyTorch did)
     is_truncated: float = 0.0  # share of tokens whose importance weight hit --rollout-is-cap
+    dpo_loss: float = 0.0  # the DPO term on voted pairs (0: --dpo-coef 0 or no votes yet)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -226,10 +227,13 @@ class PPOTrainer:
         self.kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.target_kl or None, cfg.kl_horizon,
                                          kind=cfg.kl_controller, min_kl_coef=cfg.min_kl_coef)
         self.optimizer = torch.optim.AdamW(policy.policy_parameters(), lr=cfg.ppo_lr, weight_decay=0.0)
+        if cfg.kl_shrink_forget not in ("all", "momentum"):
+            raise ValueError(f"--kl-shrink-forget must be all or momentum, not {cfg.kl_shrink_forget!r}")
         self.iterations = 0
         self.last_texts: list[str] = []
         self.end_of_turn_ids = end_of_turn_ids(tokenizer)
         self.max_new_tokens = cfg.answer_tokens(sampling)
+        self.reference_sums: dict[str, float] = {}  # (prompt, answer) -> log pi_ref(answer | prompt); fixed weights
 
     # ---- rollout --------------------------------------------------------------------------------------------
     def _device(self) -> torch.device:
@@ -367,12 +371,38 @@ class PPOTrainer:
         _, logprobs, _ = self._logprobs(rollout, with_values=False)  # (b, R)
         return -masked_mean(logprobs, rollout.response_mask)
 
-    def update(self, rollout: Rollout, scored: Scored, demonstrations=()) -> dict[str, float]:
-        """PPO epochs over shuffled minibatches: clipped surrogate + clipped value loss (+ SFT term)."""
+    def dpo_loss(self, pairs: list[tuple[list[dict], str, str]]) -> torch.Tensor:
+        """DPO's loss (`rl_math.dpo_loss`) of voted pairs (prompt, chosen, rejected) under the policy adapter."""
+        answers = [(m, answer) for m, chosen, rejected in pairs for answer in (chosen, rejected)]  # chosen, rejected, ...
+        batch = self.demonstration_batch(answers)
+        _, logprobs, _ = self._logprobs(batch, with_values=False)  # (2k, R)
+        sums = (logprobs * batch.response_mask).sum(1)  # (2k,) log pi(answer | prompt)
+        ref = self._reference_sums(answers, batch)  # (2k,)
+        return direct_preference_loss(sums[0::2], sums[1::2], ref[0::2], ref[1::2], self.cfg.dpo_beta)
+
+    @torch.no_grad()
+    def _reference_sums(self, answers: list[tuple[list[dict], str]], batch: Rollout) -> torch.Tensor:
+        """(2k,) log pi_ref of each answer, computed once per answer: the reference never changes, and a vote is
+        drawn again and again."""
+        keys = [json.dumps([m, a], sort_keys=True) for m, a in answers]
+        missing = [i for i, key in enumerate(keys) if key not in self.reference_sums]
+        if missing:
+            rows = torch.tensor(missing, device=self._device())
+            with self.policy.peft_model.disable_adapter():
+                _, ref, _ = self._logprobs(batch, rows, with_values=False)  # (m, R)
+            self._activate_policy()
+            if len(self.reference_sums) > 20_000:  # votes beyond the recent window are never drawn again
+                self.reference_sums.clear()
+            for i, total in zip(missing, (ref * batch.response_mask[rows]).sum(1).tolist()):
+                self.reference_sums[keys[i]] = total
+        return torch.tensor([self.reference_sums[key] for key in keys], device=self._device())
+
+    def update(self, rollout: Rollout, scored: Scored, demonstrations=(), preferences=()) -> dict[str, float]:
+        """PPO epochs over shuffled minibatches: clipped surrogate + clipped value loss (+ SFT and DPO terms)."""
         self._activate_policy()
         self.policy.peft_model.train()
-        totals: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "sft_loss", "entropy",
-                                                             "approx_kl", "clip_fraction")}
+        totals: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "sft_loss", "dpo_loss",
+                                                             "entropy", "approx_kl", "clip_fraction")}
         batch_size = rollout.input_ids.shape[0]
         epochs_run = 0
         epoch_kls: list[float] = []  # approx-KL of each minibatch step in the epoch just run
@@ -400,45 +430,61 @@ class PPOTrainer:
                     sample = self.rng.sample(list(demonstrations), min(2, len(demonstrations)))
                     sft = self.sft_loss(sample)
                     loss = loss + self.cfg.sft_coef * sft
+                dpo = torch.zeros(())
+                if preferences and self.cfg.dpo_coef > 0:
+                    dpo = self.dpo_loss(self.rng.sample(list(preferences), min(2, len(preferences))))
+                    loss = loss + self.cfg.dpo_coef * dpo
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.policy.policy_parameters(), 1.0)
                 self.optimizer.step()
                 for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("sft_loss", sft),
-                                   ("entropy", entropy), ("approx_kl", pg_stats.approx_kl),
+                                   ("dpo_loss", dpo), ("entropy", entropy), ("approx_kl", pg_stats.approx_kl),
                                    ("clip_fraction", pg_stats.clip_fraction)):
                     totals[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
                 epoch_kls.append(pg_stats.approx_kl)
         self.policy.peft_model.eval()
         return {**{k: sum(v) / len(v) for k, v in totals.items() if v}, "epochs": float(epochs_run)}
 
-    def iteration(self, prompts: list[list[dict]], demonstrations=()) -> IterationStats:
-        """One PPO iteration on a batch of prompts; also adapts the KL coefficient toward its target."""
+    def iteration(self, prompts: list[list[dict]], demonstrations=(), preferences=()) -> IterationStats:
+        """One PPO iteration on a batch of prompts; also adapts the KL coefficient toward its target.
+        `demonstrations`: (prompt, answer) people wrote; `preferences`: (prompt, chosen, rejected) they voted."""
         started = time.perf_counter()
         rollout = self.rollout(prompts)
         rollout_seconds = time.perf_counter() - started
         self.last_texts = rollout.texts  # for the benchmarks' sample answers
         self.yield_fn()
         scored = self.score(rollout)
-        update_stats = self.update(rollout, scored, demonstrations)
+        update_stats = self.update(rollout, scored, demonstrations, preferences)
         mean_kl = float(scored.kl.mean())
         kl_coef_used = self.kl_ctl.kl_coef
         self.kl_ctl.update(mean_kl, len(prompts))
-        shrink = kl_shrink_factor(mean_kl, self.cfg.target_kl) if self.cfg.kl_shrink else 1.0
+        shrink = kl_shrink_factor(mean_kl, self.cfg.target_kl, power=self.cfg.kl_shrink_power) \
+            if self.cfg.kl_shrink else 1.0
         if shrink < 1.0:
             self.shrink_adapter(shrink)
-            self.optimizer.state.clear()  # Adam's momentum still points the way the policy ran off
+            self.forget_momentum()
         self.iterations += 1
         mask = rollout.response_mask
         return IterationStats(
             iteration=self.iterations, mean_score=float(scored.scores.mean()), kl=mean_kl, kl_coef=kl_coef_used,
             mean_length=float(mask.sum(1).mean()), policy_loss=update_stats["policy_loss"],
-            value_loss=update_stats["value_loss"], sft_loss=update_stats["sft_loss"],
+            value_loss=update_stats["value_loss"], sft_loss=update_stats["sft_loss"], dpo_loss=update_stats["dpo_loss"],
             entropy=update_stats["entropy"], approx_kl=update_stats["approx_kl"],
             clip_fraction=update_stats["clip_fraction"],
             explained_variance=explained_variance(scored.old_values, scored.returns, mask),
             seconds=time.perf_counter() - started, epochs=update_stats["epochs"], kl_shrink=shrink,
             rollout_seconds=rollout_seconds, sampler_kl=scored.sampler_kl, is_truncated=scored.is_truncated)
+
+    def forget_momentum(self) -> None:
+        """After a step back: Adam's momentum still points the way the policy ran off, so drop it (and with
+        --kl-shrink-forget all, the second moment too)."""
+        if self.cfg.kl_shrink_forget == "all":
+            self.optimizer.state.clear()
+            return
+        for state in self.optimizer.state.values():
+            if "exp_avg" in state:
+                state["exp_avg"].zero_()
 
     @torch.no_grad()
     def shrink_adapter(self, factor: float) -> None:

@@ -397,6 +397,13 @@ class PreferenceStore:
         return [Preference(row["id"], json.loads(row["prompt_json"]), row["chosen"], row["rejected"],
                            row["source"], row["weight"], row["judge"]) for row in rows]
 
+    def recent_preferences(self, limit: int = 200) -> list[Preference]:
+        """The newest preference rows, newest first: the pairs PPO's DPO term draws from (recent votes are on
+        the answers of recent versions, the closest to the policy being trained)."""
+        newest_first = self._read("SELECT id FROM preferences ORDER BY id DESC LIMIT 1 OFFSET ?", (max(0, int(limit) - 1),))
+        after = newest_first[0]["id"] - 1 if newest_first else 0
+        return list(reversed(self.preferences_since(after)))
+
     def demonstrations(self, limit: int | None = None) -> list[Demonstration]:
         rows = self._read("SELECT * FROM demonstrations ORDER BY id LIMIT ?", (-1 if limit is None else limit,))
         return [Demonstration(row["id"], row["vote_id"], json.loads(row["prompt_json"]), row["answer"],

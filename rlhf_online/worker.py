@@ -265,7 +265,9 @@ class TrainerWorker:
                     f"{self.cfg.ppo.ppo_batch_size} answers")
         prompts = self.ppo.sample_prompts(self.store.recent_prompts(limit=200))
         demos = [(d.prompt, d.answer) for d in self.store.demonstrations(limit=200)]
-        stats = self.ppo.iteration(prompts, demos)
+        votes = [(p.prompt, p.chosen, p.rejected) for p in self.store.recent_preferences(limit=200)] \
+            if self.cfg.ppo.dpo_coef > 0 else []
+        stats = self.ppo.iteration(prompts, demos, votes)
         self.since_publish += 1
         published = rejected = None
         gate_seconds = publish_seconds = 0.0  # beside the iteration's own seconds: where a publish cycle's time goes

@@ -164,6 +164,15 @@ def test_phases_show_live_numbers_in_plain_words():
     assert "Iteration **4**" in live["ppo"] and "from 0.10 at iteration 1" in live["ppo"] and "KL" in live["ppo"]
     assert "**75%** of 4 votes" in live["hacking"] and "Possible reward hacking" in live["hacking"]
     assert "4 AI labels" in live["ai"] and "1/2 pairs" in live["ai"]
+    assert "DPO" not in live["ppo"]  # --dpo-coef 0: the panel does not mention a term that is not there
+
+
+def test_phases_explain_the_dpo_term_with_its_live_loss_when_it_is_on():
+    ppo_cfg = SimpleNamespace(sft_coef=0.1, target_kl=6.0, min_preferences=4, dpo_coef=0.5)
+    metrics = [ppo(1, 0.3, dpo_loss=0.41)]
+    text = dashboard.phases_markdown({"votes": {"a": 5}, "demonstrations": 0}, [], metrics, [], {}, "human",
+                                     ppo_cfg, None)["ppo"]
+    assert "DPO loss (weight 0.50)" in text and "now **0.410**" in text
 
 
 # ---- issue 11: the KL leash and the release gate in the panel ----------------------------------------------------

@@ -234,20 +234,25 @@ def test_prompts_of_similar_length_share_a_batch_and_very_different_ones_do_not(
     assert length_buckets([7]) == [[0]] and length_buckets([5, 5, 5], slack=1.0) == [[0, 1, 2]]
 
 
-def test_sft_loss_decreases_on_a_demonstration(tiny_model_dir, tokenizer):
-    trainer = build(tiny_model_dir, tokenizer)
-    demo = [([{"role": "user", "content": "Please write a short answer."}], "Sure! banana.")]
-    params = trainer.policy.policy_parameters()
-    optimizer = torch.optim.AdamW(params, lr=1e-2)
+def train_steps(trainer, loss_fn, steps: int, lr: float) -> list[float]:
+    """`steps` AdamW steps of the policy adapter on `loss_fn()`; the loss before each step."""
+    optimizer = torch.optim.AdamW(trainer.policy.policy_parameters(), lr=lr)
     trainer._activate_policy()
     trainer.policy.peft_model.train()
     losses = []
-    for _ in range(12):
-        loss = trainer.sft_loss(demo)
+    for _ in range(steps):
+        loss = loss_fn()
         optimizer.zero_grad()
         loss.backward()
         optimizer.step()
         losses.append(float(loss))
+    return losses
+
+
+def test_sft_loss_decreases_on_a_demonstration(tiny_model_dir, tokenizer):
+    trainer = build(tiny_model_dir, tokenizer)
+    demo = [([{"role": "user", "content": "Please write a short answer."}], "Sure! banana.")]
+    losses = train_steps(trainer, lambda: trainer.sft_loss(demo), steps=12, lr=1e-2)
     assert math.isfinite(losses[0]) and losses[0] > 0
     assert losses[-1] < losses[0] - 0.5, losses
 
@@ -275,6 +280,53 @@ def test_update_with_demonstrations_reports_an_sft_term(tiny_model_dir, tokenize
     stats = trainer.iteration(PROMPTS[:2], demonstrations=demo)
     assert stats.sft_loss > 0 and math.isfinite(stats.sft_loss)
     assert trainer.iteration(PROMPTS[:2]).sft_loss == 0.0  # no demonstrations, no term
+
+
+def test_dpo_term_makes_the_voted_answer_more_likely_than_the_rejected_one(tiny_model_dir, tokenizer):
+    trainer = build(tiny_model_dir, tokenizer, cfg=replace(PPO_CFG, dpo_coef=1.0, dpo_beta=0.5))
+    prompt = [{"role": "user", "content": "Please write a short answer."}]
+    vote = [(prompt, "Sure! banana.", "No thanks, I would rather not say anything at all.")]
+    batch = trainer.demonstration_batch([(prompt, vote[0][1]), (prompt, vote[0][2])])
+
+    def margin() -> float:  # log pi(chosen) - log pi(rejected)
+        with torch.no_grad():
+            _, logprobs, _ = trainer._logprobs(batch, with_values=False)
+        chosen, rejected = (logprobs * batch.response_mask).sum(1).tolist()
+        return chosen - rejected
+
+    start = margin()
+    losses = train_steps(trainer, lambda: trainer.dpo_loss(vote), steps=8, lr=3e-3)
+    assert losses[0] == pytest.approx(math.log(2), abs=1e-4)  # a fresh adapter is the reference
+    assert losses[-1] < 0.3 and margin() > start + 2.0, (losses, start, margin())
+    assert len(trainer.reference_sums) == 2  # the reference ran once per answer, not once per step
+
+
+def test_iteration_with_votes_reports_a_dpo_term_only_when_it_is_on(tiny_model_dir, tokenizer):
+    cfg = PPOConfig(ppo_batch_size=2, ppo_minibatch_size=2, samples_per_prompt=1, ppo_max_new_tokens=4, ppo_epochs=1)
+    votes = [(PROMPTS[0], "I am fine, thank you.", "banana banana")]
+    assert build(tiny_model_dir, tokenizer, cfg=cfg).iteration(PROMPTS[:2], preferences=votes).dpo_loss == 0.0
+    stats = build(tiny_model_dir, tokenizer, cfg=replace(cfg, dpo_coef=0.5)).iteration(PROMPTS[:2], preferences=votes)
+    assert stats.dpo_loss == pytest.approx(math.log(2), abs=0.05)
+
+
+@pytest.mark.parametrize("forget", ["all", "momentum"])
+def test_after_a_step_back_adam_forgets_its_momentum(tiny_model_dir, tokenizer, forget):
+    trainer = build(tiny_model_dir, tokenizer, cfg=replace(PPO_CFG, ppo_epochs=1, kl_shrink_forget=forget))
+    trainer.iteration(PROMPTS)
+    second_moments = [state["exp_avg_sq"].clone() for state in trainer.optimizer.state.values()]
+    assert second_moments and any(float(m.abs().sum()) > 0 for m in second_moments)
+    trainer.forget_momentum()
+    if forget == "all":
+        assert not trainer.optimizer.state  # a fresh Adam
+    else:  # the direction is gone, each weight's usual step size is kept
+        states = list(trainer.optimizer.state.values())
+        assert all(float(state["exp_avg"].abs().sum()) == 0 for state in states)
+        assert all(torch.equal(state["exp_avg_sq"], m) for state, m in zip(states, second_moments))
+
+
+def test_an_unknown_kl_shrink_forget_is_refused_with_the_flag_named(tiny_model_dir, tokenizer):
+    with pytest.raises(ValueError, match="--kl-shrink-forget"):
+        build(tiny_model_dir, tokenizer, cfg=replace(PPO_CFG, kl_shrink_forget="everything"))
 
 
 def test_policy_gradients_survive_generation(tiny_model_dir, tokenizer):

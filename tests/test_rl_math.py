@@ -16,6 +16,8 @@ from rlhf_online.rl_math import (
     PolicyLossStats,
     ValueLossStats,
     bradley_terry_loss,
+    dpo_loss,
+    kl_shrink_factor,
     clipped_policy_loss,
     clipped_value_loss,
     explained_variance,
@@ -120,6 +122,15 @@ def test_bradley_terry_loss_hand_computed():
     close(bradley_terry_loss(rc, rr, weights=t([3.0, 1.0])), 0.2684828034)
     # weights are normalised by their sum: scaling them changes nothing
     close(bradley_terry_loss(rc, rr, weights=t([30.0, 10.0])), 0.2684828034)
+
+
+def test_dpo_loss_is_bradley_terry_on_beta_times_the_log_ratio_to_the_reference():
+    # the policy equals the reference: implicit rewards 0, loss log 2, whatever the log-probs are
+    close(dpo_loss(t([-30.0]), t([-12.0]), t([-30.0]), t([-12.0]), beta=0.1), LOG2)
+    # chosen gained 10 nats over the reference, rejected lost 10: margin 0.1 * (10 + 10) = 2 -> -logsigmoid(2)
+    close(dpo_loss(t([-20.0]), t([-22.0]), t([-30.0]), t([-12.0]), beta=0.1), LS2)
+    # only the change from the reference counts: the same policy with the preference reversed in the reference
+    close(dpo_loss(t([-20.0]), t([-22.0]), t([-20.0]), t([-22.0]), beta=0.1), LOG2)
 
 
 def test_bradley_terry_loss_gradient_separates_scores():
@@ -531,3 +542,10 @@ def test_early_stop_of_ppo_epochs_on_approx_kl():
     assert should_stop_epochs([0.02, 0.05], 0.02)  # mean 0.035 > 0.03
     assert not should_stop_epochs([1.0], 0.0)  # 0 switches it off
     assert not should_stop_epochs([], 0.02)
+
+
+def test_kl_shrink_steps_back_only_over_target_and_never_below_its_floor():
+    assert kl_shrink_factor(5.0, 6.0) == 1.0 and kl_shrink_factor(9.0, 0.0) == 1.0  # within target / no target
+    close(kl_shrink_factor(24.0, 6.0), 0.5)  # sqrt(6 / 24)
+    close(kl_shrink_factor(24.0, 6.0, power=0.25), 0.7071067812)  # (1/4) ** 0.25, a gentler step
+    close(kl_shrink_factor(600.0, 6.0), 0.5)  # sqrt(0.01) = 0.1, held at the floor: one noisy KL cannot erase it

@@ -228,6 +228,14 @@ def test_preferences_since_pages_through_rows_by_id(store):
     assert [row.chosen for row in store.preferences_since(after_id=first_two[-1].id)] == ["a2"]
 
 
+def test_recent_preferences_are_the_newest_rows_newest_first(store):
+    assert store.recent_preferences(limit=2) == []
+    for index in range(4):
+        store.record_vote(pair_id=add_pair(store, answer_a=f"a{index}"), choice="a", session_id="s1")
+    assert [row.chosen for row in store.recent_preferences(limit=2)] == ["a3", "a2"]
+    assert [row.chosen for row in store.recent_preferences(limit=10)] == ["a3", "a2", "a1", "a0"]
+
+
 def test_ai_votes_keep_their_source_and_weight(store):
     pair_id = add_pair(store)
     store.record_vote(pair_id=pair_id, choice="b", session_id=None, source="ai", judge="judge-model", weight=0.5)
