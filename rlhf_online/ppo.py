@@ -29,9 +29,9 @@ from rlhf_online.models import (POLICY_ADAPTER, answer_ids, chat_ids, end_of_tur
                                 padded_position_ids)
 from rlhf_online.release_gate import is_held_out
 from rlhf_online.rl_math import (RunningMoments, center_per_prompt, clipped_policy_loss, clipped_value_loss,
-                                 dpo_loss as direct_preference_loss, explained_variance, gae_advantages, length_penalty, make_kl_controller, masked_mean, masked_whiten,
-                                 kl_shrink_factor, per_token_rewards, sampler_mismatch, should_stop_epochs,
-                                 truncated_importance_weights)
+                                 dpo_loss as direct_preference_loss, explained_variance, gae_advantages,
+                                 length_penalty, make_kl_controller, masked_mean, masked_whiten, kl_shrink_factor,
+                                 per_token_rewards, sampler_mismatch, should_stop_epochs, truncated_importance_weights)
 
 COLD_START_PROMPTS = [
     "What is a good way to learn a new language?",
@@ -373,7 +373,7 @@ class PPOTrainer:
 
     def dpo_loss(self, pairs: list[tuple[list[dict], str, str]]) -> torch.Tensor:
         """DPO's loss (`rl_math.dpo_loss`) of voted pairs (prompt, chosen, rejected) under the policy adapter."""
-        answers = [(m, answer) for m, chosen, rejected in pairs for answer in (chosen, rejected)]  # chosen, rejected, ...
+        answers = [(m, answer) for m, chosen, rejected in pairs for answer in (chosen, rejected)]  # alternating
         batch = self.demonstration_batch(answers)
         _, logprobs, _ = self._logprobs(batch, with_values=False)  # (2k, R)
         sums = (logprobs * batch.response_mask).sum(1)  # (2k,) log pi(answer | prompt)
@@ -469,7 +469,8 @@ class PPOTrainer:
         return IterationStats(
             iteration=self.iterations, mean_score=float(scored.scores.mean()), kl=mean_kl, kl_coef=kl_coef_used,
             mean_length=float(mask.sum(1).mean()), policy_loss=update_stats["policy_loss"],
-            value_loss=update_stats["value_loss"], sft_loss=update_stats["sft_loss"], dpo_loss=update_stats["dpo_loss"],
+            value_loss=update_stats["value_loss"], sft_loss=update_stats["sft_loss"],
+            dpo_loss=update_stats["dpo_loss"],
             entropy=update_stats["entropy"], approx_kl=update_stats["approx_kl"],
             clip_fraction=update_stats["clip_fraction"],
             explained_variance=explained_variance(scored.old_values, scored.returns, mask),
