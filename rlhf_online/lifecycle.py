@@ -21,6 +21,7 @@ import multiprocessing.connection
 import os
 import signal
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -72,6 +73,33 @@ class ShutdownSignals:
 
 
 # ---- the trainer: stop when asked, or when the parent is gone ----------------------------------------------------
+
+class StopFlag:
+    """A stop request the app shares with its trainer process: one byte of shared memory, no lock.
+
+    Why not `multiprocessing.Event`: its internal lock stays held forever when a process is killed (SIGKILL, the
+    OOM killer) inside `is_set()`; the restarted trainer and the app's `stop()` then both hang on it (seen in
+    tests/test_supervisor.py: after a killed trainer, the suite hung in `Event.set`). A signal handler that sets an
+    Event while the same thread is inside `is_set()` deadlocks on it too. One byte, written 0 -> 1 and never
+    back, needs no lock. Create it before the process starts: shared memory travels only at spawn.
+    """
+
+    def __init__(self, context=None):
+        self._flag = (context or mp.get_context("spawn")).RawValue("b", 0)
+
+    def set(self) -> None:
+        self._flag.value = 1
+
+    def is_set(self) -> bool:
+        return self._flag.value == 1
+
+    def wait(self, timeout: float) -> bool:
+        """Sleep until set or `timeout` seconds have passed (polling: no lock to wait on); whether it is set."""
+        deadline = time.monotonic() + timeout
+        while not self.is_set() and time.monotonic() < deadline:
+            time.sleep(min(0.05, max(0.0, deadline - time.monotonic())))
+        return self.is_set()
+
 
 def stop_on_signals(stop_event) -> None:
     """In the trainer: SIGTERM (systemd signals the whole group) and SIGINT (Ctrl-C reaches the whole foreground

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass, field
 
 from rlhf_online.config import AppConfig
-from rlhf_online.lifecycle import TRAINER_LOCKED_EXIT_CODE
+from rlhf_online.lifecycle import TRAINER_LOCKED_EXIT_CODE, StopFlag
 from rlhf_online.worker import trainer_main
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ class TrainerSupervisor:
         self.status = TrainerStatus()
         self._process = None
         self._stop = threading.Event()
-        self._stop_child = self.context.Event()
+        self._stop_child = StopFlag(self.context)  # not an Event: a killed trainer could leave its lock held
         self._thread: threading.Thread | None = None
 
     def start(self) -> None:

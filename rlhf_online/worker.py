@@ -84,10 +84,16 @@ class ChatYield:
         now = self.clock()
         worked = now - self._working_since
         deadline = now + worked * (1 - self.busy_share) / self.busy_share
-        while self.chat_busy.value > 0 and self.clock() < deadline:
+        while self._chat_is_busy() and self.clock() < deadline:
             time.sleep(0.02)
             self._check_stop()
         self._working_since = self.clock()
+
+    def _chat_is_busy(self) -> bool:
+        """Read the chat's counter without its lock: a trainer killed while holding that lock would hang every
+        chat request that counts itself in (reading one int without it is safe)."""
+        counter = self.chat_busy.get_obj() if hasattr(self.chat_busy, "get_obj") else self.chat_busy
+        return counter.value > 0
 
     def _check_stop(self) -> None:
         if self.stop_event is not None and self.stop_event.is_set():

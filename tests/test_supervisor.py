@@ -4,13 +4,17 @@ The fake trainers below run in spawned processes, which import this module: so i
 the top (torch and the trainer are imported inside the tests), keeping each fake start well under a second.
 """
 
+import multiprocessing
 import os
 import re
 import signal
+import threading
 import time
 from pathlib import Path
 
 import pytest
+
+from rlhf_online.lifecycle import StopFlag  # light: no torch
 
 
 # ---- fake trainers (module level, so the spawn context can pickle them by name) ---------------------------------
@@ -28,6 +32,12 @@ def run_until_stopped(cfg, chat_busy, stop_event):
     while not stop_event.is_set():
         time.sleep(0.02)
     (Path(cfg.data_dir) / f"stopped-{os.getpid()}").write_text("clean exit\n")
+
+
+def poll_stop_flag(flag):
+    """A trainer's stop check at its tightest: killed at a random moment, it is most likely inside `is_set()`."""
+    while not flag.is_set():
+        pass
 
 
 def crash_on_first_start(cfg, chat_busy, stop_event):
@@ -261,3 +271,32 @@ def test_real_trainer_survives_a_kill_and_never_leaves_a_half_written_version(tm
     # No reward checkpoint yet when it was killed (one is written every 10 pairs): the restart relearned both.
     assert reward_steps == [1, 2, 1, 2]
     assert (cfg.data_path / "reward_model.safetensors").exists()  # the clean stop checkpointed the reward model
+
+
+def test_a_trainer_killed_while_checking_for_stop_cannot_hang_the_next_one_or_the_app():
+    """With a multiprocessing.Event this hung the suite: a killed trainer left the Event's lock held, and the app's
+    `set()` and the restarted trainer's `is_set()` waited on it forever."""
+    context = multiprocessing.get_context("spawn")
+    flag = StopFlag(context)
+    for _ in range(2):
+        killed = context.Process(target=poll_stop_flag, args=(flag,), daemon=True)
+        killed.start()
+        time.sleep(1.0)  # well into its loop
+        killed.kill()
+        killed.join(5)
+    survivor = context.Process(target=poll_stop_flag, args=(flag,), daemon=True)
+    survivor.start()
+    time.sleep(1.0)
+    began = time.monotonic()
+    flag.set()
+    survivor.join(10)
+    assert time.monotonic() - began < 10 and survivor.exitcode == 0
+    assert flag.wait(0.0)
+
+
+def test_stop_flag_wait_returns_after_its_timeout_when_nobody_asks_to_stop():
+    flag = StopFlag()
+    began = time.monotonic()
+    assert flag.wait(0.2) is False and 0.2 <= time.monotonic() - began < 1.0
+    threading.Timer(0.1, flag.set).start()
+    assert flag.wait(5.0) is True
