@@ -371,12 +371,16 @@ class PPOTrainer:
         _, logprobs, _ = self._logprobs(rollout, with_values=False)  # (b, R)
         return -masked_mean(logprobs, rollout.response_mask)
 
+    def answer_logprobs(self, batch: Rollout, rows=slice(None)) -> torch.Tensor:
+        """(b,) log pi(answer | prompt) of each row, summed over the answer's tokens, under the active adapters."""
+        _, logprobs, _ = self._logprobs(batch, rows, with_values=False)  # (b, R)
+        return (logprobs * batch.response_mask[rows]).sum(1)
+
     def dpo_loss(self, pairs: list[tuple[list[dict], str, str]]) -> torch.Tensor:
         """DPO's loss (`rl_math.dpo_loss`) of voted pairs (prompt, chosen, rejected) under the policy adapter."""
         answers = [(m, answer) for m, chosen, rejected in pairs for answer in (chosen, rejected)]  # alternating
         batch = self.demonstration_batch(answers)
-        _, logprobs, _ = self._logprobs(batch, with_values=False)  # (2k, R)
-        sums = (logprobs * batch.response_mask).sum(1)  # (2k,) log pi(answer | prompt)
+        sums = self.answer_logprobs(batch)  # (2k,) log pi(answer | prompt)
         ref = self._reference_sums(answers, batch)  # (2k,)
         return direct_preference_loss(sums[0::2], sums[1::2], ref[0::2], ref[1::2], self.cfg.dpo_beta)
 
@@ -389,11 +393,11 @@ class PPOTrainer:
         if missing:
             rows = torch.tensor(missing, device=self._device())
             with self.policy.peft_model.disable_adapter():
-                _, ref, _ = self._logprobs(batch, rows, with_values=False)  # (m, R)
+                ref = self.answer_logprobs(batch, rows)  # (m,)
             self._activate_policy()
             if len(self.reference_sums) > 20_000:  # votes beyond the recent window are never drawn again
                 self.reference_sums.clear()
-            for i, total in zip(missing, (ref * batch.response_mask[rows]).sum(1).tolist()):
+            for i, total in zip(missing, ref.tolist()):
                 self.reference_sums[keys[i]] = total
         return torch.tensor([self.reference_sums[key] for key in keys], device=self._device())
 

@@ -400,8 +400,9 @@ class PreferenceStore:
     def recent_preferences(self, limit: int = 200) -> list[Preference]:
         """The newest preference rows, newest first: the pairs PPO's DPO term draws from (recent votes are on
         the answers of recent versions, the closest to the policy being trained)."""
-        newest_first = self._read("SELECT id FROM preferences ORDER BY id DESC LIMIT 1 OFFSET ?", (max(0, int(limit) - 1),))
-        after = newest_first[0]["id"] - 1 if newest_first else 0
+        oldest_kept = self._read("SELECT id FROM preferences ORDER BY id DESC LIMIT 1 OFFSET ?",
+                                 (max(0, int(limit) - 1),))  # none: fewer rows than the limit, keep them all
+        after = oldest_kept[0]["id"] - 1 if oldest_kept else 0
         return list(reversed(self.preferences_since(after)))
 
     def demonstrations(self, limit: int | None = None) -> list[Demonstration]:

@@ -290,8 +290,7 @@ def test_dpo_term_makes_the_voted_answer_more_likely_than_the_rejected_one(tiny_
 
     def margin() -> float:  # log pi(chosen) - log pi(rejected)
         with torch.no_grad():
-            _, logprobs, _ = trainer._logprobs(batch, with_values=False)
-        chosen, rejected = (logprobs * batch.response_mask).sum(1).tolist()
+            chosen, rejected = trainer.answer_logprobs(batch).tolist()
         return chosen - rejected
 
     start = margin()
