@@ -3,9 +3,10 @@
 Each setting runs in its own subprocess (RSS is per process) as the trainer process runs: `--threads` torch and llama.cpp threads (1, as the trainer), a
 `TrainerWorker` (fp32 or NF4 training copy, reward model on the shared base, release gate off), and
 `--iterations` PPO iterations on the same prompts (HH prompts from ../shared, or a built-in list). Reported per
-setting: seconds per iteration (the first one, which loads and warms up, is reported apart), the share spent
-sampling, the sampler-trainer mismatch (per-token KL, llama.cpp only) and the share of tokens whose importance
-weight was capped, peak RSS, and the first answers of the first and last iteration (same prompts).
+setting: seconds per iteration (the first one, which loads and warms up, is reported apart), the seconds spent
+sampling, scoring (reward model, no-grad old and reference passes) and updating (the PPO epochs), the
+sampler-trainer mismatch (per-token KL, llama.cpp only) and the share of tokens whose importance weight was capped,
+peak RSS, and the first answers of the first and last iteration (same prompts).
 
     python bench/ppo_iteration.py --out bench/results/ppo_iteration.json
     python bench/ppo_iteration.py --settings "llamacpp:fp32" --iterations 3 --threads 2
@@ -69,6 +70,8 @@ def worker(args) -> dict:
     return {"setting": args.worker_setting, "load_s": load_s, "first_iteration_s": stats[0]["seconds"],
             "iteration_s": statistics.mean(s["seconds"] for s in steady),
             "rollout_s": statistics.mean(s["rollout_seconds"] for s in steady),
+            "score_s": statistics.mean(s["score_seconds"] for s in steady),
+            "update_s": statistics.mean(s["update_seconds"] for s in steady),
             "sampler_kl": statistics.mean(s["sampler_kl"] for s in steady) if steady[0]["sampler_kl"] is not None
             else None,
             "is_truncated": statistics.mean(s["is_truncated"] for s in steady),
@@ -109,12 +112,12 @@ def main(argv=None) -> dict:
             results[setting] = json.loads(Path(out.name).read_text())
         r = results[setting]
         print(f"{setting}: {r['iteration_s']:.1f} s/iteration", flush=True)
-    print(f"\n{'rollouts:base':<16} {'1st it s':>8} {'it s':>6} {'rollout s':>9} {'sampler KL':>10} "
-          f"{'IS capped':>9} {'peak MB':>8}")
+    print(f"\n{'rollouts:base':<16} {'1st it s':>8} {'it s':>6} {'rollout s':>9} {'score s':>7} {'update s':>8} "
+          f"{'sampler KL':>10} {'IS capped':>9} {'peak MB':>8}")
     for name, r in results.items():
         kl = "-" if r["sampler_kl"] is None else f"{r['sampler_kl']:.4f}"
         print(f"{name:<16} {r['first_iteration_s']:>8.1f} {r['iteration_s']:>6.1f} {r['rollout_s']:>9.1f} "
-              f"{kl:>10} {r['is_truncated']:>9.1%} {r['peak_rss_mb']:>8.0f}")
+              f"{r['score_s']:>7.1f} {r['update_s']:>8.1f} {kl:>10} {r['is_truncated']:>9.1%} {r['peak_rss_mb']:>8.0f}")
     tokens = statistics.mean(t for r in results.values() for t in r["prompt_tokens"])
     print(f"(batch {args.batch_size} x {args.max_new_tokens} tokens, prompts {tokens:.0f} tokens on average, "
           f"{args.threads} thread(s), mean of iterations 2 onwards)")

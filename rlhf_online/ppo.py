@@ -96,6 +96,8 @@ class IterationStats:
     epochs: float = 0.0  # PPO epochs run (fewer than configured when the approx-KL early stop fired)
     kl_shrink: float = 1.0  # factor the adapter delta was scaled by after the update (1: KL was within target)
     rollout_seconds: float = 0.0  # of `seconds`, sampling the answers
+    score_seconds: float = 0.0  # of `seconds`, the reward model and the no-grad old and reference passes
+    update_seconds: float = 0.0  # of `seconds`, the PPO epochs (forward and backward passes)
     sampler_kl: float | None = None  # per-token KL between the engine that sampled and PyTorch (None: PyTorch did)
     is_truncated: float = 0.0  # share of tokens whose importance weight hit --rollout-is-cap
     dpo_loss: float = 0.0  # the DPO term on voted pairs (0: --dpo-coef 0 or no votes yet)
@@ -458,8 +460,11 @@ class PPOTrainer:
         rollout_seconds = time.perf_counter() - started
         self.last_texts = rollout.texts  # for the benchmarks' sample answers
         self.yield_fn()
+        scoring = time.perf_counter()
         scored = self.score(rollout)
+        updating = time.perf_counter()
         update_stats = self.update(rollout, scored, demonstrations, preferences)
+        updated = time.perf_counter()
         mean_kl = float(scored.kl.mean())
         kl_coef_used = self.kl_ctl.kl_coef
         self.kl_ctl.update(mean_kl, len(prompts))
@@ -479,7 +484,8 @@ class PPOTrainer:
             clip_fraction=update_stats["clip_fraction"],
             explained_variance=explained_variance(scored.old_values, scored.returns, mask),
             seconds=time.perf_counter() - started, epochs=update_stats["epochs"], kl_shrink=shrink,
-            rollout_seconds=rollout_seconds, sampler_kl=scored.sampler_kl, is_truncated=scored.is_truncated)
+            rollout_seconds=rollout_seconds, score_seconds=updating - scoring, update_seconds=updated - updating,
+            sampler_kl=scored.sampler_kl, is_truncated=scored.is_truncated)
 
     def forget_momentum(self) -> None:
         """After a step back: Adam's momentum still points the way the policy ran off, so drop it (and with

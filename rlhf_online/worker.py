@@ -112,7 +112,8 @@ class TrainerWorker:
                                     stop_event=stop_event)
         source = resolve_model_source(cfg.model)
         self.tokenizer = load_tokenizer(source)
-        base = load_base_model(source, cfg.model.resolved_quantization(), for_training=True).model
+        base = load_base_model(source, cfg.model.resolved_quantization(), for_training=True,
+                               attention=cfg.model.train_attention).model
         self.peft = attach_lora(base, cfg.model, POLICY_ADAPTER)
         self.policy = PolicyWithValue(self.peft)
         self.reward_model = RewardModel(attach_reward_adapter(self.peft, cfg.model, cfg.reward), self.tokenizer,

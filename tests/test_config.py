@@ -14,11 +14,17 @@ def test_defaults_without_env_or_flags():
 
 
 def test_auto_quantization_trains_a_gguf_model_on_its_own_dequantized_weights():
-    """The embedded GGUF is served as is by llama.cpp; the trainer must train that policy, not an NF4 copy."""
-    assert load_config([], environ={}).model.resolved_quantization() == "fp32"
-    assert load_config(["--model", "/models/x.Q4_K_M.gguf"], environ={}).model.resolved_quantization() == "fp32"
+    """The embedded GGUF is served as is by llama.cpp; the trainer must train that policy, not an NF4 copy: in
+    bf16 where the hardware multiplies it natively (faster), else fp32 (bf16 emulated is slower than fp32)."""
+    embedded = load_config([], environ={}).model
+    assert embedded.resolved_quantization(native_bf16=True) == "bf16"
+    assert embedded.resolved_quantization(native_bf16=False) == "fp32"
+    assert embedded.resolved_quantization() in ("bf16", "fp32")  # this machine's answer
+    gguf_path = load_config(["--model", "/models/x.Q4_K_M.gguf"], environ={}).model
+    assert gguf_path.resolved_quantization(native_bf16=False) == "fp32"
     assert load_config(["--model", "some/hub-model"], environ={}).model.resolved_quantization() == "nf4"
     assert load_config(["--quantization", "nf4"], environ={}).model.resolved_quantization() == "nf4"
+    assert load_config(["--quantization", "fp32"], environ={}).model.resolved_quantization(native_bf16=True) == "fp32"
 
 
 def test_a_gguf_file_named_in_capitals_is_served_and_trained_as_a_gguf(tmp_path):
@@ -27,7 +33,7 @@ def test_a_gguf_file_named_in_capitals_is_served_and_trained_as_a_gguf(tmp_path)
     path = tmp_path / "Model.Q4_1.GGUF"
     path.write_bytes(b"GGUF")
     cfg = load_config(["--model", str(path)], environ={}).model
-    assert cfg.resolved_quantization() == "fp32"
+    assert cfg.resolved_quantization(native_bf16=False) == "fp32"
     assert gguf_model_file(cfg) == path
     assert gguf_model_file(load_config(["--model", str(tmp_path)], environ={}).model) is None
 

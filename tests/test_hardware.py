@@ -3,7 +3,8 @@
 import sys
 import types
 
-from rlhf_online.hardware import ZERO_GPU_TRAINING_NOTICE, detect, maybe_gpu_decorator, on_spaces, on_zero_gpu
+from rlhf_online.hardware import (NATIVE_BF16_CPU_FLAGS, ZERO_GPU_TRAINING_NOTICE, cpu_flags, detect,
+                                  maybe_gpu_decorator, on_spaces, on_zero_gpu)
 
 
 def test_plain_cpu_box():
@@ -56,3 +57,13 @@ def test_gpu_decorator_only_on_zero_gpu_with_the_spaces_package(monkeypatch):
     monkeypatch.setitem(sys.modules, "spaces", fake_spaces)
     wrapped = maybe_gpu_decorator(generate, {"SPACES_ZERO_GPU": "1"}, duration_s=30)
     assert wrapped is not generate and wrapped() == "answer" and calls == [30]
+
+
+def test_cpu_flags_tell_native_bf16_cpus_from_the_others():
+    """What `--quantization auto` asks of /proc/cpuinfo: this machine's AMD EPYC lists avx512_bf16; an Ice Lake
+    Xeon lists avx512f alone (bf16 emulated, slower than fp32 there)."""
+    epyc = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_bf16 avx512_vnni\n\nprocessor\t: 1\n"
+    ice_lake = "processor\t: 0\nflags\t\t: fpu sse avx2 avx512f avx512_vnni\n"
+    assert cpu_flags(epyc) & NATIVE_BF16_CPU_FLAGS == {"avx512_bf16"}
+    assert not cpu_flags(ice_lake) & NATIVE_BF16_CPU_FLAGS
+    assert not cpu_flags("")

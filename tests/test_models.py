@@ -181,3 +181,23 @@ def test_lora_layers_trains_the_top_blocks_only(tiny_model_dir, tokenizer):
     assert not reached  # nothing below the adapter needed a gradient
     assert models.policy_lora_config(ModelConfig(lora_layers=0), base.config).layers_to_transform is None
     assert models.policy_lora_config(ModelConfig(lora_layers=depth + 5), base.config).layers_to_transform is None
+
+
+def test_training_copy_on_cpu_runs_eager_attention_with_the_same_logits_and_gradients(tiny_model_dir, tokenizer):
+    """The trainer's copy uses eager attention on CPU (its backward is faster there than SDPA's flash kernel,
+    bench/ppo_iteration.py); it must compute what the served copy computes, padding included."""
+    trained = models.load_base_model(str(tiny_model_dir), "fp32", for_training=True).model
+    served = models.load_base_model(str(tiny_model_dir), "fp32", for_training=False).model
+    assert trained.config._attn_implementation == "eager"
+    assert served.config._attn_implementation != "eager"
+    batch = tokenizer(["hello how are you today?", "hi"], return_tensors="pt", padding=True, padding_side="left")
+    position_ids = models.padded_position_ids(batch["attention_mask"])
+    mask = batch["attention_mask"].bool()
+    logits = {}
+    for name, model in (("trained", trained), ("served", served)):
+        inputs = model.get_input_embeddings()(batch["input_ids"]).detach().requires_grad_(True)
+        out = model(inputs_embeds=inputs, attention_mask=batch["attention_mask"], position_ids=position_ids).logits
+        out[mask].logsumexp(-1).sum().backward()  # a gradient through every attention layer to the inputs
+        logits[name] = (out[mask].detach(), inputs.grad[mask])
+    torch.testing.assert_close(logits["trained"][0], logits["served"][0], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(logits["trained"][1], logits["served"][1], atol=1e-4, rtol=1e-4)

@@ -143,6 +143,8 @@ def test_a_ppo_iteration_on_llamacpp_rollouts_trains_and_reports_the_mismatch(po
     assert stats.sampler_kl is not None and abs(stats.sampler_kl) < 0.05
     assert 0.0 <= stats.is_truncated < 0.05
     assert 0 < stats.rollout_seconds < stats.seconds
+    parts = stats.rollout_seconds + stats.score_seconds + stats.update_seconds  # what the benchmark's table splits
+    assert stats.score_seconds > 0 and stats.update_seconds > 0 and parts <= stats.seconds < parts + 1.0
 
 
 def test_the_gate_can_sample_with_llamacpp_and_the_same_weights_give_the_same_report(policy, tokenizer, sampler):
