@@ -326,8 +326,8 @@ class PPOTrainer:
         if self.cfg.length_penalty:
             scores = scores + length_penalty(lengths, self.cfg.length_penalty_target, self.cfg.length_penalty)
         # Several answers per prompt: the reward model's score only means something relative to the others.
-        terminal = center_per_prompt(scores, _prompt_groups(rollout.messages)) \
-            if self.cfg.samples_per_prompt > 1 else scores  # (B,)
+        row_prompt, _ = same_prompt_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_length)  # (B,)
+        terminal = center_per_prompt(scores, row_prompt.cpu()) if self.cfg.samples_per_prompt > 1 else scores  # (B,)
         if self.cfg.reward_scaling:
             terminal = self.reward_moments.scale(terminal)  # (B,) in units of the running std
         terminal = terminal.to(self._device())
@@ -516,12 +516,6 @@ class PPOTrainer:
             pool += [[{"role": "user", "content": p}] for p in COLD_START_PROMPTS]
         chosen = self.rng.sample(pool, min(distinct, len(pool)))
         return [messages for messages in chosen for _ in range(repeats)]
-
-
-def _prompt_groups(prompts: list[list[dict]]) -> torch.Tensor:
-    """(B,) one integer id per distinct prompt, so answers to the same prompt share a baseline."""
-    ids: dict[str, int] = {}
-    return torch.tensor([ids.setdefault(json.dumps(m, sort_keys=True), len(ids)) for m in prompts])
 
 
 def _mask_through_first_eos(response: torch.Tensor, eos_ids: list[int]) -> torch.Tensor:
