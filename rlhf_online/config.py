@@ -15,6 +15,8 @@ import typing
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from rlhf_online.hardware import native_bf16 as detect_native_bf16
+
 
 def _opt(default, help: str, env: tuple[str, ...] = ()):
     """A dataclass field carrying its help text and any extra environment variable names."""
@@ -61,7 +63,6 @@ class ModelConfig:
         if not self.names_gguf():
             return "nf4"
         if native_bf16 is None:
-            from rlhf_online.hardware import native_bf16 as detect_native_bf16
             native_bf16 = detect_native_bf16()
         return "bf16" if native_bf16 else "fp32"
     cache_dir: str = _opt("~/.cache/rlhf_online", "where the embedded GGUF is converted once to safetensors")

@@ -326,8 +326,10 @@ class PPOTrainer:
         if self.cfg.length_penalty:
             scores = scores + length_penalty(lengths, self.cfg.length_penalty_target, self.cfg.length_penalty)
         # Several answers per prompt: the reward model's score only means something relative to the others.
-        row_prompt, _ = same_prompt_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_length)  # (B,)
-        terminal = center_per_prompt(scores, row_prompt.cpu()) if self.cfg.samples_per_prompt > 1 else scores  # (B,)
+        terminal = scores  # (B,)
+        if self.cfg.samples_per_prompt > 1:
+            row_prompt, _ = same_prompt_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_length)
+            terminal = center_per_prompt(scores, row_prompt.cpu())  # (B,)
         if self.cfg.reward_scaling:
             terminal = self.reward_moments.scale(terminal)  # (B,) in units of the running std
         terminal = terminal.to(self._device())
