@@ -4,7 +4,8 @@ Each setting runs in its own subprocess (RSS is per process) as the trainer proc
 `TrainerWorker` (fp32 or NF4 training copy, reward model on the shared base, release gate off), and
 `--iterations` PPO iterations on the same prompts (HH prompts from ../shared, or a built-in list). Reported per
 setting: seconds per iteration (the first one, which loads and warms up, is reported apart), the seconds spent
-sampling, scoring (reward model, no-grad old and reference passes) and updating (the PPO epochs), the
+sampling, scoring (reward model; the no-grad old and reference passes where PyTorch sampled) and updating (the PPO
+epochs, with the reference pass on each minibatch where llama.cpp sampled), the
 sampler-trainer mismatch (per-token KL, llama.cpp only) and the share of tokens whose importance weight was capped,
 peak RSS, and the first answers of the first and last iteration (same prompts).
 

@@ -71,7 +71,8 @@ def worker(args) -> dict:
             stats = trainer.ppo.iteration(batch)
             scores = [oracle(m, a) for m, a in zip(batch, trainer.ppo.last_texts)]
             iterations.append({"oracle": statistics.median(scores), "kl": stats.kl, "kl_coef": stats.kl_coef,
-                               "mean_length": stats.mean_length, "seconds": stats.seconds})
+                               "mean_length": stats.mean_length, "seconds": stats.seconds, "epochs": stats.epochs,
+                               "approx_kl": stats.approx_kl, "clip_fraction": stats.clip_fraction})
         final = answers(trainer, held_out, seeds)
         trainer.close()
     prompts = [p for _ in seeds for p in held_out]  # the order `answers` returns them in

@@ -31,7 +31,8 @@ from rlhf_online.release_gate import is_held_out
 from rlhf_online.rl_math import (RunningMoments, center_per_prompt, clipped_policy_loss, clipped_value_loss,
                                  dpo_loss as direct_preference_loss, explained_variance, gae_advantages,
                                  length_penalty, make_kl_controller, masked_mean, masked_whiten, kl_shrink_factor,
-                                 per_token_rewards, sampler_mismatch, should_stop_epochs, truncated_importance_weights)
+                                 kl_k3, per_token_rewards, sampler_mismatch, should_stop_epochs,
+                                 truncated_importance_weights)
 
 COLD_START_PROMPTS = [
     "What is a good way to learn a new language?",
@@ -64,18 +65,35 @@ class Rollout:
 
 @dataclass
 class Scored:
-    """The rollout after scoring: fixed targets for every epoch of the update."""
+    """The rollout after scoring: the targets every epoch of the update works toward, all (B, ...) tensors.
 
-    old_logprobs: torch.Tensor  # (B, R)
-    ref_logprobs: torch.Tensor  # (B, R)
-    old_values: torch.Tensor  # (B, R)
-    advantages: torch.Tensor  # (B, R)
-    returns: torch.Tensor  # (B, R)
+    The reward-model scores are known at once. The reference's and the old log-probs and values, and so the
+    KL-shaped rewards, advantages and returns, are filled in row by row (`PPOTrainer._fix_targets`): from no-grad
+    passes over the batch when PyTorch sampled, at each minibatch's first forward when another engine did (rows
+    not yet filled hold NaN; `fixed` says which are)."""
+
     scores: torch.Tensor  # (B,) reward model score (after any length penalty)
+    terminal: torch.Tensor  # (B,) the reward PPO gets at each answer's end: scores centred per prompt and scaled
+    ref_logprobs: torch.Tensor  # (B, R)
+    old_logprobs: torch.Tensor  # (B, R) the proximal policy's: the one each row's clipped ratio divides by
+    old_values: torch.Tensor  # (B, R)
+    advantages: torch.Tensor  # (B, R) GAE, not yet whitened (`PPOTrainer._whitened_advantages`)
+    returns: torch.Tensor  # (B, R)
     kl: torch.Tensor  # (B,) summed k1 KL to the reference per answer
+    fixed: torch.Tensor  # (B,) bool: the row's targets are filled in
     is_weights: torch.Tensor | None = None  # (B, R) truncated importance weights p_trainer / p_sampler
     sampler_kl: float | None = None  # per-token KL(sampler || trainer) on these samples
     is_truncated: float = 0.0  # share of tokens whose weight hit the cap
+
+    @classmethod
+    def unfilled(cls, scores: torch.Tensor, terminal: torch.Tensor, response_mask: torch.Tensor,
+                 with_is_weights: bool) -> "Scored":
+        nan = torch.full_like(response_mask, float("nan"), dtype=torch.float32)  # (B, R)
+        return cls(scores=scores, terminal=terminal, ref_logprobs=nan.clone(), old_logprobs=nan.clone(),
+                   old_values=nan.clone(), advantages=nan.clone(), returns=nan.clone(),
+                   kl=torch.full_like(terminal, float("nan")),
+                   fixed=torch.zeros(len(terminal), dtype=torch.bool, device=terminal.device),
+                   is_weights=torch.ones_like(nan) if with_is_weights else None)
 
 
 @dataclass(frozen=True)
@@ -93,10 +111,11 @@ class IterationStats:
     clip_fraction: float
     explained_variance: float
     seconds: float
-    epochs: float = 0.0  # PPO epochs run (fewer than configured when the approx-KL early stop fired)
+    epochs: float = 0.0  # PPO epochs run, in minibatch steps (fewer than configured when the approx-KL stop fired)
     kl_shrink: float = 1.0  # factor the adapter delta was scaled by after the update (1: KL was within target)
     rollout_seconds: float = 0.0  # of `seconds`, sampling the answers
-    score_seconds: float = 0.0  # of `seconds`, the reward model and the no-grad old and reference passes
+    score_seconds: float = 0.0  # of `seconds`, the reward model and the no-grad reference pass (and the old
+    # pass when PyTorch sampled)
     update_seconds: float = 0.0  # of `seconds`, the PPO epochs (forward and backward passes)
     sampler_kl: float | None = None  # per-token KL between the engine that sampled and PyTorch (None: PyTorch did)
     is_truncated: float = 0.0  # share of tokens whose importance weight hit --rollout-is-cap
@@ -224,7 +243,11 @@ class PPOTrainer:
         self.sampling = sampling
         self.yield_fn = yield_fn  # called between steps so live chat gets the CPU first
         self.sampler = sampler  # rollout_sampler.LlamaCppRolloutSampler, or None: the policy's own generate
-        self.rng = random.Random(seed)
+        self.rng = random.Random(seed)  # prompts and sampling seeds
+        # The update's own draws (minibatch order, SFT and DPO samples) come from a second stream, so that how an
+        # update draws does not change which prompts and seeds the next iterations get: settings compared side
+        # by side (bench/ppo_oracle.py) then train on the same prompts.
+        self.update_rng = random.Random(seed + 1)
         self.reward_moments = RunningMoments()  # for reward scaling: the reward model's scale drifts as it learns
         self.kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.target_kl or None, cfg.kl_horizon,
                                          kind=cfg.kl_controller, min_kl_coef=cfg.min_kl_coef)
@@ -320,7 +343,13 @@ class PPOTrainer:
 
     @torch.no_grad()
     def score(self, rollout: Rollout) -> Scored:
-        """Reward-model scores, KL-shaped per-token rewards, and GAE advantages: the targets of the update."""
+        """Reward-model scores, and when PyTorch sampled, the targets of the update.
+
+        When another engine sampled, the old log-probs and values come from each minibatch's first forward in
+        the update (`update`), which saves the no-grad pass over the batch that PyTorch-sampled rollouts get
+        here: 1.1 s of a 14.5 s iteration (8 x 48 tokens, bf16, 1 thread, timed by hand). The reference pass
+        runs on the same minibatch, so that both see the same batch: in bf16 a row's log-probs change with the
+        rows batched with it, and a fresh policy's KL would not be 0."""
         scores = torch.tensor(self.score_fn(rollout.messages, rollout.texts), dtype=torch.float32)  # (B,)
         lengths = rollout.response_mask.sum(1).cpu()  # (B,)
         if self.cfg.length_penalty:
@@ -332,26 +361,54 @@ class PPOTrainer:
             terminal = center_per_prompt(scores, row_prompt.cpu())  # (B,)
         if self.cfg.reward_scaling:
             terminal = self.reward_moments.scale(terminal)  # (B,) in units of the running std
-        terminal = terminal.to(self._device())
-        self._activate_policy()
-        _, old_logprobs, old_values = self._logprobs(rollout)
-        self.yield_fn()
-        with self.policy.peft_model.disable_adapter():  # the reference: the same base without any adapter
-            _, ref_logprobs, _ = self._logprobs(rollout, with_values=False)
-        mask = rollout.response_mask
-        rewards, kl = per_token_rewards(terminal, old_logprobs, ref_logprobs, mask, self.kl_ctl.kl_coef)  # (B, R)
-        advantages, returns = gae_advantages(rewards, old_values, mask, self.cfg.gamma, self.cfg.lam)  # (B, R)
-        advantages = masked_whiten(advantages, mask)
-        scored = Scored(old_logprobs=old_logprobs, ref_logprobs=ref_logprobs, old_values=old_values,
-                        advantages=advantages, returns=returns, scores=scores, kl=kl.sum(1))
-        if rollout.sampler_logprobs is not None:
-            # Another engine sampled: the tokens come from its policy, not exactly from the one whose log-probs
-            # PPO's ratio divides by. Measure how far apart they are and weight the policy loss accordingly.
-            scored.sampler_kl = sampler_mismatch(rollout.sampler_logprobs, old_logprobs, mask)
-            if self.cfg.rollout_is_cap > 0:
-                scored.is_weights, scored.is_truncated = truncated_importance_weights(
-                    old_logprobs, rollout.sampler_logprobs, mask, self.cfg.rollout_is_cap)
+        sampled_elsewhere = rollout.sampler_logprobs is not None
+        scored = Scored.unfilled(scores, terminal.to(self._device()), rollout.response_mask,
+                                 with_is_weights=sampled_elsewhere and self.cfg.rollout_is_cap > 0)
+        if not sampled_elsewhere:  # PyTorch sampled: the old policy is exactly the one before the update
+            self.yield_fn()
+            self._activate_policy()
+            _, old_logprobs, old_values = self._logprobs(rollout)
+            self._fix_targets(rollout, scored, torch.arange(len(scores), device=self._device()), old_logprobs,
+                              old_values, self._reference_logprobs(rollout))
         return scored
+
+    @torch.no_grad()
+    def _reference_logprobs(self, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
+        """(b, R) log-probs of `rows`' answers under the reference: the same base without any adapter."""
+        self.yield_fn()
+        with self.policy.peft_model.disable_adapter():
+            _, ref_logprobs, _ = self._logprobs(rollout, rows, with_values=False)
+        self._activate_policy()
+        return ref_logprobs
+
+    @torch.no_grad()
+    def _fix_targets(self, rollout: Rollout, scored: Scored, rows: torch.Tensor, old_logprobs: torch.Tensor,
+                     old_values: torch.Tensor, ref_logprobs: torch.Tensor) -> None:
+        """Fill in `rows`' old and reference log-probs and values, the KL-shaped rewards, GAE advantages and
+        returns, and the importance weights against the engine that sampled (all per row: rows fill apart)."""
+        mask = rollout.response_mask[rows]  # (b, R)
+        rewards, kl = per_token_rewards(scored.terminal[rows], old_logprobs, ref_logprobs, mask,
+                                        self.kl_ctl.kl_coef)  # (b, R)
+        advantages, returns = gae_advantages(rewards, old_values, mask, self.cfg.gamma, self.cfg.lam)  # (b, R)
+        scored.old_logprobs[rows], scored.old_values[rows] = old_logprobs, old_values
+        scored.ref_logprobs[rows] = ref_logprobs
+        scored.advantages[rows], scored.returns[rows], scored.kl[rows] = advantages, returns, kl.sum(1)
+        if scored.is_weights is not None:
+            scored.is_weights[rows], _ = truncated_importance_weights(
+                old_logprobs, rollout.sampler_logprobs[rows], mask, self.cfg.rollout_is_cap)
+        scored.fixed[rows] = True
+
+    @torch.no_grad()
+    def _measure_mismatch(self, rollout: Rollout, scored: Scored) -> None:
+        """Another engine sampled: how far its policy is from PyTorch's on these samples, and how many tokens'
+        importance weights hit the cap."""
+        if rollout.sampler_logprobs is None:
+            return
+        mask = rollout.response_mask
+        scored.sampler_kl = sampler_mismatch(rollout.sampler_logprobs, scored.old_logprobs, mask)
+        if scored.is_weights is not None:
+            _, scored.is_truncated = truncated_importance_weights(
+                scored.old_logprobs, rollout.sampler_logprobs, mask, self.cfg.rollout_is_cap)
 
     # ---- update ---------------------------------------------------------------------------------------------
     def demonstration_batch(self, demonstrations: list[tuple[list[dict], str]]) -> Rollout:
@@ -405,54 +462,99 @@ class PPOTrainer:
                 self.reference_sums[keys[i]] = total
         return torch.tensor([self.reference_sums[key] for key in keys], device=self._device())
 
+    def _minibatches(self, rollout: Rollout) -> list[torch.Tensor]:
+        """Each minibatch's rows, in a fresh random order, a prompt's answers together. Why together: a
+        minibatch's forward runs each distinct prompt once (`PolicyWithValue._prompt_cache`), so 8 answers to 4
+        prompts split at random cost ~6.3 prompt forwards an epoch, kept together 4."""
+        row_prompt, prompts = same_prompt_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_length)
+        order = list(range(prompts))
+        self.update_rng.shuffle(order)
+        rows = [row for g in order for row in (row_prompt == g).nonzero().flatten().tolist()]
+        size = self.cfg.ppo_minibatch_size
+        return [torch.tensor(rows[start:start + size], device=self._device()) for start in range(0, len(rows), size)]
+
+    @torch.no_grad()
+    def _whitened_advantages(self, rollout: Rollout, scored: Scored) -> torch.Tensor:
+        """(B, R) advantages whitened with the statistics of every row whose targets are fixed: the whole batch,
+        except in the first epoch over another engine's rollout, where the first minibatch has only its own.
+        Why not per minibatch (CleanRL's norm_adv): with 2 prompts in a minibatch of 4 answers, a minibatch whose
+        answers all scored alike would have its noise scaled up to full-size steps."""
+        whitened = torch.zeros_like(scored.advantages)  # (B, R)
+        fixed = scored.fixed
+        whitened[fixed] = masked_whiten(scored.advantages[fixed], rollout.response_mask[fixed])
+        return whitened
+
+    @torch.no_grad()
+    def _drift(self, rollout: Rollout, scored: Scored, rows: torch.Tensor, new_logprobs: torch.Tensor) -> float:
+        """Per-token KL(the policy that sampled || the policy now) on `rows`' tokens, what the epochs' early stop
+        watches (as Spinning Up's PPO). Measured against the sampler's own log-probs when another engine sampled
+        (so it includes the engines' mismatch, ~0.003 here), because the old log-probs of later minibatches are
+        taken after the first steps."""
+        behaviour = scored.old_logprobs[rows] if rollout.sampler_logprobs is None else rollout.sampler_logprobs[rows]
+        known = rollout.response_mask[rows] * torch.isfinite(behaviour)  # (b, R)
+        if known.sum() == 0:
+            return 0.0
+        return float(masked_mean(kl_k3(torch.nan_to_num(behaviour), new_logprobs.detach()), known))
+
     def update(self, rollout: Rollout, scored: Scored, demonstrations=(), preferences=()) -> dict[str, float]:
-        """PPO epochs over shuffled minibatches: clipped surrogate + clipped value loss (+ SFT and DPO terms)."""
+        """PPO epochs over shuffled minibatches: clipped surrogate + clipped value loss (+ SFT and DPO terms).
+
+        Rows whose targets are not fixed yet (another engine sampled them) get them from their first forward
+        here, before the step: the policy as it is then is the proximal policy of decoupled PPO (Hilton et al.
+        2022, "Batch size-invariance for policy optimization"): the ratio is clipped against it, and the
+        truncated importance weights correct from the engine that sampled to it. For the first minibatch it is
+        the policy that sampled; later ones see it one or more steps on. The epochs stop early once the mean
+        drift from the policy that sampled, over an epoch's minibatches, exceeds 1.5 x --target-approx-kl."""
         self._activate_policy()
         self.policy.peft_model.train()
         totals: dict[str, list[float]] = {k: [] for k in ("policy_loss", "value_loss", "sft_loss", "dpo_loss",
                                                              "entropy", "approx_kl", "clip_fraction")}
-        batch_size = rollout.input_ids.shape[0]
-        epochs_run = 0
-        epoch_kls: list[float] = []  # approx-KL of each minibatch step in the epoch just run
-        for _ in range(self.cfg.ppo_epochs):
-            if epochs_run and should_stop_epochs(epoch_kls, self.cfg.target_approx_kl):
+        steps, minibatches = 0, 1
+        epoch_drifts: list[float] = []  # KL from the sampling policy at each minibatch's forward, last epoch
+        for epoch in range(self.cfg.ppo_epochs):
+            if epoch and should_stop_epochs(epoch_drifts, self.cfg.target_approx_kl):
                 break  # the last epoch already moved the policy far enough from the one that sampled
-            epochs_run += 1
-            epoch_kls = []
-            order = list(range(batch_size))
-            self.rng.shuffle(order)
-            for start in range(0, batch_size, self.cfg.ppo_minibatch_size):
+            epoch_drifts = []
+            batches = self._minibatches(rollout)
+            minibatches = len(batches)
+            for mb in batches:
                 self.yield_fn()
-                mb = torch.tensor(order[start:start + self.cfg.ppo_minibatch_size], device=self._device())  # rows
                 mask = rollout.response_mask[mb]  # (b, R)
+                fresh = ~scored.fixed[mb]  # (b,) rows seen for the first time: their ratio is 1 here
+                ref_logprobs = self._reference_logprobs(rollout, mb) if fresh.any() else None  # (b, R)
                 logits, new_logprobs, new_values = self._logprobs(rollout, mb)
+                if fresh.any():
+                    self._fix_targets(rollout, scored, mb[fresh], new_logprobs.detach()[fresh],
+                                      new_values.detach()[fresh], ref_logprobs[fresh])
                 pg_loss, pg_stats = clipped_policy_loss(
-                    new_logprobs, scored.old_logprobs[mb], scored.advantages[mb], mask, self.cfg.clip_eps,
-                    weights=None if scored.is_weights is None else scored.is_weights[mb])
+                    new_logprobs, scored.old_logprobs[mb], self._whitened_advantages(rollout, scored)[mb], mask,
+                    self.cfg.clip_eps, weights=None if scored.is_weights is None else scored.is_weights[mb])
+                epoch_drifts.append(self._drift(rollout, scored, mb, new_logprobs))
                 v_loss, _ = clipped_value_loss(new_values, scored.old_values[mb], scored.returns[mb], mask,
                                                self.cfg.value_clip_eps)
                 entropy = masked_mean(entropy_from_logits(logits.detach()), mask)
                 loss = pg_loss + self.cfg.vf_coef * v_loss
                 sft = torch.zeros(())
                 if demonstrations and self.cfg.sft_coef > 0:
-                    sample = self.rng.sample(list(demonstrations), min(2, len(demonstrations)))
+                    sample = self.update_rng.sample(list(demonstrations), min(2, len(demonstrations)))
                     sft = self.sft_loss(sample)
                     loss = loss + self.cfg.sft_coef * sft
                 dpo = torch.zeros(())
                 if preferences and self.cfg.dpo_coef > 0:
-                    dpo = self.dpo_loss(self.rng.sample(list(preferences), min(2, len(preferences))))
+                    dpo = self.dpo_loss(self.update_rng.sample(list(preferences), min(2, len(preferences))))
                     loss = loss + self.cfg.dpo_coef * dpo
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(self.policy.policy_parameters(), 1.0)
                 self.optimizer.step()
+                steps += 1
                 for key, value in (("policy_loss", pg_loss), ("value_loss", v_loss), ("sft_loss", sft),
                                    ("dpo_loss", dpo), ("entropy", entropy), ("approx_kl", pg_stats.approx_kl),
                                    ("clip_fraction", pg_stats.clip_fraction)):
                     totals[key].append(float(value.detach()) if torch.is_tensor(value) else float(value))
-                epoch_kls.append(pg_stats.approx_kl)
         self.policy.peft_model.eval()
-        return {**{k: sum(v) / len(v) for k, v in totals.items() if v}, "epochs": float(epochs_run)}
+        self._measure_mismatch(rollout, scored)
+        return {**{k: sum(v) / len(v) if v else 0.0 for k, v in totals.items()}, "epochs": steps / minibatches}
 
     def iteration(self, prompts: list[list[dict]], demonstrations=(), preferences=()) -> IterationStats:
         """One PPO iteration on a batch of prompts; also adapts the KL coefficient toward its target.
