@@ -435,6 +435,19 @@ def test_another_engines_rollout_gets_its_old_logprobs_from_each_minibatchs_firs
     assert scored.sampler_kl is not None and scored.sampler_kl != 0.0
 
 
+@pytest.mark.parametrize("target_approx_kl, epochs", [(0.0, 2.0), (1e-6, 1.0)], ids=["stop-off", "tiny-target"])
+def test_another_engines_rollout_stops_the_epochs_on_drift_from_the_sampler(tiny_model_dir, tokenizer,
+                                                                           target_approx_kl, epochs):
+    """The first epoch's forwards all see a ratio of 1 against their own proximal policy, so the early stop must
+    measure the drift from the policy that sampled (its log-probs, as the sampler reported them) to fire at all."""
+    trainer = build(tiny_model_dir, tokenizer, cfg=replace(GROUPED_CFG, target_approx_kl=target_approx_kl))
+    perturb_policy(trainer)
+    torch.manual_seed(0)
+    rollout = as_if_sampled_elsewhere(trainer, trainer.rollout(trainer.sample_prompts(GROUPED_POOL)))
+    stats = trainer.update(rollout, trainer.score(rollout))
+    assert stats["epochs"] == epochs
+
+
 @pytest.mark.parametrize("elsewhere", [False, True], ids=["pytorch-sampled", "llamacpp-like"])
 def test_a_reward_of_zero_leaves_a_fresh_policy_exactly_where_it_was(tiny_model_dir, tokenizer, elsewhere):
     """A fresh policy is the reference, so its KL is 0 on every token; with a reward of 0 too, nothing may move
