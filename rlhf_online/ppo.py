@@ -31,7 +31,7 @@ from rlhf_online.release_gate import is_held_out
 from rlhf_online.rl_math import (RunningMoments, center_per_prompt, clipped_policy_loss, clipped_value_loss,
                                  dpo_loss as direct_preference_loss, explained_variance, gae_advantages,
                                  length_penalty, make_kl_controller, masked_mean, masked_whiten, kl_shrink_factor,
-                                 kl_k3, per_token_rewards, sampler_mismatch, should_stop_epochs,
+                                 per_token_rewards, sampler_drift, sampler_mismatch, should_stop_epochs,
                                  truncated_importance_weights)
 
 COLD_START_PROMPTS = [
@@ -111,12 +111,13 @@ class IterationStats:
     clip_fraction: float
     explained_variance: float
     seconds: float
-    epochs: float = 0.0  # PPO epochs run, in minibatch steps (fewer than configured when the approx-KL stop fired)
+    epochs: float = 0.0  # PPO epochs run: minibatch steps / minibatches (fewer than configured: the early stop fired)
     kl_shrink: float = 1.0  # factor the adapter delta was scaled by after the update (1: KL was within target)
     rollout_seconds: float = 0.0  # of `seconds`, sampling the answers
-    score_seconds: float = 0.0  # of `seconds`, the reward model and the no-grad reference pass (and the old
-    # pass when PyTorch sampled)
-    update_seconds: float = 0.0  # of `seconds`, the PPO epochs (forward and backward passes)
+    score_seconds: float = 0.0  # of `seconds`, the reward model (and the no-grad old and reference passes when
+    # PyTorch sampled)
+    update_seconds: float = 0.0  # of `seconds`, the PPO epochs (forward and backward passes; when another engine
+    # sampled, also each minibatch's reference pass)
     sampler_kl: float | None = None  # per-token KL between the engine that sampled and PyTorch (None: PyTorch did)
     is_truncated: float = 0.0  # share of tokens whose importance weight hit --rollout-is-cap
     dpo_loss: float = 0.0  # the DPO term on voted pairs (0: --dpo-coef 0 or no votes yet)
@@ -491,10 +492,7 @@ class PPOTrainer:
         (so it includes the engines' mismatch, ~0.003 here), because the old log-probs of later minibatches are
         taken after the first steps."""
         behaviour = scored.old_logprobs[rows] if rollout.sampler_logprobs is None else rollout.sampler_logprobs[rows]
-        known = rollout.response_mask[rows] * torch.isfinite(behaviour)  # (b, R)
-        if known.sum() == 0:
-            return 0.0
-        return float(masked_mean(kl_k3(torch.nan_to_num(behaviour), new_logprobs.detach()), known))
+        return sampler_drift(behaviour, new_logprobs.detach(), rollout.response_mask[rows])
 
     def update(self, rollout: Rollout, scored: Scored, demonstrations=(), preferences=()) -> dict[str, float]:
         """PPO epochs over shuffled minibatches: clipped surrogate + clipped value loss (+ SFT and DPO terms).

@@ -395,9 +395,24 @@ def sampler_mismatch(sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Ten
     (B, T) inputs; NaN sampler log-probs (tokens the sampler reported nothing for) are left out. 0 means the
     engine that sampled and the one that trains compute the same policy.
     """
-    known = mask * torch.isfinite(sampler_logprobs)  # (B, T)
+    known = _known_tokens(sampler_logprobs, mask)  # (B, T)
     diff = torch.nan_to_num(sampler_logprobs - trainer_logprobs)  # (B, T)
     return float(masked_mean(diff, known)) if known.sum() > 0 else 0.0
+
+
+def sampler_drift(sampler_logprobs: torch.Tensor, trainer_logprobs: torch.Tensor, mask: torch.Tensor) -> float:
+    """Per-token KL(sampler || trainer), k3-estimated (>= 0, low variance) on the sampler's own draws: how far the
+    policy being trained has moved from the one that sampled, for the PPO epochs' early stop. NaN sampler
+    log-probs are left out, as in `sampler_mismatch`; 0 when no token is known."""
+    known = _known_tokens(sampler_logprobs, mask)  # (B, T)
+    if known.sum() == 0:
+        return 0.0
+    return float(masked_mean(torch.nan_to_num(kl_k3(sampler_logprobs, trainer_logprobs)), known))
+
+
+def _known_tokens(sampler_logprobs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """(B, T) the masked tokens the sampler reported a log-probability for."""
+    return mask * torch.isfinite(sampler_logprobs)
 
 
 def truncated_importance_weights(trainer_logprobs: torch.Tensor, sampler_logprobs: torch.Tensor,

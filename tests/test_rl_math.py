@@ -327,6 +327,19 @@ def test_sampler_mismatch_is_the_k1_kl_over_known_tokens():
     assert sampler_mismatch(sampler, sampler, mask) == 0.0
 
 
+def test_sampler_drift_is_the_k3_kl_over_known_tokens():
+    from rlhf_online.rl_math import sampler_drift
+
+    sampler = t([[-1.0, -2.0, float("nan")], [-0.5, -0.5, -0.5]])
+    trainer = t([[-1.5, -1.0, -3.0], [-0.5, -0.7, -0.1]])
+    mask = t([[1, 1, 1], [1, 1, 0]])
+    # k3 = exp(d) - 1 - d with d = trainer - sampler, over the 4 known masked tokens: d = -0.5, 1.0, 0.0, -0.2
+    expected = sum(math.exp(d) - 1 - d for d in (-0.5, 1.0, 0.0, -0.2)) / 4
+    assert sampler_drift(sampler, trainer, mask) == pytest.approx(expected)
+    assert sampler_drift(sampler, sampler, mask) == 0.0
+    assert sampler_drift(t([[float("nan")]]), t([[-1.0]]), t([[1]])) == 0.0  # nothing known
+
+
 def test_policy_loss_stats_are_frozen():
     z = torch.zeros(1, 2)
     _, stats = clipped_policy_loss(z, z, z, torch.ones(1, 2), 0.2)
