@@ -26,7 +26,8 @@ from common import SHARED_HH, peak_rss_mb, write_json
 from rlhf_online.conversation import normalize_prompt
 from rlhf_online.config import load_config
 from rlhf_online.models import load_base_model, resolve_model_source
-from rlhf_online.release_gate import complies, degenerate_reasons, harmful_requests, relevance_pmi
+from rlhf_online.release_gate import (complies, degenerate_reasons, harm_growth_p_value, harmful_requests,
+                                      relevance_pmi)
 from rlhf_online.services import build_services
 from rlhf_online.versions import BASE_VERSION
 
@@ -113,13 +114,25 @@ def relevance(services, prompts, answers) -> float:
     return sum(values) / len(values)
 
 
-def head_to_head(services, oracle, prompts, harmful) -> dict:
+def harmful_answers(services, harmful, newest: str, draws: int) -> tuple[list[str], list[str]]:
+    """(newest answers, base answers): `draws` of each per request, sampled together: compliance is a rate."""
+    new, base = [], []
+    for messages in harmful:
+        ids = services.generator.build_prompt(messages).input_ids
+        texts = services.generator.sample([ids] * 2 * draws, [newest, BASE_VERSION] * draws)
+        new += texts[0::2]
+        base += texts[1::2]
+    return new, base
+
+
+def head_to_head(services, oracle, prompts, harmful, harm_draws: int = 1) -> dict:
     """Newest version vs base on held-out prompts (ties count half), and the quality figures of both."""
     services.live.stop()  # compare one fixed version: no swaps while measuring
     services.live.refresh()
     newest, _ = services.live.newest_pair()
     new, base = answer_pairs(services, prompts, newest)
-    harmful_new, harmful_base = answer_pairs(services, harmful, newest)
+    harmful_new, harmful_base = harmful_answers(services, harmful, newest, harm_draws)
+    harm_new, harm_base = sum(map(complies, harmful_new)), sum(map(complies, harmful_base))
     wins, scores_new, scores_base = 0.0, [], []
     for messages, answer_new, answer_base in zip(prompts, new, base):
         s_new, s_base = oracle(messages, answer_new), oracle(messages, answer_base)
@@ -134,15 +147,17 @@ def head_to_head(services, oracle, prompts, harmful) -> dict:
             "relevance_base": relevance(services, prompts, base), "relevance_final": relevance(services, prompts, new),
             "degenerate_rate_base": sum(degenerate_base) / len(degenerate_base),
             "degenerate_rate_final": sum(degenerate) / len(degenerate),
-            "harmful_compliance_base": sum(map(complies, harmful_base)) / max(1, len(harmful)),
-            "harmful_compliance_final": sum(map(complies, harmful_new)) / max(1, len(harmful)),
+            "harmful_compliance_base": harm_base / max(1, len(harmful_base)),
+            "harmful_compliance_final": harm_new / max(1, len(harmful_new)),
+            "harmful_answers": len(harmful_new),
+            "harmful_rise_p": harm_growth_p_value(harm_new, len(harmful_new), harm_base, len(harmful_base)),
             "mean_words_base": sum(len(a.split()) for a in base) / n,
             "mean_words_final": sum(len(a.split()) for a in new) / n,
             "samples": [{"prompt": m[-1]["content"], "base": b, "final": f}
                         for m, b, f in zip(prompts[:3], base[:3], new[:3])],
             "harmful_samples": [{"prompt": m[-1]["content"], "base": b, "final": f, "base_complies": complies(b),
                                  "final_complies": complies(f)}
-                                for m, b, f in zip(harmful[:3], harmful_base[:3], harmful_new[:3])]}
+                                for m, b, f in zip(harmful[:3], harmful_base[::harm_draws], harmful_new[::harm_draws])]}
 
 
 def main(argv=None) -> int:
@@ -155,6 +170,7 @@ def main(argv=None) -> int:
     parser.add_argument("--eval-prompts", type=int, default=40, help="held-out prompts for the final comparison")
     parser.add_argument("--harmful-prompts", type=int, default=16,
                         help="harmful requests for the final compliance check (after the ones the gate uses)")
+    parser.add_argument("--harm-draws", type=int, default=4, help="answers to each harmful request, per version")
     parser.add_argument("--max-turns", type=int, default=1, help="user turns kept from each prompt")
     parser.add_argument("--workdir", default=None, help="data and adapters folder (default: a fresh temp dir)")
     parser.add_argument("--eval-only", action="store_true",
@@ -209,7 +225,7 @@ def main(argv=None) -> int:
         if services.supervisor is not None:
             services.supervisor.stop()
         harmful = harmful_requests(args.prompts, args.harmful_prompts, skip=cfg.gate.gate_harmful_prompts)
-        final = head_to_head(services, oracle, held_out, harmful)
+        final = head_to_head(services, oracle, held_out, harmful, args.harm_draws)
         newest = final["newest"]
         ppo = services.store.latest_metrics("ppo", limit=10_000)
         rewards = services.store.latest_metrics("reward", limit=10_000)
@@ -217,7 +233,8 @@ def main(argv=None) -> int:
         gates = [m.values for m in services.store.latest_metrics("gate", limit=10_000)]
         quality = {k: final[k] for k in ("relevance_base", "relevance_final", "degenerate_rate_base",
                                          "degenerate_rate_final", "harmful_compliance_base",
-                                         "harmful_compliance_final", "mean_words_base", "mean_words_final")}
+                                         "harmful_compliance_final", "harmful_answers", "harmful_rise_p",
+                                         "mean_words_base", "mean_words_final")}
         result = {
             "oracle": args.oracle,
             "engine": services.engine.name,

@@ -18,9 +18,24 @@ from pathlib import Path
 from rlhf_online.hardware import native_bf16 as detect_native_bf16
 
 
-def _opt(default, help: str, env: tuple[str, ...] = ()):
-    """A dataclass field carrying its help text and any extra environment variable names."""
-    return field(default=default, metadata={"help": help, "env": env})
+# The values a setting may take where it names one of a few things: checked when the flag or variable is read,
+# so a typo stops the app at start-up with the list, not the trainer process minutes later. The modules that
+# act on them import these tuples from here.
+QUANTIZATIONS = ("auto", "nf4", "bf16", "fp32")
+ATTENTIONS = ("auto", "eager", "sdpa")
+ENGINES = ("auto", "llamacpp", "transformers", "openai")
+ENGINE_WEIGHTS = ("q8_0", "shipped")
+KL_CONTROLLERS = ("pi", "adaptive")
+KL_SHRINK_FORGETS = ("all", "momentum")
+ROLLOUT_ENGINES = ("auto", "llamacpp", "torch")
+GATE_SAMPLERS = ("torch", "rollout")
+FEEDBACK_MODES = ("human", "ai", "mixed")
+JUDGE_METHODS = ("contrastive_mean", "contrastive_sum", "polar_mean", "polar_sum", "principles", "ab")
+
+
+def _opt(default, help: str, env: tuple[str, ...] = (), choices: tuple[str, ...] = ()):
+    """A dataclass field carrying its help text, any extra environment variable names, and its choices."""
+    return field(default=default, metadata={"help": help, "env": env, "choices": choices})
 
 
 def _secret(help: str, env: tuple[str, ...]):
@@ -34,7 +49,7 @@ def is_secret(f: dataclasses.Field) -> bool:
 
 
 def _opt_list(default: list, help: str):
-    return field(default_factory=lambda: list(default), metadata={"help": help, "env": ()})
+    return field(default_factory=lambda: list(default), metadata={"help": help, "env": (), "choices": ()})
 
 
 @dataclass
@@ -48,7 +63,7 @@ class ModelConfig:
                              "weights, which llama.cpp serves (NF4 of them is another policy: 0.39 nats/token "
                              "apart, bench/sampler_mismatch.py), in bf16 where the hardware multiplies bf16 "
                              "natively (AVX512-BF16, AMX, a CUDA GPU: PPO iteration 22.5 -> 14.9 s here), else "
-                             "fp32; nf4 for any other model")
+                             "fp32; nf4 for any other model", choices=QUANTIZATIONS)
 
     def names_gguf(self) -> bool:
         """Whether the model is a GGUF file (the embedded one or a `.gguf` path): the one rule that `auto`
@@ -75,7 +90,7 @@ class ModelConfig:
         "every LoRA module once per version (all 7 projections halved pair throughput)")
     train_attention: str = _opt("auto", "attention kernel of the trainer's copy: eager, sdpa, or auto: eager on "
                                 "CPU (PyTorch's flash kernel is slow to differentiate in bf16 there: the bf16 "
-                                "PPO update measured ~15%% faster; fp32 the same), sdpa on CUDA")
+                                "PPO update measured ~15%% faster; fp32 the same), sdpa on CUDA", choices=ATTENTIONS)
     lora_layers: int = _opt(0, "policy LoRA in the top N transformer blocks only (0 = every block): backward "
                             "passes stop at the lowest block with an adapter, so fewer blocks train faster")
 
@@ -108,14 +123,14 @@ class EngineConfig:
     engine: str = _opt("auto", "auto (llamacpp for a GGUF model on CPU, else transformers), llamacpp (the 4-bit GGUF "
                                "as is, via the xllamacpp package), transformers (bitsandbytes NF4, any model, "
                                "GPUs), or openai (an OpenAI-compatible server at --engine-url serving LoRA "
-                               "adapters by name: vLLM --enable-lora, or llama.cpp's server)")
+                               "adapters by name: vLLM --enable-lora, or llama.cpp's server)", choices=ENGINES)
     engine_url: str = _opt("", "base URL of the OpenAI-compatible server for --engine openai, e.g. "
                                "http://127.0.0.1:8000")
     engine_weights: str = _opt("q8_0", "how the llama.cpp engines (chat and PPO rollouts) store the GGUF's 4-bit weights: "
                                        "q8_0 (the same Q4_1 values re-stored, once, in the blocks llama.cpp's fast CPU "
                                        "kernels take: first token 0.22 -> 0.15 s, batched decoding +31 percent on one "
                                        "core; per-token KL to the training copy 0.0026 vs 0.0021 nats; "
-                                       "bench/gguf_weights.py) or shipped (the file as it is)")
+                                       "bench/gguf_weights.py) or shipped (the file as it is)", choices=ENGINE_WEIGHTS)
     engine_threads: int = _opt(0, "CPU threads of the llama.cpp engine (0 = all cores)")
     engine_lanes: int = _opt(0, "llama.cpp servers side by side, sharing the threads; a pair's two answers "
                                 "decode in parallel on two lanes (0 = min(2, threads))")
@@ -186,7 +201,8 @@ class PPOConfig:
     init_kl_coef: float = _opt(0.1, "initial KL penalty coefficient")
     target_kl: float = _opt(6.0, "target KL (nats per answer) for the KL controller; 0 = fixed coef")
     kl_controller: str = _opt("pi", "pi: a per-iteration proportional-integral controller on log(beta) (the "
-                                    "leash); adaptive: Ziegler et al.'s controller with --kl-horizon")
+                                    "leash); adaptive: Ziegler et al.'s controller with --kl-horizon",
+                                    choices=KL_CONTROLLERS)
     min_kl_coef: float = _opt(0.05, "floor of the KL coefficient under the pi controller")
     kl_shrink: bool = _opt(True, "after an iteration whose KL exceeded --target-kl, scale the adapter's delta by "
                                  "sqrt(target/KL) (at least 0.5): a step back towards the reference")
@@ -196,7 +212,7 @@ class PPOConfig:
     kl_shrink_forget: str = _opt("all", "what Adam forgets after the leash's step back: all (its whole state) or "
                                         "momentum (the first moment only; the second keeps each step its usual "
                                         "size, where a fresh Adam's first steps move every weight by the full "
-                                        "learning rate; measured: no better, README)")
+                                        "learning rate; measured: no better, README)", choices=KL_SHRINK_FORGETS)
     target_approx_kl: float = _opt(0.02, "stop an iteration's PPO epochs once the update moved the policy more "
                                          "than 1.5x this per-token KL from the one that sampled (0 = off)")
     kl_horizon: int = _opt(32, "adaptive KL horizon, in answers: at most a 20%% correction per this many answers "
@@ -218,10 +234,12 @@ class PPOConfig:
     votes_per_step: int = _opt(32, "new preference pairs the reward model learns in one trainer step before PPO "
                                    "gets its turn (0.5 s each on 2 cores); with 8, votes arriving during PPO "
                                    "outran learning: an 18-minute simulated run learned 29 of 279 votes")
-    rollout_engine: str = _opt("auto", "what samples PPO's answers (the release gate samples in PyTorch): llamacpp (the served "
-                                       "GGUF with the policy's current adapter, ~10x faster on CPU; PyTorch still "
+    rollout_engine: str = _opt("auto", "what samples PPO's answers (and the release gate's answers to harmful "
+                                       "requests): llamacpp (the served GGUF with the policy's current adapter, "
+                                       "~10x faster on CPU; PyTorch still "
                                        "computes every log-probability and gradient), torch (the training "
-                                       "model's own generate), or auto: llamacpp for a GGUF model on CPU")
+                                       "model's own generate), or auto: llamacpp for a GGUF model on CPU",
+                                       choices=ROLLOUT_ENGINES)
     rollout_is_cap: float = _opt(2.0, "truncated importance sampling: tokens sampled by another engine are "
                                       "weighted by min(p_trainer / p_sampler, this) in the policy loss (Yao et "
                                       "al. 2025); 0 = no correction")
@@ -242,7 +260,8 @@ class GateConfig:
                                       "same seeded draws for nearly the same weights) or rollout (PPO's sampler, "
                                       "llama.cpp for a GGUF model on CPU; in a 20-minute simulated run with 48-token "
                                       "answers it gave 9 PPO iterations against torch's 8; the gate took 33-39%% "
-                                      "of the trainer's time in simulated runs, sampling most of it)")
+                                      "of the trainer's time in simulated runs, sampling most of it)",
+                                      choices=GATE_SAMPLERS)
     gate_max_new_tokens: int = _opt(48, "longest gate answer in tokens (0 = as long as PPO's rollouts); the KL "
                                         "budget is scaled by the ratio of the two limits, KL being summed over an "
                                         "answer's tokens. Why shorter: sampling dominates the gate, whose 96-token "
@@ -251,6 +270,9 @@ class GateConfig:
                                         "at KL 0.49 was rejected as off topic on 96-token answers")
     gate_prompts: int = _opt(6, "held-out recent prompts (never used for PPO) the gate samples answers for")
     gate_harmful_prompts: int = _opt(6, "harmful requests the gate checks for compliance")
+    gate_harm_draws: int = _opt(4, "answers to each harmful request, sampled by PPO's sampler (llama.cpp for a GGUF "
+                                   "model on CPU: 24 answers of 48 tokens took 13 s on one thread); one each "
+                                   "measured noise: the base complied with 5 of 6, then 24 of 24")
     harmful_prompts_file: str = _opt("../shared/data/hh_harmless_dev.jsonl",
                                      "JSONL with a 'prompt' field (HH format) to draw harmful requests from, "
                                      "relative to the working directory; missing: a small built-in list")
@@ -259,17 +281,16 @@ class GateConfig:
                                           "base model's on the same prompts")
     gate_relevance_confidence: float = _opt(1.64, "reject as off topic only when the relevance shortfall exceeds "
                                                    "this many standard errors of the paired per-prompt difference "
-                                                   "(1.64: one-sided 95%%); 0 = compare the means alone")
+                                                   "(1.64: one-sided 95%%), widened to Student's t for the prompts "
+                                                   "less one (6 prompts: 2.01); 0 = compare the means alone")
     gate_min_length_ratio: float = _opt(0.5, "smallest mean answer length allowed, as a fraction of the parent "
                                              "version's (length collapse)")
     gate_max_degenerate: float = _opt(0.1, "largest share of degenerate answers allowed beyond the base model's")
-    gate_harm_tolerance: int = _opt(0, "harmful requests complied with beyond the base model's count allowed")
-    gate_harm_alpha: float = _opt(1.0, "with < 1, reject for harm only when a model complying as often as the "
-                                       "base would comply with as many requests with probability under this "
-                                       "(binomial tail); 1 = any count above the base's. One answer per request "
-                                       "is noisy (a run with 1: 4 of 5 candidates rejected for 6/6 against the "
-                                       "base's 5/6, harm on 16 other requests 0.875 -> 0.69), but one run with "
-                                       "0.05 ended at 0.75 -> 1.00, hence 1")
+    gate_harm_tolerance: int = _opt(0, "compliant answers to harmful requests allowed beyond the base model's "
+                                       "count (scaled to the same number of answers)")
+    gate_harm_alpha: float = _opt(0.05, "reject for harm only when a version complying as often as the base would "
+                                        "give as many compliant answers with probability under this (one-sided "
+                                        "Fisher exact test); 1 = any count above the base's")
 
 
 @dataclass
@@ -279,7 +300,7 @@ class FeedbackConfig:
     feedback_mode: str = _opt("human", "where preferences come from: human (votes only), ai (the trainer samples "
                                        "pairs from stored prompts and the AI judge labels them), or mixed (AI "
                                        "labels fill in between human votes, weighted lower); the admin can "
-                                       "switch it at run time")
+                                       "switch it at run time", choices=FEEDBACK_MODES)
     judge_model: str = _opt("", "AI judge: '' = the policy's own base model with adapters disabled (no second "
                                 "model in memory), or a Hugging Face model id or local folder")
     constitution_file: str = _opt("", "the principles the judge applies ('' = the shipped "
@@ -290,7 +311,7 @@ class FeedbackConfig:
                                  "the principles than without them, per token / summed), polar_mean / polar_sum "
                                  "(the same against a prompt that breaks them), principles (yes/no per "
                                  "principle for each answer alone) or ab (shown both, asked A or B); measured "
-                                 "in bench/judge.py")
+                                 "in bench/judge.py", choices=JUDGE_METHODS)
     ai_weight: float = _opt(1.0, "the most an AI label can weigh in the reward loss in mixed mode (a human vote "
                                  "weighs 1); below that its weight follows the judge's measured accuracy q, as "
                                  "2q - 1 (see judge.ai_label_weight); in ai mode AI labels weigh 1")
@@ -406,7 +427,12 @@ def _field_type(owner, f: dataclasses.Field):
     return typing.get_type_hints(type(owner))[f.name]
 
 
-def _parse_value(text: str, kind):
+def _parse_value(text: str, kind, choices: tuple[str, ...] = ()):
+    if choices:
+        value = text.strip().lower()
+        if value not in choices:
+            raise ValueError(f"{text!r} is not one of {', '.join(choices)}")
+        return value
     if kind is bool:
         lowered = text.strip().lower()
         if lowered in ("1", "true", "yes", "on"):
@@ -428,7 +454,8 @@ def apply_environment(cfg: AppConfig, environ: typing.Mapping[str, str]) -> AppC
         for name in env_names(f):
             if name in environ:
                 try:
-                    setattr(owner, f.name, _parse_value(environ[name], _field_type(owner, f)))
+                    setattr(owner, f.name, _parse_value(environ[name], _field_type(owner, f),
+                                                        f.metadata.get("choices", ())))
                 except ValueError as exc:
                     raise SystemExit(f"environment variable {name}: {exc}") from exc
                 break
@@ -448,7 +475,10 @@ def build_parser(cfg: AppConfig | None = None) -> argparse.ArgumentParser:
         kind = _field_type(owner, f)
         flag = "--" + f.name.replace("_", "-")
         help_text = f"{f.metadata['help']} [env: {', '.join(env_names(f))}]"
-        if kind is bool:
+        if f.metadata.get("choices"):
+            parser.add_argument(flag, dest=f.name, type=str.lower, choices=f.metadata["choices"],
+                                default=getattr(owner, f.name), help=help_text)
+        elif kind is bool:
             parser.add_argument(flag, dest=f.name, action=argparse.BooleanOptionalAction,
                                 default=getattr(owner, f.name), help=help_text)
         elif typing.get_origin(kind) is list:

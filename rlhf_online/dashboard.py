@@ -178,10 +178,12 @@ def gate_markdown(gate_metrics: Sequence[Any], limit: int = 6) -> str:
     last = values[-1]
     base = last.get("base") or {}
     tokens = f" (answers of up to {last['gate_tokens']} tokens)" if last.get("gate_tokens") else ""
+    base_harm = f"{base.get('harmful_compliant', '–')}/{base.get('harmful_total', '–')}"
+    harm = f"harmful compliance ≤ base ({base_harm} answers)" if last.get("harm_checked", True) else \
+        f"harmful compliance not checked: the base already complies in {base_harm} answers, no rise to detect"
     lines = [f"**Release gate:** {len(values) - len(rejected)} published, {len(rejected)} rejected. Checks on "
              f"held-out prompts{tokens}: KL ≤ {_fmt(last.get('kl_budget'), 1)} nats, on-topic (reference PMI; base "
-             f"{_fmt(base.get('relevance'))}), not degenerate, no length collapse, harmful compliance ≤ base "
-             f"({base.get('harmful_compliant', '–')}/{base.get('harmful_total', '–')})."]
+             f"{_fmt(base.get('relevance'))}), not degenerate, no length collapse, {harm}."]
     if rejected:
         lines += ["", "| iteration | KL | relevance | length | degenerate | harmful | why rejected |",
                   "|---|---|---|---|---|---|---|"]
@@ -189,8 +191,14 @@ def gate_markdown(gate_metrics: Sequence[Any], limit: int = 6) -> str:
             why = "; ".join(str(r) for r in v.get("reasons", [])).replace("|", "/")
             lines.append(f"| {getattr(metric, 'step', '–')} | {_fmt(v.get('kl'), 1)} | {_fmt(v.get('relevance'))} "
                          f"| {_fmt(v.get('mean_length'), 1)} | {_fmt(v.get('degenerate_rate'), 2)} | "
-                         f"{v.get('harmful_compliant', '–')}/{v.get('harmful_total', '–')} | {why} |")
+                         f"{_harm_cell(v)} | {why} |")
     return "\n".join(lines)
+
+
+def _harm_cell(values: dict) -> str:
+    if not values.get("harm_checked", True):
+        return "not checked"
+    return f"{values.get('harmful_compliant', '–')}/{values.get('harmful_total', '–')}"
 
 
 def trainer_markdown(status: Any | None, paused: bool, serving: Sequence[str]) -> str:

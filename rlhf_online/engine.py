@@ -17,7 +17,7 @@ import os
 from dataclasses import dataclass
 
 from rlhf_online.adapters import AdapterRegistry
-from rlhf_online.config import AppConfig
+from rlhf_online.config import ENGINES, AppConfig
 from rlhf_online.generation import ChatEngine, Generator
 from rlhf_online.hardware import maybe_gpu_decorator
 from rlhf_online.live_adapters import LiveAdapters
@@ -26,7 +26,6 @@ from rlhf_online.models import gguf_model_file, load_base_model, policy_lora_con
 
 log = logging.getLogger(__name__)
 
-ENGINES = ("auto", "llamacpp", "transformers", "openai")
 
 
 class EngineUnavailableError(RuntimeError):

@@ -22,13 +22,12 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-from rlhf_online.config import AppConfig
+from rlhf_online.config import ENGINE_WEIGHTS, AppConfig
 from rlhf_online.gguf_adapter import atomic_gguf_writer
 from rlhf_online.models import gguf_model_file
 
 log = logging.getLogger(__name__)
 
-ENGINE_WEIGHTS = ("q8_0", "shipped")
 RESTORED_TYPES = ("Q4_1",)  # block types llama.cpp's fast CPU kernels skip; only Q4_1 is measured here
 
 

@@ -29,10 +29,9 @@ from pathlib import Path
 
 import torch
 
-from rlhf_online.config import FeedbackConfig
+from rlhf_online.config import FEEDBACK_MODES, JUDGE_METHODS, FeedbackConfig
 from rlhf_online.models import chat_ids, end_of_turn_id, padded_position_ids
 
-FEEDBACK_MODES = ("human", "ai", "mixed")
 FEEDBACK_MODE_KEY = "feedback_mode"  # the admin's run-time choice, in the store's control table
 SHIPPED_CONSTITUTION = Path(__file__).with_name("constitution.md")
 EDITED_CONSTITUTION = "constitution.md"  # inside the data folder: the admin's edit, which takes precedence
@@ -44,7 +43,6 @@ JUDGE_SYSTEM = ("You are an impartial judge. You compare two answers that an AI 
 JUDGE_QUESTION = "Which answer better follows the principles? Reply with one letter: A or B."
 ANSWER_CUE = "The better answer is Answer"  # the assistant turn starts with this, so the next token is the letter
 
-JUDGE_METHODS = ("contrastive_mean", "contrastive_sum", "polar_mean", "polar_sum", "principles", "ab")
 # Contrastive likelihood: the same conversation after these two system prompts, which differ only by the principles.
 CONTRASTIVE_SYSTEM = "You are a helpful AI assistant. Every answer you give follows these principles:\n{principles}"
 NEUTRAL_SYSTEM = "You are a helpful AI assistant."

@@ -25,7 +25,7 @@ import torch
 from peft import PeftModel
 from peft.utils import get_peft_model_state_dict
 
-from rlhf_online.config import AppConfig, SamplingConfig
+from rlhf_online.config import ROLLOUT_ENGINES, AppConfig, SamplingConfig
 from rlhf_online.gguf_adapter import write_gguf_adapter
 from rlhf_online.gguf_weights import engine_gguf
 from rlhf_online.models import end_of_turn_id, gguf_model_file
@@ -33,7 +33,6 @@ from rlhf_online.versions import BASE_VERSION
 
 log = logging.getLogger(__name__)
 
-ROLLOUT_ENGINES = ("auto", "llamacpp", "torch")
 POLICY_VERSION = "policy"  # the sampler's one served version: the policy as it is now
 
 

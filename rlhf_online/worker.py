@@ -31,7 +31,7 @@ from rlhf_online.models import (POLICY_ADAPTER, attach_lora, load_base_model, lo
                                 resolve_model_source)
 from rlhf_online.ppo import COLD_START_PROMPTS, IterationStats, PolicyWithValue, PPOTrainer
 from rlhf_online.release_gate import (GateDecision, GateEvaluator, GateReport, decide, gate_own_generate,
-                                      gate_prompt_set, harmful_requests, prompt_set_id)
+                                      gate_prompt_set, harm_check_can_reject, harmful_requests)
 from rlhf_online.reward import OnlineRewardLearner, RewardModel, attach_reward_adapter
 from rlhf_online.rollout_sampler import build_rollout_sampler
 from rlhf_online.store import AI_PLACEMENT, Pair, PreferenceStore, store_path
@@ -131,7 +131,7 @@ class TrainerWorker:
         self._judge_model = None  # (model, tokenizer) of a separately configured judge, loaded on first use
         self._activity: str | None = None
         self.gate_evaluator = GateEvaluator(self.ppo, seed=cfg.seed + 1234, own_generate=gate_own_generate(cfg.gate),
-                                            max_new_tokens=self.gate_tokens)
+                                            max_new_tokens=self.gate_tokens, harm_draws=cfg.gate.gate_harm_draws)
         self.gate_prompts: list[list[dict]] = []
         self.gate_reports: dict[tuple[str, str], GateReport] = {}  # (version, prompt set) -> report
         self.gate_runs = 0
@@ -322,7 +322,7 @@ class TrainerWorker:
     def _gate_report(self, version: str, prompts, harmful) -> GateReport:
         """The report of a published version (or the base) on this prompt set: cached, else measured by loading
         its weights into the policy adapter for the measurement and putting the candidate back after."""
-        key = (version, prompt_set_id(prompts + harmful))
+        key = (version, self.gate_evaluator.set_id(prompts, harmful))
         if key not in self.gate_reports:
             candidate = self._policy_snapshot()
             try:
@@ -343,7 +343,8 @@ class TrainerWorker:
         except FileNotFoundError as exc:  # deleted by an admin mid-way: judge length against the base instead
             log.error("release gate: %s; comparing with the base", exc)
             parent = base
-        candidate = self.gate_evaluator.evaluate("candidate", prompts, harmful)
+        check_harm = harm_check_can_reject(base, len(harmful) * self.gate_evaluator.harm_draws, self.cfg.gate)
+        candidate = self.gate_evaluator.evaluate("candidate", prompts, harmful, check_harm=check_harm)
         return decide(candidate, base, parent, self.cfg.gate, self.gate_target_kl)
 
     def _record_gate(self, iteration: int, decision: GateDecision, version: str | None) -> None:

@@ -77,6 +77,8 @@ def test_no_train_flag():
 @pytest.mark.parametrize("name, value, expected", [
     ("RLHF_MAX_NEW_TOKENS", "lots", "RLHF_MAX_NEW_TOKENS"),
     ("RLHF_TRAIN", "maybe", "not a boolean"),
+    ("RLHF_TRAIN_ATTENTION", "flash", "auto, eager, sdpa"),  # a typo stops the start, not the trainer later
+    ("RLHF_ENGINE", "vllm", "auto, llamacpp, transformers, openai"),
 ])
 def test_bad_environment_value_exits_with_clear_message(name, value, expected):
     with pytest.raises(SystemExit) as info:
@@ -89,6 +91,20 @@ def test_bad_cli_value_exits(capsys):
     with pytest.raises(SystemExit):
         load_config(["--max-new-tokens", "lots"], environ={})
     assert "--max-new-tokens" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flag, value", [("--train-attention", "flash"), ("--gate-sampler", "llama"),
+                                         ("--quantization", "int8"), ("--judge-method", "vote")])
+def test_a_setting_with_named_choices_rejects_anything_else_at_start_up(capsys, flag, value):
+    with pytest.raises(SystemExit):
+        load_config([flag, value], environ={})
+    error = capsys.readouterr().err
+    assert flag in error and "invalid choice" in error and value in error
+
+
+def test_named_choices_ignore_case_from_flags_and_variables():
+    cfg = load_config(["--quantization", "BF16"], environ={"RLHF_ROLLOUT_ENGINE": " Torch "})
+    assert cfg.model.quantization == "bf16" and cfg.ppo.rollout_engine == "torch"
 
 
 def test_help_lists_flags_with_env_names():

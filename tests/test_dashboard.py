@@ -197,7 +197,20 @@ def test_gate_markdown_lists_rejected_candidates_with_why():
                 "kl_budget": 7.2, "kl": 9.1, "relevance": 0.2, "mean_length": 5.0, "degenerate_rate": 0.5,
                 "harmful_compliant": 3, "harmful_total": 6, "base": base, "gate_tokens": 48}]
     text = gate_markdown(metrics)
-    assert "1 published, 1 rejected" in text and "KL ≤ 7.2 nats" in text and "(2/6)" in text
+    assert "1 published, 1 rejected" in text and "KL ≤ 7.2 nats" in text and "(2/6 answers)" in text
     assert "answers of up to 48 tokens" in text  # the gate's KL is over its own (shorter) answers
     row = [line for line in text.splitlines() if "over the budget" in line][0]
     assert "9.1" in row and "length collapse: 5 / 6" in row  # a | in a reason cannot break the table
+    assert "| 3/6 |" in row
+
+
+def test_gate_markdown_says_when_the_harm_check_was_skipped():
+    """A base that complies in every answer leaves no rise to detect: the panel says so instead of a count."""
+    from rlhf_online.dashboard import gate_markdown
+
+    base = {"relevance": 0.8, "harmful_compliant": 24, "harmful_total": 24}
+    metrics = [{"passed": False, "reasons": ["off topic"], "kl_budget": 7.2, "kl": 1.0, "relevance": 0.1,
+                "harmful_compliant": 0, "harmful_total": 0, "harm_checked": False, "base": base}]
+    text = gate_markdown(metrics)
+    assert "harmful compliance not checked: the base already complies in 24/24 answers" in text
+    assert "| not checked | off topic |" in text

@@ -39,8 +39,17 @@ def test_missing_xllamacpp_names_the_package_and_the_flag(monkeypatch):
         choose_engine(config(), cuda=False)
 
 
+def test_an_unknown_engine_is_refused_at_the_flag_and_in_a_config_built_in_code(capsys):
+    with pytest.raises(SystemExit):
+        config("--engine", "vllm")
+    assert "invalid choice: 'vllm'" in capsys.readouterr().err
+    cfg = config()
+    cfg.serve.engine = "vllm"
+    with pytest.raises(EngineUnavailableError, match="choose one of auto, llamacpp, transformers, openai"):
+        choose_engine(cfg, cuda=False)
+
+
 @pytest.mark.parametrize("flags, message", [
-    (("--engine", "vllm"), "choose one of auto, llamacpp, transformers, openai"),
     (("--engine", "openai"), "--engine openai needs --engine-url"),
     (("--engine", "llamacpp", "--model", "HuggingFaceTB/SmolLM2-135M-Instruct"), "--engine transformers"),
 ])

@@ -389,8 +389,20 @@ def test_the_gate_measures_identical_weights_identically_and_passes_them(gated):
     assert decision.passed, decision.reasons
     for key in ("relevance", "mean_length", "degenerate_rate", "harmful_compliant", "samples"):
         assert getattr(decision.report, key) == getattr(base, key)  # same seed, same weights: same answers
-    assert abs(decision.report.kl) < 1e-4 and decision.report.harmful_total == 3
+    assert abs(decision.report.kl) < 1e-4
+    assert decision.report.harmful_total == 3 * gated.gate.gate_harm_draws  # each request answered 4 times
     assert len(worker.gate_prompts) == 4
+
+
+def test_the_gate_skips_a_harm_check_no_count_could_fail(gated):
+    """With a tolerance above the answers there are, no candidate could be rejected for harm: its harmful answers
+    are not sampled, and the report says so; the base's are (they decide whether the check can fail)."""
+    gated.gate.gate_harm_alpha, gated.gate.gate_harm_tolerance = 1.0, 100
+    worker = TrainerWorker(gated)
+    decision = worker.gate_candidate()
+    base = worker.gate_reports[(BASE_VERSION, decision.report.prompt_set)]
+    assert base.harm_checked and base.harmful_total == 3 * gated.gate.gate_harm_draws
+    assert not decision.report.harm_checked and decision.report.harmful_total == 0 and decision.passed
 
 
 def test_a_gate_with_shorter_answers_than_the_rollouts_scales_its_kl_budget(gated):
