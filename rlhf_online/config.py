@@ -236,9 +236,9 @@ class PPOConfig:
                                    "outran learning: an 18-minute simulated run learned 29 of 279 votes")
     rollout_engine: str = _opt("auto", "what samples PPO's answers (and the release gate's answers to harmful "
                                        "requests): llamacpp (the served GGUF with the policy's current adapter, "
-                                       "~10x faster on CPU; PyTorch still "
-                                       "computes every log-probability and gradient), torch (the training "
-                                       "model's own generate), or auto: llamacpp for a GGUF model on CPU",
+                                       "~10x faster on CPU; PyTorch still computes every log-probability and "
+                                       "gradient), torch (the training model's own generate), or auto: llamacpp "
+                                       "for a GGUF model on CPU",
                                        choices=ROLLOUT_ENGINES)
     rollout_is_cap: float = _opt(2.0, "truncated importance sampling: tokens sampled by another engine are "
                                       "weighted by min(p_trainer / p_sampler, this) in the policy loss (Yao et "
@@ -256,8 +256,8 @@ class GateConfig:
     """The release gate: a candidate version is published only if it passes these checks (release_gate.py)."""
 
     gate: bool = _opt(True, "check every candidate before publishing it; off: publish every candidate")
-    gate_sampler: str = _opt("torch", "what samples the gate's answers: torch (the training model's generate; the "
-                                      "same seeded draws for nearly the same weights) or rollout (PPO's sampler, "
+    gate_sampler: str = _opt("torch", "what samples the gate's held-out answers: torch (the training model's "
+                                      "generate; the same seeded draws for nearly the same weights) or rollout (PPO's sampler, "
                                       "llama.cpp for a GGUF model on CPU; in a 20-minute simulated run with 48-token "
                                       "answers it gave 9 PPO iterations against torch's 8; the gate took 33-39%% "
                                       "of the trainer's time in simulated runs, sampling most of it)",
