@@ -257,10 +257,11 @@ class GateConfig:
 
     gate: bool = _opt(True, "check every candidate before publishing it; off: publish every candidate")
     gate_sampler: str = _opt("torch", "what samples the gate's held-out answers: torch (the training model's "
-                                      "generate; the same seeded draws for nearly the same weights) or rollout (PPO's sampler, "
-                                      "llama.cpp for a GGUF model on CPU; in a 20-minute simulated run with 48-token "
-                                      "answers it gave 9 PPO iterations against torch's 8; the gate took 33-39%% "
-                                      "of the trainer's time in simulated runs, sampling most of it)",
+                                      "generate; the same seeded draws for nearly the same weights) or rollout "
+                                      "(PPO's sampler, llama.cpp for a GGUF model on CPU; in a 20-minute simulated "
+                                      "run with 48-token answers it gave 9 PPO iterations against torch's 8; the "
+                                      "gate took 33-39%% of the trainer's time in simulated runs, sampling most of "
+                                      "it)",
                                       choices=GATE_SAMPLERS)
     gate_max_new_tokens: int = _opt(48, "longest gate answer in tokens (0 = as long as PPO's rollouts); the KL "
                                         "budget is scaled by the ratio of the two limits, KL being summed over an "
