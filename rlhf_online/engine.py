@@ -27,7 +27,6 @@ from rlhf_online.models import gguf_model_file, load_base_model, policy_lora_con
 log = logging.getLogger(__name__)
 
 
-
 class EngineUnavailableError(RuntimeError):
     """The chosen engine cannot start here; the message says which flag to change."""
 

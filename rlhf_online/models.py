@@ -20,7 +20,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM, AutoTokenizer, BitsAndBytesConfig, PreTrainedModel
 
-from rlhf_online.config import ModelConfig
+from rlhf_online.config import ATTENTIONS, ModelConfig
 
 log = logging.getLogger(__name__)
 
@@ -217,8 +217,8 @@ def training_attention(attention: str, device: str) -> str:
     2e-5. CUDA keeps SDPA's fused kernels."""
     if attention == "auto":
         return "eager" if device == "cpu" else "sdpa"
-    if attention not in ("eager", "sdpa"):
-        raise ValueError(f"unknown attention {attention!r}: use auto, eager or sdpa")
+    if attention not in ATTENTIONS:
+        raise ValueError(f"unknown attention {attention!r}: use one of {', '.join(ATTENTIONS)}")
     return attention
 
 

@@ -24,7 +24,7 @@ from peft import PeftModel
 from transformers import DynamicCache
 from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 
-from rlhf_online.config import PPOConfig, SamplingConfig
+from rlhf_online.config import KL_SHRINK_FORGETS, PPOConfig, SamplingConfig
 from rlhf_online.models import (POLICY_ADAPTER, answer_ids, chat_ids, end_of_turn_ids, lora_parameters,
                                 padded_position_ids)
 from rlhf_online.release_gate import is_held_out
@@ -253,8 +253,9 @@ class PPOTrainer:
         self.kl_ctl = make_kl_controller(cfg.init_kl_coef, cfg.target_kl or None, cfg.kl_horizon,
                                          kind=cfg.kl_controller, min_kl_coef=cfg.min_kl_coef)
         self.optimizer = torch.optim.AdamW(policy.policy_parameters(), lr=cfg.ppo_lr, weight_decay=0.0)
-        if cfg.kl_shrink_forget not in ("all", "momentum"):
-            raise ValueError(f"--kl-shrink-forget must be all or momentum, not {cfg.kl_shrink_forget!r}")
+        if cfg.kl_shrink_forget not in KL_SHRINK_FORGETS:
+            raise ValueError(f"--kl-shrink-forget must be one of {', '.join(KL_SHRINK_FORGETS)}, "
+                             f"not {cfg.kl_shrink_forget!r}")
         self.iterations = 0
         self.last_texts: list[str] = []
         self.end_of_turn_ids = end_of_turn_ids(tokenizer)

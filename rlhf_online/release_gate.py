@@ -371,8 +371,6 @@ def prompt_set_id(prompts: Sequence[list[dict]], harmful: Sequence[list[dict]], 
 
 # ---- measuring a version with the trainer's model -------------------------------------------------------------
 
-
-
 def gate_own_generate(cfg: GateConfig) -> bool:
     """Whether the gate samples with the training model's own `generate` (`--gate-sampler torch`)."""
     if cfg.gate_sampler not in GATE_SAMPLERS:
