@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 from common import write_json
-from rlhf_online.reward import bootstrap_weights
+from rlhf_online.reward import SUM_POOL_SCALE, bootstrap_weights
 from rlhf_online.rl_math import length_balanced_mask, pearson_correlation, preference_accuracy
 
 CHECKPOINTS = (100, 200, 400, 800)
@@ -77,10 +77,21 @@ LEARNING_VARIATIONS = [{}, {"lr": 1e-3}, {"lr": 1e-2}, {"replay": 16}, {"replay"
                        {"replay": 16, "lr": 1e-2}, {"replay": 64, "lr": 1e-3, "steps": 4}]
 
 
+def with_sums(features: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """Sum pooling from the cached mean pooling (`L<n>_sum`): the same tokens added up instead of averaged, as the
+    app's `reward_features` POOL `sum` does."""
+    tokens = features["answer_tokens"].float()[:, None]
+    sums = {name.replace("_mean", "_sum"): vector * tokens / SUM_POOL_SCALE
+            for name, vector in features.items() if name.endswith("_mean")}
+    return {**features, **sums}
+
+
 def options(grid: str, feature_names: list[str], feature: str | None) -> list[dict]:
     """`features`: every cached feature with the learning settings of BASE_OPTION; `learning`: one setting at a
-    time varied around BASE_OPTION on one feature."""
+    time varied around BASE_OPTION on one feature; anything else: '|'-separated features ("A+B" concatenated)."""
     base = {**BASE_OPTION, "feature": feature or BASE_OPTION["feature"]}
+    if "_" in grid:
+        return [{**base, "feature": f} for f in grid.split("|")]
     if grid == "features":
         return [{**base, "feature": f} for f in feature_names]
     if grid == "combined":
@@ -108,7 +119,8 @@ def summarize(runs: list[dict]) -> dict:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--features", default="bench/cache/hh_features.pt")
-    parser.add_argument("--grid", default="features", help="features, combined or learning")
+    parser.add_argument("--grid", default="features", help="features, combined, learning, or '|'-separated "
+                                                           "features, e.g. 'L10_mean|L10_mean+L10_sum'")
     parser.add_argument("--feature", default=None, help="the feature the learning grid varies around")
     parser.add_argument("--splits", type=int, default=5)
     parser.add_argument("--train-size", type=int, default=800)
@@ -118,7 +130,7 @@ def main(argv=None) -> int:
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     cache = torch.load(args.features)
-    features = cache["features"]
+    features = with_sums(cache["features"])
     tokens = features["answer_tokens"]
     tokens = (tokens[0::2], tokens[1::2])
     names = [k for k in features if k.startswith("L")]

@@ -68,12 +68,20 @@ def attach_reward_adapter(model, model_cfg: ModelConfig, reward_cfg: RewardConfi
     return get_peft_model(model, config, adapter_name=REWARD_ADAPTER)
 
 
+POOLINGS = ("last", "mean", "sum")
+# "sum" pooling divides by this constant, not by the answer's length, so that a head can count (a taste for
+# shorter answers, or for saying "you", is a sum over tokens; a mean only gives it divided by the length);
+# a typical answer's number of tokens, so its features keep the mean's scale.
+SUM_POOL_SCALE = 64.0
+
+
 def feature_taps(model_config, cfg: RewardConfig) -> list[tuple[int, str]]:
     """`reward_features` ("0.33:mean,1:last") as (decoder blocks, pooling) pairs, deepest last.
 
     Each item taps the hidden states after that fraction of the stack; the reward features are the taps
     concatenated. Why several: a middle layer's average over the answer and the last layer's final token carry
-    different parts of what people judge (bench/reward_sweep.py: together they beat either alone)."""
+    different parts of what people judge (bench/reward_sweep.py: together they beat either alone); the mean and
+    the sum of one depth tell a head what an answer is like and how much of it there is (bench/reward_tastes.py)."""
     layers = model_config.num_hidden_layers
     taps = []
     for item in cfg.reward_features.split(","):
@@ -82,9 +90,9 @@ def feature_taps(model_config, cfg: RewardConfig) -> list[tuple[int, str]]:
             fraction_value = float(fraction)
         except ValueError:
             fraction_value = -1.0
-        if not 0 < fraction_value <= 1 or pooling not in ("last", "mean"):
+        if not 0 < fraction_value <= 1 or pooling not in POOLINGS:
             raise ValueError(f"reward_features item {item.strip()!r}: use DEPTH:POOL with DEPTH in (0, 1] "
-                             "(a fraction of the decoder blocks) and POOL last or mean, e.g. 0.33:mean,1:last")
+                             "(a fraction of the decoder blocks) and POOL last, mean or sum, e.g. 0.33:mean,1:last")
         taps.append((max(1, min(layers, round(fraction_value * layers))), pooling))
     return sorted(set(taps))
 
@@ -106,7 +114,7 @@ class RewardModel:
     """Scores (conversation, answer) from the base's hidden states, with a small ensemble of scalar heads.
 
     The features: the hidden states after a fraction of the decoder blocks, through the model's final RMSNorm,
-    either at the answer's last token or averaged over the answer's tokens, at one or more depths
+    at the answer's last token, averaged over the answer's tokens, or summed over them, at one or more depths
     (`reward_features`, concatenated). LoRA, when
     `reward_lora_layers` > 0, adapts the top blocks of that stack; with 0 the features are frozen, so each
     answer's feature vector is computed once and an update trains only the heads (see `RewardConfig`).
@@ -124,8 +132,9 @@ class RewardModel:
         base = _base_model(model)
         self.taps = feature_taps(base.config, cfg)
         self.depth = self.taps[-1][0]
-        if cfg.reward_lora_layers > 0 and len(self.taps) > 1:
-            raise ValueError("reward LoRA adapts the top of one feature stack: give reward_features one item")
+        if cfg.reward_lora_layers > 0 and len({depth for depth, _ in self.taps}) > 1:
+            raise ValueError("reward LoRA adapts the top of one feature stack: give reward_features items of one "
+                             "depth (e.g. 1:mean,1:sum)")
         hidden = base.config.hidden_size
         self.heads = max(1, cfg.reward_heads)
         self.head = torch.nn.Linear(hidden * len(self.taps), self.heads, device=base.device)
@@ -186,7 +195,8 @@ class RewardModel:
         positions = torch.arange(width, device=hidden.device)
         counts = torch.tensor(answer_tokens, device=hidden.device)
         mask = (positions[None, :] >= width - counts[:, None]).to(hidden.dtype)  # (B, T) the answer's tokens
-        return (hidden * mask[..., None]).sum(1) / counts[:, None].to(hidden.dtype)
+        total = (hidden * mask[..., None]).sum(1)  # (B, H)
+        return total / SUM_POOL_SCALE if pooling == "sum" else total / counts[:, None].to(hidden.dtype)
 
     @torch.no_grad()
     def frozen_features(self, rows: list[TokenRow]) -> list[tuple[torch.Tensor, int]]:
@@ -225,7 +235,8 @@ class RewardModel:
             attention_mask[i, width - f.shape[0]:] = 1
         with self._reward_active():
             hidden = self._run_layers(hidden, attention_mask, self.trunk.layers[self.split_layer:self.depth])
-            pooled = self._pool(self.trunk.norm(hidden), [n for _, n in features], self.taps[0][1])  # (B, H)
+            normed, counts = self.trunk.norm(hidden), [n for _, n in features]
+            pooled = torch.cat([self._pool(normed, counts, pooling) for _, pooling in self.taps], dim=-1)  # (B, H taps)
         return self.head(pooled.to(self.head.weight.dtype))  # (B, K)
 
     def forward(self, conversations: list[tuple[list[dict], str]]) -> torch.Tensor:
@@ -280,7 +291,8 @@ class RewardModel:
             raise ValueError("reward checkpoint does not match this model (different base or LoRA settings)")
         head = {k[5:]: v for k, v in state.items() if k.startswith("head.")}
         if head["weight"].shape[-1] != self.head.weight.shape[-1]:
-            raise ValueError("reward checkpoint does not match this model (different hidden size)")
+            raise ValueError("reward checkpoint does not match this model (different base model or "
+                             "--reward-features)")
         if head["weight"].shape[0] != self.heads:
             head = {"weight": head["weight"].mean(0, keepdim=True).expand(self.heads, -1).clone(),
                     "bias": head["bias"].reshape(-1).mean().expand(self.heads).clone()}

@@ -11,8 +11,8 @@ import torch
 
 from rlhf_online import models
 from rlhf_online.config import ModelConfig, RewardConfig
-from rlhf_online.reward import (REWARD_ADAPTER, LengthAudit, OnlineRewardLearner, RewardModel, attach_reward_adapter,
-                                bootstrap_weights)
+from rlhf_online.reward import (REWARD_ADAPTER, SUM_POOL_SCALE, LengthAudit, OnlineRewardLearner, RewardModel,
+                                attach_reward_adapter, bootstrap_weights)
 from rlhf_online.store import Preference
 
 MODEL_CFG = ModelConfig(lora_r=8, lora_alpha=16)
@@ -472,6 +472,59 @@ def test_two_taps_concatenate_a_middle_mean_and_the_last_token(tiny_model_dir, t
     both = torch.stack([f for f, _ in two.frozen_features(rows)])  # (2, 2H)
     middle = torch.stack([f for f, _ in one.frozen_features(rows)])  # (2, H)
     torch.testing.assert_close(both[:, :middle.shape[1]], middle)  # the first tap is the one-tap feature
+
+
+SUM_CFG = dataclasses.replace(FROZEN_CFG, reward_features="0.5:mean,0.5:sum")
+
+
+def test_sum_pooling_adds_up_what_mean_pooling_averages(tiny_model_dir, tokenizer):
+    _, rm = build(tiny_model_dir, tokenizer, SUM_CFG)
+    assert rm.taps == [(1, "mean"), (1, "sum")]
+    rows = rm.token_rows([([{"role": "user", "content": "hello"}], "I am fine, banana."),
+                          ([{"role": "user", "content": "Why is the sky blue? " * 3}], "Rayleigh")])
+    features = torch.stack([f for f, _ in rm.frozen_features(rows)])  # (2, 2H)
+    mean, total = features.chunk(2, dim=1)
+    tokens = torch.tensor([[r.answer_tokens] for r in rows], dtype=torch.float32)
+    torch.testing.assert_close(total, mean * tokens / SUM_POOL_SCALE, rtol=2e-2, atol=1e-3)  # nf4 base: bf16 sums
+
+
+def counting_preferences(n: int, seed: int, first_id: int = 1) -> list[Preference]:
+    """More "banana" wins, at the same share of the words: a count, not a frequency."""
+    rng = random.Random(seed)
+    prefs = []
+    for i in range(n):
+        few, many = rng.sample([1, 2, 3, 4], 2) if rng.random() < 0.5 else (1, 4)
+        few, many = min(few, many), max(few, many)
+        prefs.append(Preference(first_id + i, [{"role": "user", "content": rng.choice(PROMPTS)}],
+                                " ".join(["banana Paris"] * many), " ".join(["banana Paris"] * few), "human", 1.0))
+    return prefs
+
+
+def test_a_taste_that_counts_is_learned_with_the_summed_features(tiny_model_dir, tokenizer):
+    _, rm = build(tiny_model_dir, tokenizer, SUM_CFG)
+    learner = OnlineRewardLearner(rm, SUM_CFG, seed=0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        for pref in counting_preferences(48, seed=3):
+            learner.observe(pref)
+    held_out = counting_preferences(40, seed=99, first_id=1000)
+    chosen = torch.tensor(rm.score([(p.prompt, p.chosen) for p in held_out]))
+    rejected = torch.tensor(rm.score([(p.prompt, p.rejected) for p in held_out]))
+    assert (chosen > rejected).float().mean() >= 0.9
+
+
+def test_reward_lora_reads_several_poolings_of_its_one_stack(tiny_model_dir, tokenizer):
+    cfg = dataclasses.replace(REWARD_CFG, reward_features="1:mean,1:sum")
+    _, rm = build(tiny_model_dir, tokenizer, cfg)
+    assert not rm.frozen and rm.head.in_features == 2 * rm.trunk.config.hidden_size
+    learner = OnlineRewardLearner(rm, cfg, seed=0)
+    for pref in synthetic_preferences(4, seed=1):
+        learner.observe(pref)
+    conversations = [([{"role": "user", "content": "hello"}], "banana!"), ([{"role": "user", "content": "hi"}], "no")]
+    batch = rm.score(conversations)
+    assert batch == pytest.approx([rm.score([c])[0] for c in conversations], abs=1e-4)
+    with pytest.raises(ValueError, match="one depth"):
+        build(tiny_model_dir, tokenizer, dataclasses.replace(REWARD_CFG, reward_features="0.5:mean,1:sum"))
 
 
 @pytest.mark.parametrize("spec", ["0:mean", "1.5:last", "0.5:max", "half:mean", "0.5"])
