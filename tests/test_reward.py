@@ -415,14 +415,20 @@ def held_out_report(rm: RewardModel, prefs: list[Preference]) -> dict:
             "length_correlation": pearson_correlation(torch.cat([chosen, rejected]), torch.cat(tokens).float().log())}
 
 
-@pytest.mark.parametrize("reward_cfg", [REWARD_CFG, FROZEN_CFG, TWO_TAP_CFG], ids=["lora-last", "frozen-mean", "two-taps"])
-def test_a_marker_preference_independent_of_length_is_learned_beyond_length(tiny_model_dir, tokenizer, reward_cfg):
-    _, rm = build(tiny_model_dir, tokenizer, reward_cfg)
-    learner = OnlineRewardLearner(rm, reward_cfg, seed=0)
+def learned_from(tiny_model_dir, tokenizer, cfg: RewardConfig, prefs: list[Preference]):
+    """(reward model, learner) after streaming `prefs` through the app's online update."""
+    _, rm = build(tiny_model_dir, tokenizer, cfg)
+    learner = OnlineRewardLearner(rm, cfg, seed=0)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        for pref in marker_preferences(64, seed=5):
+        for pref in prefs:
             learner.observe(pref)
+    return rm, learner
+
+
+@pytest.mark.parametrize("reward_cfg", [REWARD_CFG, FROZEN_CFG, TWO_TAP_CFG], ids=["lora-last", "frozen-mean", "two-taps"])
+def test_a_marker_preference_independent_of_length_is_learned_beyond_length(tiny_model_dir, tokenizer, reward_cfg):
+    rm, _ = learned_from(tiny_model_dir, tokenizer, reward_cfg, marker_preferences(64, seed=5))
     report = held_out_report(rm, marker_preferences(60, seed=77, first_id=1000))
     assert report["balanced_pairs"] >= 10
     assert report["balanced_accuracy"] >= 0.8, report  # right where length cannot decide
@@ -430,12 +436,7 @@ def test_a_marker_preference_independent_of_length_is_learned_beyond_length(tiny
 
 
 def test_a_length_only_preference_is_detected_as_such(tiny_model_dir, tokenizer):
-    _, rm = build(tiny_model_dir, tokenizer, FROZEN_CFG)
-    learner = OnlineRewardLearner(rm, FROZEN_CFG, seed=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for pref in shorter_wins_preferences(64, seed=6):
-            learner.observe(pref)
+    rm, learner = learned_from(tiny_model_dir, tokenizer, FROZEN_CFG, shorter_wins_preferences(64, seed=6))
     report = held_out_report(rm, shorter_wins_preferences(60, seed=88, first_id=1000))
     assert report["accuracy"] >= 0.8, report  # it learned the votes ...
     assert report["length_correlation"] < -0.5, report  # ... and its scores are mostly answer length
@@ -501,16 +502,8 @@ def counting_preferences(n: int, seed: int, first_id: int = 1) -> list[Preferenc
 
 
 def test_a_taste_that_counts_is_learned_with_the_summed_features(tiny_model_dir, tokenizer):
-    _, rm = build(tiny_model_dir, tokenizer, SUM_CFG)
-    learner = OnlineRewardLearner(rm, SUM_CFG, seed=0)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        for pref in counting_preferences(48, seed=3):
-            learner.observe(pref)
-    held_out = counting_preferences(40, seed=99, first_id=1000)
-    chosen = torch.tensor(rm.score([(p.prompt, p.chosen) for p in held_out]))
-    rejected = torch.tensor(rm.score([(p.prompt, p.rejected) for p in held_out]))
-    assert (chosen > rejected).float().mean() >= 0.9
+    rm, _ = learned_from(tiny_model_dir, tokenizer, SUM_CFG, counting_preferences(48, seed=3))
+    assert held_out_report(rm, counting_preferences(40, seed=99, first_id=1000))["accuracy"] >= 0.9
 
 
 def test_reward_lora_reads_several_poolings_of_its_one_stack(tiny_model_dir, tokenizer):
