@@ -40,9 +40,9 @@ from rlhf_online.models import load_base_model, load_tokenizer, resolve_model_so
 from rlhf_online.reward import RewardModel, attach_reward_adapter
 
 OPTIONS = {  # name -> cached features concatenated ("+"); "sum" = mean x tokens / SUM_POOL_SCALE
-    "L10_mean (default)": "L10_mean",
+    "L10_mean (default)": "L10_mean",  # the default until stop 36, when the JSON in bench/results was written
     "L10_sum": "L10_sum",
-    "L10_mean+L10_sum": "L10_mean+L10_sum",
+    "L10_mean+L10_sum": "L10_mean+L10_sum",  # the default since
     "L10_mean+L30_last": "L10_mean+L30_last",
     "L10_mean+L10_sum+L30_last": "L10_mean+L10_sum+L30_last",
     "L30_sum": "L30_sum",
@@ -133,6 +133,9 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/results/reward_tastes.json")
     args = parser.parse_args(argv)
     pairs = read_store_pairs(args.stores.split(","), args.max_pairs, seed=0)
+    if len(pairs) < args.train_size + args.eval_size:
+        parser.error(f"{len(pairs)} distinct pairs under --stores {args.stores!r}, fewer than --train-size + "
+                     "--eval-size: run bench/simulate.py (each 10-minute run shows ~130 pairs) or widen --stores")
     features = with_sums(featurise(pairs, Path(args.cache), args.threads))
     torch.set_num_threads(1)
     path, _, names = args.oracles.partition(":")
