@@ -23,14 +23,31 @@ TIMELINE_INTRO = (
     "reward hacking.")
 
 
+class CurvePlot(gr.LinePlot):
+    """A line plot whose curves show from their first point.
+
+    Why: Gradio draws a line mark and shows its points only on hover, so a curve of one point (the panel right
+    after the first PPO iteration, or the reward model's first pairs) was an empty box. While no series has a
+    second point, the same data goes out with Gradio's point mark (its ScatterPlot's), then as a line again.
+    """
+
+    def postprocess(self, value):
+        data = super().postprocess(value)
+        if isinstance(value, pd.DataFrame) and data is not None and not value.empty:
+            series = value.groupby(self.color).size() if self.color in value else pd.Series([len(value)])
+            if series.max() < 2:
+                data.mark = "point"
+        return data
+
+
 @dataclass
 class LearningTabs:
     timeline_html: gr.HTML
     timeline_refresh: gr.Button
     how: dict[str, gr.Markdown]
-    accuracy_plot: gr.LinePlot
-    reward_plot: gr.LinePlot
-    kl_plot: gr.LinePlot
+    accuracy_plot: CurvePlot
+    reward_plot: CurvePlot
+    kl_plot: CurvePlot
     timer: gr.Timer
 
     @property
@@ -44,18 +61,18 @@ def build_timeline_tab() -> tuple[gr.HTML, gr.Button]:
     return gr.HTML(elem_id="timeline"), refresh
 
 
-def build_how_tab() -> tuple[dict[str, gr.Markdown], gr.LinePlot, gr.LinePlot, gr.LinePlot]:
+def build_how_tab() -> tuple[dict[str, gr.Markdown], CurvePlot, CurvePlot, CurvePlot]:
     gr.Markdown("Reinforcement learning from human feedback, on this page, in three phases. Numbers are live.")
     how = {"sft": gr.Markdown()}
     with gr.Row():
         with gr.Column():
             how["reward"] = gr.Markdown()
-            accuracy = gr.LinePlot(x="pairs", y="accuracy", color="series", y_lim=[0, 1], height=220,
+            accuracy = CurvePlot(x="pairs", y="accuracy", color="series", y_lim=[0, 1], height=220,
                                    title="Reward model: share of new pairs guessed right")
         with gr.Column():
             how["ppo"] = gr.Markdown()
-            reward = gr.LinePlot(x="iteration", y="mean_score", height=180, title="PPO: mean reward")
-            kl = gr.LinePlot(x="iteration", y="kl", height=180, title="PPO: KL to the original model")
+            reward = CurvePlot(x="iteration", y="mean_score", height=180, title="PPO: mean reward")
+            kl = CurvePlot(x="iteration", y="kl", height=180, title="PPO: KL to the original model")
     with gr.Row():
         how["hacking"] = gr.Markdown()
         how["ai"] = gr.Markdown()

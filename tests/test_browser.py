@@ -306,3 +306,40 @@ def test_panel_starts_closed_on_a_narrow_screen(app, shots):
         assert driver.find_element(By.CSS_SELECTOR, "#message textarea").is_displayed()
     finally:
         driver.quit()
+
+
+PLOT_MARKS = """const plot = document.getElementById(arguments[0]);
+if (!plot) return {points: 0, lines: 0};  // not rendered yet
+const drawn = (mark) => Array.from(plot.querySelectorAll('g.' + mark + '.plot_marks path'));  // not hover_marks
+return {points: drawn('mark-symbol').length,
+        lines: drawn('mark-line').filter(p => (p.getAttribute('d') || '').includes('L')).length};  // a segment"""
+
+
+def test_a_curve_shows_from_its_first_point(shots):
+    """The panel's curves (ui_learning.CurvePlot) after the first PPO iteration: Gradio's own line plot draws one
+    point as nothing (its points appear only on hover); ours draws the point, then a line once there are two."""
+    import gradio as gr
+    import pandas as pd
+
+    from rlhf_online.ui_learning import CurvePlot
+
+    first, both = pd.DataFrame({"iteration": [1], "kl": [0.4]}), pd.DataFrame({"iteration": [1, 2], "kl": [0.4, 0.9]})
+    with gr.Blocks() as page:
+        gr.LinePlot(value=first, x="iteration", y="kl", elem_id="gradio-line")
+        CurvePlot(value=first, x="iteration", y="kl", elem_id="curve")
+        grown = CurvePlot(value=first, x="iteration", y="kl", elem_id="grown")
+        gr.Button("next iteration", elem_id="next").click(lambda: both, None, grown)
+    page.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
+    driver = make_browser(900, 900)
+    try:
+        driver.get(page.local_url)
+        marks = lambda d, plot: d.execute_script(PLOT_MARKS, plot)  # noqa: E731
+        wait_for(driver, lambda d: marks(d, "curve")["points"] == 1, "a one-point curve shows no point")
+        assert marks(driver, "grown")["points"] == 1
+        assert marks(driver, "gradio-line") == {"points": 0, "lines": 0}  # what the panel showed before
+        driver.save_screenshot(str(shots / "08-curve-first-point.png"))
+        driver.find_element(By.ID, "next").click()
+        wait_for(driver, lambda d: marks(d, "grown")["lines"] == 1, "the second point did not make a line")
+    finally:
+        driver.quit()
+        page.close()
