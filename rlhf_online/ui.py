@@ -348,11 +348,11 @@ def build_app(services) -> gr.Blocks:
             status_md = gr.Markdown(elem_id="status-line")
             warning = gr.Markdown(visible=False)
             counts_md, reward_md, trainer_md = gr.Markdown(), gr.Markdown(), gr.Markdown()
-            reward_plot = ui_learning.CurvePlot(x="iteration", y="mean_score", title="Mean reward per PPO iteration")
-            kl_plot = ui_learning.CurvePlot(x="iteration", y="kl", title="KL to the reference policy")
-            length_plot = ui_learning.CurvePlot(x="iteration", y="mean_length", title="Mean answer length (tokens)")
-            accuracy_plot = ui_learning.CurvePlot(x="pairs", y="accuracy", color="series", y_lim=[0, 1],
-                                                  title="Reward-model accuracy vs pairs learned")
+            reward_plot = ui_learning.curve_plot(x="iteration", y="mean_score", title="Mean reward per PPO iteration")
+            kl_plot = ui_learning.curve_plot(x="iteration", y="kl", title="KL to the reference policy")
+            length_plot = ui_learning.curve_plot(x="iteration", y="mean_length", title="Mean answer length (tokens)")
+            accuracy_plot = ui_learning.curve_plot(x="pairs", y="accuracy", color="series", y_lim=[0, 1],
+                                                   title="Reward-model accuracy vs pairs learned")
             win_plot = gr.BarPlot(x="matchup", y="win_rate", y_lim=[0, 1], title="Human win rate: newer vs older")
             versions_md = gr.Markdown()
             admin = build_admin_panel(services)

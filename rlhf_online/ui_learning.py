@@ -23,21 +23,29 @@ TIMELINE_INTRO = (
     "reward hacking.")
 
 
-class CurvePlot(gr.LinePlot):
+def curve_plot(**kwargs) -> gr.LinePlot:
     """A line plot whose curves show from their first point.
 
     Why: Gradio draws a line mark and shows its points only on hover, so a curve of one point (the panel right
     after the first PPO iteration, or the reward model's first pairs) was an empty box. While no series has a
     second point, the same data goes out with Gradio's point mark (its ScatterPlot's), then as a line again.
+    Not a subclass: Gradio's component metaclass writes a .pyi stub beside the module of every Component subclass.
     """
+    plot = gr.LinePlot(**kwargs)
+    as_line = plot.postprocess
 
-    def postprocess(self, value):
-        data = super().postprocess(value)
+    def postprocess(value):
+        data = as_line(value)
         if isinstance(value, pd.DataFrame) and data is not None and not value.empty:
-            series = value.groupby(self.color).size() if self.color in value else pd.Series([len(value)])
+            series = value.groupby(plot.color).size() if plot.color in value else pd.Series([len(value)])
             if series.max() < 2:
                 data.mark = "point"
         return data
+
+    plot.postprocess = postprocess
+    if isinstance(kwargs.get("value"), pd.DataFrame):  # the constructor already sent it through the class's own
+        plot.value = postprocess(kwargs["value"]).model_dump()
+    return plot
 
 
 @dataclass
@@ -45,9 +53,9 @@ class LearningTabs:
     timeline_html: gr.HTML
     timeline_refresh: gr.Button
     how: dict[str, gr.Markdown]
-    accuracy_plot: CurvePlot
-    reward_plot: CurvePlot
-    kl_plot: CurvePlot
+    accuracy_plot: gr.LinePlot
+    reward_plot: gr.LinePlot
+    kl_plot: gr.LinePlot
     timer: gr.Timer
 
     @property
@@ -61,18 +69,18 @@ def build_timeline_tab() -> tuple[gr.HTML, gr.Button]:
     return gr.HTML(elem_id="timeline"), refresh
 
 
-def build_how_tab() -> tuple[dict[str, gr.Markdown], CurvePlot, CurvePlot, CurvePlot]:
+def build_how_tab() -> tuple[dict[str, gr.Markdown], gr.LinePlot, gr.LinePlot, gr.LinePlot]:
     gr.Markdown("Reinforcement learning from human feedback, on this page, in three phases. Numbers are live.")
     how = {"sft": gr.Markdown()}
     with gr.Row():
         with gr.Column():
             how["reward"] = gr.Markdown()
-            accuracy = CurvePlot(x="pairs", y="accuracy", color="series", y_lim=[0, 1], height=220,
+            accuracy = curve_plot(x="pairs", y="accuracy", color="series", y_lim=[0, 1], height=220,
                                    title="Reward model: share of new pairs guessed right")
         with gr.Column():
             how["ppo"] = gr.Markdown()
-            reward = CurvePlot(x="iteration", y="mean_score", height=180, title="PPO: mean reward")
-            kl = CurvePlot(x="iteration", y="kl", height=180, title="PPO: KL to the original model")
+            reward = curve_plot(x="iteration", y="mean_score", height=180, title="PPO: mean reward")
+            kl = curve_plot(x="iteration", y="kl", height=180, title="PPO: KL to the original model")
     with gr.Row():
         how["hacking"] = gr.Markdown()
         how["ai"] = gr.Markdown()

@@ -316,18 +316,18 @@ return {points: drawn('mark-symbol').length,
 
 
 def test_a_curve_shows_from_its_first_point(shots):
-    """The panel's curves (ui_learning.CurvePlot) after the first PPO iteration: Gradio's own line plot draws one
+    """The panel's curves (ui_learning.curve_plot) after the first PPO iteration: Gradio's own line plot draws one
     point as nothing (its points appear only on hover); ours draws the point, then a line once there are two."""
     import gradio as gr
     import pandas as pd
 
-    from rlhf_online.ui_learning import CurvePlot
+    from rlhf_online.ui_learning import curve_plot
 
     first, both = pd.DataFrame({"iteration": [1], "kl": [0.4]}), pd.DataFrame({"iteration": [1, 2], "kl": [0.4, 0.9]})
     with gr.Blocks() as page:
         gr.LinePlot(value=first, x="iteration", y="kl", elem_id="gradio-line")
-        CurvePlot(value=first, x="iteration", y="kl", elem_id="curve")
-        grown = CurvePlot(value=first, x="iteration", y="kl", elem_id="grown")
+        curve_plot(value=first, x="iteration", y="kl", elem_id="curve")
+        grown = curve_plot(value=first, x="iteration", y="kl", elem_id="grown")
         gr.Button("next iteration", elem_id="next").click(lambda: both, None, grown)
     page.launch(server_name="127.0.0.1", prevent_thread_lock=True, quiet=True)
     driver = make_browser(900, 900)
