@@ -42,6 +42,25 @@ def extract(rm: RewardModel, rows: list[TokenRow], batch_size: int) -> dict[str,
     return {f"L{blocks}_{pool}": stacked[:, k * width:(k + 1) * width] for k, (blocks, pool) in enumerate(rm.taps)}
 
 
+def frozen_feature_model(model: str, max_tokens: int, layers: list[int]) -> RewardModel:
+    """The app's reward model, as the trainer loads its base, tapping `layers` with both poolings."""
+    cfg = AppConfig()
+    cfg.model.model = model
+    source = resolve_model_source(cfg.model)
+    base = load_base_model(source, cfg.model.resolved_quantization(), for_training=True).model  # as the trainer loads it
+    cfg.reward.reward_features = feature_spec(layers, base.config.num_hidden_layers)
+    cfg.reward.reward_max_tokens = max_tokens
+    return RewardModel(attach_reward_adapter(base, cfg.model, cfg.reward), load_tokenizer(source), cfg.reward)
+
+
+def answer_features(rm: RewardModel, conversations: list[tuple], batch_size: int) -> dict[str, torch.Tensor]:
+    """`extract` of every (messages, answer), plus each answer's token count (what mean pooling averages over)."""
+    rows = rm.token_rows(conversations)
+    features = extract(rm, rows, batch_size)
+    features["answer_tokens"] = torch.tensor([r.answer_tokens for r in rows])
+    return features
+
+
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--data", default=str(SHARED_HH))
@@ -53,25 +72,15 @@ def main(argv=None) -> int:
     parser.add_argument("--out", default="bench/cache/hh_features.pt")
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
-    cfg = AppConfig()
-    cfg.model.model = args.model
-    source = resolve_model_source(cfg.model)
-    tokenizer = load_tokenizer(source)
-    base = load_base_model(source, cfg.model.resolved_quantization(), for_training=True).model  # as the trainer loads it
-    layers = [int(x) for x in args.layers.split(",")]
-    cfg.reward.reward_features = feature_spec(layers, base.config.num_hidden_layers)
-    cfg.reward.reward_max_tokens = args.max_tokens
-    rm = RewardModel(attach_reward_adapter(base, cfg.model, cfg.reward), tokenizer, cfg.reward)
+    rm = frozen_feature_model(args.model, args.max_tokens, [int(x) for x in args.layers.split(",")])
     pairs = read_preference_file(args.data)
-    rows = rm.token_rows([(p["prompt"], answer) for p in pairs
-                          for answer in (p["chosen"], p["rejected"])])  # answer 2i chosen, 2i+1 rejected
     started = time.time()
-    features = extract(rm, rows, args.batch_size)
-    features["answer_tokens"] = torch.tensor([r.answer_tokens for r in rows])
+    features = answer_features(rm, [(p["prompt"], answer) for p in pairs for answer in (p["chosen"], p["rejected"])],
+                               args.batch_size)  # answer 2i chosen, 2i+1 rejected
     features["answer_chars"] = torch.tensor([len(a) for p in pairs for a in (p["chosen"], p["rejected"])])
     torch.save({"features": features, "data": args.data, "model": args.model, "max_tokens": args.max_tokens,
-                "quantization": cfg.model.quantization, "seconds": time.time() - started}, args.out)
-    print(f"wrote {args.out} ({len(rows)} answers, {time.time() - started:.0f} s)")
+                "quantization": AppConfig().model.quantization, "seconds": time.time() - started}, args.out)
+    print(f"wrote {args.out} ({len(features['answer_tokens'])} answers, {time.time() - started:.0f} s)")
     return 0
 
 

@@ -71,6 +71,19 @@ def stream(option: dict, xc: torch.Tensor, xr: torch.Tensor, train: list[int], e
             "head_seconds_per_update": sum(update_seconds) / len(update_seconds)}
 
 
+def split_runs(option: dict, xc: torch.Tensor, xr: torch.Tensor, tokens: tuple[torch.Tensor, torch.Tensor],
+               splits: int, train_size: int, eval_size: int) -> list[dict]:
+    """`stream` on each seeded split of the (chosen, rejected) rows: the first `eval_size` of the shuffle held out,
+    the next `train_size` streamed. Every option sees the same splits, so differences between options are paired."""
+    runs = []
+    for split in range(splits):
+        order = list(range(len(xc)))
+        random.Random(split).shuffle(order)
+        evaluation, train = order[:eval_size], order[eval_size:eval_size + train_size]
+        runs.append(stream(option, xc, xr, train, evaluation, split, tokens))
+    return runs
+
+
 BASE_OPTION = {"feature": "L30_last", "lr": 3e-3, "replay": 3, "steps": 1, "heads": 4, "smoothing": 0.0, "wd": 0.0}
 LEARNING_VARIATIONS = [{}, {"lr": 1e-3}, {"lr": 1e-2}, {"replay": 16}, {"replay": 64}, {"steps": 4},
                        {"replay": 16, "steps": 4}, {"heads": 1}, {"smoothing": 0.1}, {"wd": 0.1},
@@ -134,18 +147,12 @@ def main(argv=None) -> int:
     tokens = features["answer_tokens"]
     tokens = (tokens[0::2], tokens[1::2])
     names = [k for k in features if k.startswith("L")]
-    pairs = len(tokens[0])
     results = []
     final = max(c for c in CHECKPOINTS if c <= args.train_size)
     print(f"{'option':<60} {'acc@' + str(final):>14} {'balanced':>14} {'len corr':>9} {'shorter':>8} {'ms/upd':>7}")
     for option in options(args.grid, names, args.feature):
-        runs = []
-        for split in range(args.splits):
-            order = list(range(pairs))
-            random.Random(split).shuffle(order)
-            evaluation, train = order[:args.eval_size], order[args.eval_size:args.eval_size + args.train_size]
-            x = torch.cat([features[name] for name in option["feature"].split("+")], dim=1)  # "A+B": concatenated
-            runs.append(stream(option, x[0::2], x[1::2], train, evaluation, split, tokens))
+        x = torch.cat([features[name] for name in option["feature"].split("+")], dim=1)  # "A+B": concatenated
+        runs = split_runs(option, x[0::2], x[1::2], tokens, args.splits, args.train_size, args.eval_size)
         summary = summarize(runs)
         results.append({"option": option, "summary": summary, "runs": runs})
         a, b = summary[f"eval_accuracy@{final}"], summary[f"eval_accuracy_length_balanced@{final}"]

@@ -26,18 +26,15 @@ import hashlib
 import json
 import random
 import sqlite3
-import statistics
 from pathlib import Path
 
 import torch
 
 from common import write_json
-from reward_features import extract, feature_spec
-from reward_sweep import BASE_OPTION, stream, with_sums
+from reward_features import answer_features, frozen_feature_model
+from reward_sweep import BASE_OPTION, split_runs, summarize, with_sums
 from simulate import load_oracle
 from rlhf_online.config import AppConfig
-from rlhf_online.models import load_base_model, load_tokenizer, resolve_model_source
-from rlhf_online.reward import RewardModel, attach_reward_adapter
 
 OPTIONS = {  # name -> cached features concatenated ("+"); "sum" = mean x tokens / SUM_POOL_SCALE
     "L10_mean (default)": "L10_mean",  # the default until stop 36, when the JSON in bench/results was written
@@ -75,14 +72,9 @@ def featurise(pairs: list[dict], cache: Path, threads: int) -> dict[str, torch.T
         if stored.get("key") == key:
             return stored["features"]
     torch.set_num_threads(threads)
-    cfg = AppConfig()
-    source = resolve_model_source(cfg.model)
-    base = load_base_model(source, cfg.model.resolved_quantization(), for_training=True).model  # as the trainer
-    cfg.reward.reward_features = feature_spec([10, 30], base.config.num_hidden_layers)
-    rm = RewardModel(attach_reward_adapter(base, cfg.model, cfg.reward), load_tokenizer(source), cfg.reward)
-    rows = rm.token_rows([(p["messages"], answer) for p in pairs for answer in (p["a"], p["b"])])
-    features = extract(rm, rows, batch_size=8)
-    features["answer_tokens"] = torch.tensor([r.answer_tokens for r in rows])
+    rm = frozen_feature_model("embedded", AppConfig().reward.reward_max_tokens, layers=[10, 30])
+    features = answer_features(rm, [(p["messages"], answer) for p in pairs for answer in (p["a"], p["b"])],
+                               batch_size=8)
     cache.parent.mkdir(parents=True, exist_ok=True)
     torch.save({"key": key, "features": features}, cache)
     return features
@@ -103,21 +95,12 @@ def oriented(features: dict[str, torch.Tensor], pairs: list[dict], oracle) -> tu
 
 def measure(features, chosen, rejected, option: str, splits: int, train_size: int, eval_size: int) -> dict:
     x = torch.cat([features[name] for name in option.split("+")], dim=1)
-    xc, xr = x[chosen], x[rejected]
     tokens = (features["answer_tokens"][chosen], features["answer_tokens"][rejected])
-    runs = []
-    for split in range(splits):
-        order = list(range(len(chosen)))
-        random.Random(split).shuffle(order)
-        evaluation, train = order[:eval_size], order[eval_size:eval_size + train_size]
-        runs.append(stream({**BASE_OPTION, "lr": AppConfig().reward.reward_head_lr}, xc, xr, train, evaluation,
-                           split, tokens))
-    out = {}
-    for point, check in enumerate(runs[0]["curve"]):
-        values = [r["curve"][point]["eval_accuracy"] for r in runs]
-        out[f"accuracy@{check['pairs']}"] = (statistics.mean(values), statistics.stdev(values) if splits > 1 else 0.0)
-    out["shorter_baseline"] = statistics.mean(r["length_baseline_accuracy"] for r in runs)
-    return out
+    runs = split_runs({**BASE_OPTION, "lr": AppConfig().reward.reward_head_lr}, x[chosen], x[rejected], tokens,
+                      splits, train_size, eval_size)
+    summary = summarize(runs)
+    return {**{key.removeprefix("eval_"): value for key, value in summary.items() if key.startswith("eval_accuracy@")},
+            "shorter_baseline": summary["length_baseline_accuracy"]}
 
 
 def main(argv=None) -> int:

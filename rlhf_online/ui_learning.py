@@ -76,7 +76,7 @@ def build_how_tab() -> tuple[dict[str, gr.Markdown], gr.LinePlot, gr.LinePlot, g
         with gr.Column():
             how["reward"] = gr.Markdown()
             accuracy = curve_plot(x="pairs", y="accuracy", color="series", y_lim=[0, 1], height=220,
-                                   title="Reward model: share of new pairs guessed right")
+                                  title="Reward model: share of new pairs guessed right")
         with gr.Column():
             how["ppo"] = gr.Markdown()
             reward = curve_plot(x="iteration", y="mean_score", height=180, title="PPO: mean reward")
