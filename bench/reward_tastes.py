@@ -129,6 +129,10 @@ def main(argv=None) -> int:
     for name in names.split(","):
         chosen, rejected, ties = oriented(features, pairs, load_oracle(f"{path}:{name}"))
         results[name] = {"pairs": len(chosen), "ties": ties, "options": {}}
+        if len(chosen) < args.train_size + args.eval_size:  # the splits would stream fewer votes than the header says
+            print(f"{name:<14} skipped: {len(chosen)} pairs without a tie ({ties} ties), fewer than --train-size + "
+                  "--eval-size", flush=True)
+            continue
         for label, option in OPTIONS.items():
             summary = measure(features, chosen, rejected, option, args.splits, args.train_size, args.eval_size)
             results[name]["options"][label] = summary
