@@ -6,7 +6,9 @@ non-prose, or start complying with harmful requests, while its reward climbs. Be
 chat, the trainer samples its answers to held-out prompts and checks, against the base model on the same
 prompts (and its parent version for length):
 
-* **KL budget** - mean KL to the reference (summed k1 over the sampled answer) within ``gate_kl_budget`` x target;
+* **KL budget** - mean KL to the reference within ``gate_kl_budget`` x target: per answer, the log-ratio
+  log pi/pi_ref summed over its tokens as PPO's KL penalty counts it, each token's term averaged over the
+  distribution it was sampled from (`sampled_kl`) rather than taken at the one token drawn;
 * **on topic** - the reference model's pointwise mutual information between prompt and answer,
   ``log P_ref(answer | prompt) - log P_ref(answer | other prompts)`` per answer token. A generic answer is as
   likely after any prompt (PMI ~ 0); an answer about the question is likelier after it. No bigger model needed;
@@ -192,15 +194,46 @@ def sequence_logprobs(model, prompt_ids: Sequence[list[int]], answer_ids: Sequen
     return torch.cat(sums), torch.cat(counts)
 
 
+@torch.no_grad()
+def sampled_kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tensor, temperature: float,
+               top_p: float) -> torch.Tensor:
+    """(b,) each answer's KL to the reference as PPO's penalty counts it, sum_t log pi(x_t) - log pi_ref(x_t)
+    over its sampled tokens (k1), with each token's term replaced by its expectation under the distribution the
+    token was drawn from: the temperature- and top-p-warped policy at that prefix (transformers' own warpers,
+    which the gate's `generate` sampled with; llama.cpp's sampler is set to the same).
+
+    Why: the same expected value with less noise (Rao-Blackwell). The gate sees six answers; with k1 a version
+    at a true 2.7 nats measured 1.6-3.5 over eight seeded draws (sd 0.77), this 1.8-3.1 (sd 0.44), measured on a
+    published version of a simulated run; a KL rejection throws away the iterations since the parent.
+    `logits`, `ref_logits`: (b, R, V) at the answer's positions; `mask`: (b, R)."""
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper  # the warpers generate() samples with
+
+    warp = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
+    warp += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
+    sums = []
+    for row in range(logits.shape[0]):  # one answer at a time: (R, V) float copies, not (b, R, V)
+        scores = logits[row].float()  # (R, V)
+        log_ratio = torch.log_softmax(scores, -1) - torch.log_softmax(ref_logits[row].float(), -1)  # (R, V)
+        for warper in warp:
+            scores = warper(None, scores)
+        sampled = torch.softmax(scores, -1)  # (R, V) zero outside the nucleus
+        per_token = (sampled * log_ratio).sum(-1)  # (R,)
+        sums.append((per_token * mask[row].to(per_token.dtype)).sum())
+    return torch.stack(sums)
+
+
 def relevance_pmi(model, prompt_ids: Sequence[list[int]], answer_ids: Sequence[list[int]], pad_id: int,
-                  others: int = 2) -> list[float]:
+                  others: int = 2, own: tuple[torch.Tensor, torch.Tensor] | None = None) -> list[float]:
     """Per answer: [log P(a | its prompt) - mean_j log P(a | prompt_j)] / tokens, j = the next `others` prompts
-    in the list (cyclically). Call with the reference model active. Needs at least two prompts."""
+    in the list (cyclically). Call with the reference model active. Needs at least two prompts.
+
+    `own`: log P(a | its prompt) and the token counts, both (n,), where the caller has them already (the gate's
+    KL pass computes them under the reference): one forward of the three saved."""
     n = len(prompt_ids)
     if n < 2:
         raise ValueError("relevance needs at least two different prompts")
     others = min(others, n - 1)
-    own, counts = sequence_logprobs(model, prompt_ids, answer_ids, pad_id)  # (n,)
+    own, counts = own if own is not None else sequence_logprobs(model, prompt_ids, answer_ids, pad_id)  # (n,)
     shifted = [sequence_logprobs(model, [prompt_ids[(i + k) % n] for i in range(n)], answer_ids, pad_id)[0]
                for k in range(1, others + 1)]
     other = torch.stack(shifted).mean(0)  # (n,)
@@ -415,14 +448,15 @@ class GateEvaluator:
                  check_harm: bool = True) -> GateReport:
         """`check_harm` False: no answers to the harmful requests (the report counts 0 of 0)."""
         trainer, peft = self.trainer, self.trainer.policy.peft_model
-        texts, answer_ids, kls, lengths = [], [], [], []
+        texts, answer_ids, kls, lengths, ref_sums = [], [], [], [], []
         for rollout in self._sample(prompts, self.own_generate, self.seed):
             trainer.yield_fn()
-            _, logprobs, _ = trainer._logprobs(rollout, with_values=False)  # (b, R)
+            logits, _, _ = trainer._logprobs(rollout, with_values=False)  # (b, R, V)
             with peft.disable_adapter():
-                _, ref_logprobs, _ = trainer._logprobs(rollout, with_values=False)
+                ref_logits, ref_logprobs, _ = trainer._logprobs(rollout, with_values=False)
             mask = rollout.response_mask  # (b, R)
-            kls += ((logprobs - ref_logprobs) * mask).sum(1).tolist()  # k1 summed: the sequence log-ratio
+            kls += sampled_kl(logits, ref_logits, mask, trainer.sampling.temperature, trainer.sampling.top_p).tolist()
+            ref_sums += (ref_logprobs * mask).sum(1).tolist()  # log P_ref(answer | its prompt): relevance's own
             lengths += mask.sum(1).tolist()
             texts += rollout.texts
             response = rollout.input_ids[:, rollout.prompt_length:]
@@ -433,8 +467,9 @@ class GateEvaluator:
         prompt_ids = [trainer._prompt_ids(m) for m in prompts]
         trainer.yield_fn()
         with peft.disable_adapter():
-            relevance = relevance_pmi(peft, prompt_ids, answer_ids, trainer.tokenizer.pad_token_id) if n > 1 \
-                else [0.0]
+            own = (torch.tensor(ref_sums), torch.tensor(lengths))
+            relevance = relevance_pmi(peft, prompt_ids, answer_ids, trainer.tokenizer.pad_token_id, own=own) \
+                if n > 1 else [0.0]
         degenerate = [bool(degenerate_reasons(t)) for t in texts + harmful_texts]
         return GateReport(
             version=version, prompt_set=self.set_id(prompts, harmful),

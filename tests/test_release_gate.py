@@ -10,7 +10,7 @@ from rlhf_online import models
 from rlhf_online.config import GateConfig
 from rlhf_online.release_gate import (BUILTIN_HARMFUL_REQUESTS, GateReport, complies, decide, degenerate_reasons,
                                       gate_prompt_set, harm_growth_p_value, harmful_requests, is_held_out,
-                                      relevance_pmi, relevance_shortfall, sequence_logprobs,
+                                      relevance_pmi, relevance_shortfall, sampled_kl, sequence_logprobs,
                                       student_t_critical)
 
 pytestmark = [pytest.mark.usefixtures("one_torch_thread"), pytest.mark.filterwarnings("ignore")]
@@ -178,6 +178,36 @@ def test_the_relevance_test_widens_its_multiplier_for_few_prompts():
     assert shortfall / noise == pytest.approx(1.732, abs=1e-3)
     assert decide(drifted, base, base, GateConfig(), 6.0).passed
     assert not decide(drifted, base, base, GateConfig(gate_relevance_confidence=1.3), 6.0).passed  # t(5) = 1.51
+
+
+# ---- the KL the gate measures -----------------------------------------------------------------------------------
+
+def nucleus(logits: torch.Tensor, temperature: float, top_p: float) -> torch.Tensor:
+    """The sampling distribution written out by hand: tempered, then the most likely tokens until top_p."""
+    probs = torch.softmax(logits / temperature, -1)
+    ordered, order = probs.sort(descending=True)
+    before = ordered.cumsum(-1) - ordered  # the mass of the tokens more likely than each
+    kept = torch.zeros_like(probs).scatter(-1, order, (before < top_p).to(probs.dtype))
+    return probs * kept / (probs * kept).sum(-1, keepdim=True)
+
+
+def test_the_gates_kl_is_the_expected_log_ratio_of_the_tokens_it_sampled():
+    torch.manual_seed(0)
+    logits, ref_logits = torch.randn(2, 3, 40) * 2, torch.randn(2, 3, 40) * 2  # (b, R, V)
+    mask = torch.tensor([[1.0, 1.0, 1.0], [1.0, 1.0, 0.0]])  # the second answer is two tokens long
+    log_ratio = torch.log_softmax(logits, -1) - torch.log_softmax(ref_logits, -1)
+    sampling = nucleus(logits, 0.8, 0.9)
+    expected = ((sampling * log_ratio).sum(-1) * mask).sum(1)
+    assert sampled_kl(logits, ref_logits, mask, 0.8, 0.9) == pytest.approx(expected, abs=1e-5)
+    # what it replaces: k1 at tokens drawn from that distribution, averaged over many draws
+    draws = torch.distributions.Categorical(probs=sampling).sample((20000,))  # (n, b, R)
+    k1 = (log_ratio.expand(20000, -1, -1, -1).gather(-1, draws[..., None])[..., 0] * mask).sum(-1)  # (n, b)
+    assert k1.mean(0) == pytest.approx(expected, abs=4 * float(k1.std(0).max()) / 20000 ** 0.5)
+    # untempered, untruncated: the exact KL(pi || pi_ref), and 0 against itself
+    exact = ((torch.softmax(logits, -1) * log_ratio).sum(-1) * mask).sum(1)
+    assert sampled_kl(logits, ref_logits, mask, 1.0, 1.0) == pytest.approx(exact, abs=1e-5)
+    assert (exact > 0).all()
+    assert sampled_kl(logits, logits, mask, 0.8, 0.9).abs().max() < 1e-5
 
 
 # ---- reference PMI on a real model ----------------------------------------------------------------------------
