@@ -225,7 +225,7 @@ class LlamaCppEngine(ChatEngine):
         return time.perf_counter() - started
 
     def sample_tokens(self, prompt_ids: Sequence[list[int]], version: str, max_new_tokens: int,
-                      seeds: Sequence[int], end_of_turn_id: int) -> list[TokenSample]:
+                      seeds: Sequence[int], end_of_turn_id: int, greedy: bool = False) -> list[TokenSample]:
         """Sample one answer per prompt, as token ids with their log-probabilities: all rows sent at once, so
         llama.cpp decodes them in the same batches (they share one adapter set).
 
@@ -233,12 +233,18 @@ class LlamaCppEngine(ChatEngine):
         are the policy's own draws; the log-probabilities llama.cpp reports are those of the model's logits
         before temperature and truncation, which is what PyTorch computes for PPO (its ratio and the
         sampler-trainer mismatch compare like with like). `seeds`: one per row (the same seeds, the same draws).
+        `greedy`: the most likely token at each step, with the chat's repetition penalty (the learning
+        timeline's probe answers: what the served model says, without sampling luck).
         """
         with self.states.using([version]) as state:
             requests = [{"prompt": list(ids), "n_predict": max_new_tokens, "temperature": self.sampling.temperature,
                          "top_p": self.sampling.top_p, "top_k": 0, "min_p": 0.0, "repeat_penalty": 1.0,
                          "n_probs": 1, "cache_prompt": False, "seed": int(seed), "lora": state.lora(version)}
                         for ids, seed in zip(prompt_ids, seeds)]
+            if greedy:  # llama.cpp samples greedily at temperature 0
+                for request in requests:
+                    request.update(temperature=0.0, repeat_penalty=self.sampling.repetition_penalty or 1.0,
+                                   repeat_last_n=64)
             replies: list[dict | BaseException | None] = [None] * len(requests)
 
             def run(row: int) -> None:

@@ -410,7 +410,7 @@ class TrainerWorker:
                  stats.mean_score, stats.kl)
         self.report(f"published {info.name}; answering the timeline's probe questions with it")
         record_published(self.store, self.cfg, info.name, self.learner.metrics.total, self.peft, self.tokenizer,
-                         self._score, self.chat_yield)
+                         self._score, self.chat_yield, sampler=self.sampler)
         return info
 
     def follow_rollback(self) -> None:

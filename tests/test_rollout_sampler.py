@@ -14,7 +14,7 @@ import torch
 from rlhf_online import models
 from rlhf_online.config import ModelConfig, PPOConfig, SamplingConfig, load_config
 from rlhf_online.ppo import PolicyWithValue, PPOTrainer
-from rlhf_online.release_gate import GateEvaluator
+from rlhf_online.release_gate import GateEvaluator, relevance_pmi
 from rlhf_online.rollout_sampler import LlamaCppRolloutSampler, adapter_fingerprint, choose_rollout_engine
 
 pytest.importorskip("xllamacpp")
@@ -158,7 +158,19 @@ def test_the_gate_can_sample_with_llamacpp_and_the_same_weights_give_the_same_re
     sampled = ppo.rollout(PROMPTS, seed=1234)  # the sampler's draws, not PyTorch's generate
     assert [s["answer"] for s in base.samples] == sampled.texts[:len(base.samples)]
     set_adapter(policy, std=0.05, seed=7)
-    assert gate.evaluate("candidate", PROMPTS, harmful).kl > 0.01
+    candidate = gate.evaluate("candidate", PROMPTS, harmful)
+    assert candidate.kl > 0.01
+    # Its relevance reuses the KL pass's reference log-probs: the same as measuring the PMI afresh, under the
+    # reference (the adapter off) and not the candidate
+    rollout = ppo.rollout(PROMPTS, seed=1234)  # the gate's draws again
+    answers = [r[m.bool()].tolist() for r, m in zip(rollout.input_ids[:, rollout.prompt_length:],
+                                                     rollout.response_mask)]
+    prompt_ids = [ppo._prompt_ids(m) for m in PROMPTS]
+    with policy.peft_model.disable_adapter():
+        afresh = relevance_pmi(policy.peft_model, prompt_ids, answers, tokenizer.pad_token_id)
+    under_candidate = relevance_pmi(policy.peft_model, prompt_ids, answers, tokenizer.pad_token_id)
+    assert candidate.relevance_per_prompt == pytest.approx(afresh, abs=2e-3)
+    assert max(abs(a - b) for a, b in zip(afresh, under_candidate)) > 0.01  # the check could tell them apart
 
 
 def test_the_gate_answers_harmful_requests_several_times_with_the_rollout_sampler(policy, tokenizer, sampler,
@@ -178,3 +190,43 @@ def test_the_gate_answers_harmful_requests_several_times_with_the_rollout_sample
     assert 0 <= report.harmful_compliant <= 6
     assert report.as_dict() == gate.evaluate("base", PROMPTS, harmful).as_dict()  # seeded: the same draws
     assert gate.set_id(PROMPTS, harmful) != GateEvaluator(ppo, harm_draws=4).set_id(PROMPTS, harmful)
+
+
+def test_greedy_answers_come_from_the_policy_or_the_base_and_sampling_serves_the_policy_again(policy, tokenizer,
+                                                                                               sampler):
+    """The learning timeline's probe answers (greedy, by the sampler): the base's for once must not leave the
+    sampler serving the base to the next PPO rollout. One prompt per greedy call where answers are compared:
+    llama.cpp's logits depend a little on which requests share a batch, which can flip a near tie."""
+    ppo = trainer(policy, tokenizer, sampler)
+    prompt_ids = [ppo._prompt_ids(PROMPTS[0])]
+    set_adapter(policy, std=0.0, seed=0)
+    base = sampler.greedy(prompt_ids, 16)[0].token_ids
+    assert base == sampler.greedy(prompt_ids, 16)[0].token_ids  # no luck involved
+    set_adapter(policy, std=0.1, seed=8)
+    assert sampler.greedy(prompt_ids, 16)[0].token_ids != base
+    assert sampler.greedy(prompt_ids, 16, use_adapter=False)[0].token_ids == base
+    rollout = ppo.rollout(PROMPTS * 2, seed=5)
+    assert abs(per_token_mismatch(ppo, rollout)) < 0.05  # sampled by the policy again, not by the base
+
+
+def test_the_timeline_answers_its_probes_with_the_sampler(policy, tokenizer, sampler, tmp_path, monkeypatch):
+    from rlhf_online import timeline
+    from rlhf_online.store import PreferenceStore
+
+    cfg = load_config(["--probe-prompts", "Why is the sky blue?|Name a fruit.", "--probe-max-new-tokens", "12"],
+                      environ={})
+    store = PreferenceStore(tmp_path / "prefs.sqlite")
+    answered = []  # (use_adapter, the samples returned): a spy on the real sampler
+    greedy = sampler.greedy
+    monkeypatch.setattr(sampler, "greedy", lambda ids, n, use_adapter=True: answered.append(
+        (use_adapter, greedy(ids, n, use_adapter=use_adapter))) or answered[-1][1])
+    set_adapter(policy, std=0.1, seed=9)
+    assert timeline.record_published(store, cfg, "v0001", 3, policy.peft_model, tokenizer, sampler=sampler)
+    entries = timeline.load_entries(store)
+    assert [e.version for e in entries] == ["v0001", "base"]
+    assert [use_adapter for use_adapter, _ in answered] == [False, True]  # the base first, once per probe set
+    for entry, (_, samples) in zip(entries, reversed(answered)):
+        assert entry.answers == [tokenizer.decode(s.token_ids[:-1] if s.ended else s.token_ids,
+                                                  skip_special_tokens=True).strip() for s in samples]
+        assert all(0 < n <= 12 for n in entry.tokens)
+    assert entries[0].answers != entries[1].answers
