@@ -43,6 +43,7 @@ from statistics import NormalDist
 
 import torch
 from peft import PeftModel
+from transformers import TemperatureLogitsWarper, TopPLogitsWarper  # the warpers generate() samples with
 from trl.trainer.utils import selective_log_softmax
 
 from rlhf_online.config import GATE_SAMPLERS, GateConfig
@@ -202,12 +203,10 @@ def sampled_kl(logits: torch.Tensor, ref_logits: torch.Tensor, mask: torch.Tenso
     token was drawn from: the temperature- and top-p-warped policy at that prefix (transformers' own warpers,
     which the gate's `generate` sampled with; llama.cpp's sampler is set to the same).
 
-    Why: the same expected value with less noise (Rao-Blackwell). The gate sees six answers; with k1 a version
-    at a true 2.7 nats measured 1.6-3.5 over eight seeded draws (sd 0.77), this 1.8-3.1 (sd 0.44), measured on a
-    published version of a simulated run; a KL rejection throws away the iterations since the parent.
+    Why: the same expected value with less noise (Rao-Blackwell). The gate sees six answers; over eight seeded
+    draws of them, a published version of a simulated run read 1.6-3.5 nats with k1 (sd 0.77) and 1.8-3.1 with
+    this (sd 0.44), against a budget of 3.6; a KL rejection throws away the iterations since the parent.
     `logits`, `ref_logits`: (b, R, V) at the answer's positions; `mask`: (b, R)."""
-    from transformers import TemperatureLogitsWarper, TopPLogitsWarper  # the warpers generate() samples with
-
     warp = [TemperatureLogitsWarper(temperature)] if temperature != 1.0 else []
     warp += [TopPLogitsWarper(top_p)] if top_p < 1.0 else []
     sums = []
