@@ -187,14 +187,17 @@ class LlamaCppEngine(ChatEngine):
         return {"prompt": list(prompt_ids), "n_predict": max_new_tokens, "stream": True,
                 "temperature": self.sampling.temperature, "top_p": self.sampling.top_p,
                 "top_k": 0, "min_p": 0.0,  # the same sampler as transformers' (llama.cpp's defaults add min_p)
-                # the chat's anti-loop penalty (bench/sampling_loops.py); llama.cpp applies it to the last
-                # repeat_last_n tokens, so early in an answer the end of the prompt is penalised too
-                "repeat_penalty": self.sampling.repetition_penalty or 1.0, "repeat_last_n": 64,
+                **self._chat_repeat_penalty(),
                 "ignore_eos": ignore_end,
                 # llama.cpp reuses a slot's cached prompt even when the request's adapters differ (measured: a
                 # version's answer changed after the base had used its slot), so the prompt is computed afresh
                 "cache_prompt": False,
                 "lora": state.lora(version)}
+
+    def _chat_repeat_penalty(self) -> dict:
+        """The chat's anti-loop penalty (bench/sampling_loops.py); llama.cpp applies it to the last repeat_last_n
+        tokens, so early in an answer the end of the prompt is penalised too."""
+        return {"repeat_penalty": self.sampling.repetition_penalty or 1.0, "repeat_last_n": 64}
 
     def stream(self, prompt_ids: Sequence[list[int]], versions: Sequence[str], max_new_tokens: int | None = None,
                ignore_end: bool = False) -> Iterator[StreamUpdate]:
@@ -243,8 +246,7 @@ class LlamaCppEngine(ChatEngine):
                         for ids, seed in zip(prompt_ids, seeds)]
             if greedy:  # llama.cpp samples greedily at temperature 0
                 for request in requests:
-                    request.update(temperature=0.0, repeat_penalty=self.sampling.repetition_penalty or 1.0,
-                                   repeat_last_n=64)
+                    request.update(temperature=0.0, **self._chat_repeat_penalty())
             replies: list[dict | BaseException | None] = [None] * len(requests)
 
             def run(row: int) -> None:

@@ -124,8 +124,13 @@ def answer_probes(model, tokenizer, prompts: Sequence[str], max_new_tokens: int,
                 stopping_criteria=[_CallEachToken(yield_fn)] if yield_fn else None)
     finally:
         model.train(was_training)
+    return decoded_answers(tokenizer, sequences[:, batch["input_ids"].shape[1]:].tolist(), eos)
+
+
+def decoded_answers(tokenizer, responses: Sequence[list[int]], eos: Sequence[int]) -> tuple[list[str], list[int]]:
+    """Each response's text up to its first end-of-turn token, and its length in tokens without it."""
     answers, lengths = [], []
-    for response in sequences[:, batch["input_ids"].shape[1]:].tolist():
+    for response in responses:
         ends = [i for i, token in enumerate(response) if token in eos]
         response = response[:ends[0]] if ends else response
         answers.append(tokenizer.decode(response, skip_special_tokens=True).strip())
@@ -138,12 +143,8 @@ def sampled_probe_answers(sampler, tokenizer, prompts: Sequence[str], max_new_to
     """`answer_probes` by the trainer's llama.cpp sampler (`rollout_sampler.LlamaCppRolloutSampler.greedy`): the
     served engine's own greedy answers (its 4-bit weights, its repetition penalty), and ~2 s a version faster."""
     rows = [chat_ids(tokenizer, [{"role": "user", "content": prompt}]) for prompt in prompts]
-    answers, lengths = [], []
-    for sample in sampler.greedy(rows, max_new_tokens, use_adapter=use_adapter):
-        response = sample.token_ids[:-1] if sample.ended else sample.token_ids  # without the end-of-turn token
-        answers.append(tokenizer.decode(response, skip_special_tokens=True).strip())
-        lengths.append(len(response))
-    return answers, lengths
+    samples = sampler.greedy(rows, max_new_tokens, use_adapter=use_adapter)
+    return decoded_answers(tokenizer, [s.token_ids for s in samples], end_of_turn_ids(tokenizer))
 
 
 def _entry_values(version: str, prompts: list[str], answers: list[str], lengths: list[int],
