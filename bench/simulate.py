@@ -77,14 +77,14 @@ def vote_for(oracle, messages, answer_a: str, answer_b: str) -> str:
     return "a" if score_a > score_b else "b" if score_b > score_a else "tie"
 
 
-def answer_pairs(services, prompts, newest: str) -> tuple[list[str], list[str]]:
-    """(newest answers, base answers) for each prompt, one batched pair per prompt."""
+def answer_pairs(services, prompts, newest: str, draws: int = 1) -> tuple[list[list[str]], list[list[str]]]:
+    """(newest answers, base answers): `draws` of each per prompt, a prompt's pairs batched together."""
     new, base = [], []
     for messages in prompts:
         prompt = services.generator.build_prompt(messages)
-        answer_new, answer_base = services.generator.sample([prompt.input_ids] * 2, [newest, BASE_VERSION])
-        new.append(answer_new)
-        base.append(answer_base)
+        texts = services.generator.sample([prompt.input_ids] * 2 * draws, [newest, BASE_VERSION] * draws)
+        new.append(texts[0::2])
+        base.append(texts[1::2])
     return new, base
 
 
@@ -102,16 +102,46 @@ def reference_model(services):
     yield load_base_model(source, services.cfg.model.resolved_quantization(), for_training=True).model
 
 
-def relevance(services, prompts, answers) -> float:
-    """Mean reference PMI per answer token (release_gate.relevance_pmi) under the base model."""
+def relevance(services, prompts, answers) -> list[float]:
+    """Each answer's reference PMI per answer token (release_gate.relevance_pmi) under the base model."""
     generator = services.generator
     tokenizer = generator.tokenizer
     prompt_ids = [generator.build_prompt(m).input_ids for m in prompts]
     # the answer ends with its end-of-turn token, as the chat template closes it (SmolLM2: EOS is <|im_end|>)
     answer_ids = [tokenizer(a, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id] for a in answers]
     with reference_model(services) as model, torch.inference_mode():
-        values = relevance_pmi(model, prompt_ids, answer_ids, tokenizer.pad_token_id)
-    return sum(values) / len(values)
+        return [float(v) for v in relevance_pmi(model, prompt_ids, answer_ids, tokenizer.pad_token_id)]
+
+
+def mean(values) -> float:
+    values = list(values)
+    return sum(values) / max(1, len(values))
+
+
+def standard_error(values) -> float:
+    """Of the mean of `values` (one per held-out prompt): how far a figure can move by the draws alone."""
+    values = list(values)
+    if len(values) < 2:
+        return 0.0
+    centre = mean(values)
+    return (sum((v - centre) ** 2 for v in values) / (len(values) - 1) / len(values)) ** 0.5
+
+
+def relevance_figures(services, prompts, new: list[list[str]], base: list[list[str]]) -> dict:
+    """Mean relevance of both versions, their ratio and its standard error over prompts (delta method on the
+    paired per-prompt means). Why draws and an error: one version, v0012 of a 20-minute mentions_you run, read 76%
+    of the base's relevance with one answer per prompt and 82.5% +- 3.2% with four, on the same 40 prompts."""
+    draws, n = (len(new[0]) if new else 1), len(prompts)
+    # draw-major order: each answer's "other prompts" (the next ones in the list) are other questions
+    pmi = relevance(services, prompts * draws * 2,
+                    [row[d] for answers in (new, base) for d in range(draws) for row in answers])
+    per_new = [mean(pmi[d * n + i] for d in range(draws)) for i in range(n)]
+    per_base = [mean(pmi[(draws + d) * n + i] for d in range(draws)) for i in range(n)]
+    final, start = mean(per_new), mean(per_base)
+    ratio = final / start if start else float("nan")
+    ratio_se = standard_error([f - ratio * b for f, b in zip(per_new, per_base)]) / abs(start) if start else None
+    return {"relevance_base": start, "relevance_final": final, "relevance_ratio": ratio,
+            "relevance_ratio_se": ratio_se}
 
 
 def harmful_answers(services, harmful, newest: str, draws: int) -> tuple[list[str], list[str]]:
@@ -125,35 +155,38 @@ def harmful_answers(services, harmful, newest: str, draws: int) -> tuple[list[st
     return new, base
 
 
-def head_to_head(services, oracle, prompts, harmful, harm_draws: int = 1) -> dict:
-    """Newest version vs base on held-out prompts (ties count half), and the quality figures of both."""
+def head_to_head(services, oracle, prompts, harmful, harm_draws: int = 1, draws: int = 1) -> dict:
+    """Newest version vs base on held-out prompts, `draws` answers of each per prompt (ties count half), and the
+    quality figures of both, with the standard errors the draws leave."""
     services.live.stop()  # compare one fixed version: no swaps while measuring
     services.live.refresh()
     newest, _ = services.live.newest_pair()
-    new, base = answer_pairs(services, prompts, newest)
+    new, base = answer_pairs(services, prompts, newest, draws)
     harmful_new, harmful_base = harmful_answers(services, harmful, newest, harm_draws)
     harm_new, harm_base = sum(map(complies, harmful_new)), sum(map(complies, harmful_base))
-    wins, scores_new, scores_base = 0.0, [], []
-    for messages, answer_new, answer_base in zip(prompts, new, base):
-        s_new, s_base = oracle(messages, answer_new), oracle(messages, answer_base)
-        scores_new.append(s_new)
-        scores_base.append(s_base)
-        wins += 1.0 if s_new > s_base else 0.5 if s_new == s_base else 0.0
-    n = max(1, len(prompts))
-    degenerate = [bool(degenerate_reasons(a)) for a in new + harmful_new]
-    degenerate_base = [bool(degenerate_reasons(a)) for a in base + harmful_base]
-    return {"newest": newest, "win_rate": wins / n if newest != BASE_VERSION else 0.5,
-            "score_new": sum(scores_new) / n, "score_base": sum(scores_base) / n,
-            "relevance_base": relevance(services, prompts, base), "relevance_final": relevance(services, prompts, new),
-            "degenerate_rate_base": sum(degenerate_base) / len(degenerate_base),
-            "degenerate_rate_final": sum(degenerate) / len(degenerate),
+    wins, scores_new, scores_base = [], [], []  # per prompt, mean over its draws
+    for messages, row_new, row_base in zip(prompts, new, base):
+        s_new = [oracle(messages, a) for a in row_new]
+        s_base = [oracle(messages, a) for a in row_base]
+        wins.append(mean(1.0 if a > b else 0.5 if a == b else 0.0 for a, b in zip(s_new, s_base)))
+        scores_new.append(mean(s_new))
+        scores_base.append(mean(s_base))
+    flat_new, flat_base = [a for row in new for a in row], [a for row in base for a in row]
+    degenerate = [bool(degenerate_reasons(a)) for a in flat_new + harmful_new]
+    degenerate_base = [bool(degenerate_reasons(a)) for a in flat_base + harmful_base]
+    return {"newest": newest, "win_rate": mean(wins) if newest != BASE_VERSION else 0.5,
+            "win_rate_se": standard_error(wins), "eval_draws": draws,
+            "score_new": mean(scores_new), "score_base": mean(scores_base),
+            **relevance_figures(services, prompts, new, base),
+            "degenerate_rate_base": mean(degenerate_base),
+            "degenerate_rate_final": mean(degenerate),
             "harmful_compliance_base": harm_base / max(1, len(harmful_base)),
             "harmful_compliance_final": harm_new / max(1, len(harmful_new)),
             "harmful_answers": len(harmful_new),
             "harmful_rise_p": harm_growth_p_value(harm_new, len(harmful_new), harm_base, len(harmful_base)),
-            "mean_words_base": sum(len(a.split()) for a in base) / n,
-            "mean_words_final": sum(len(a.split()) for a in new) / n,
-            "samples": [{"prompt": m[-1]["content"], "base": b, "final": f}
+            "mean_words_base": mean(len(a.split()) for a in flat_base),
+            "mean_words_final": mean(len(a.split()) for a in flat_new),
+            "samples": [{"prompt": m[-1]["content"], "base": b[0], "final": f[0]}
                         for m, b, f in zip(prompts[:3], base[:3], new[:3])],
             "harmful_samples": [{"prompt": m[-1]["content"], "base": b, "final": f, "base_complies": complies(b),
                                  "final_complies": complies(f)}
@@ -171,6 +204,9 @@ def main(argv=None) -> int:
     parser.add_argument("--harmful-prompts", type=int, default=16,
                         help="harmful requests for the final compliance check (after the ones the gate uses)")
     parser.add_argument("--harm-draws", type=int, default=4, help="answers to each harmful request, per version")
+    parser.add_argument("--eval-draws", type=int, default=4,
+                        help="answers of each version to each held-out prompt in the final comparison (more: less "
+                             "noise in the win rate and relevance, whose standard errors are reported)")
     parser.add_argument("--max-turns", type=int, default=1, help="user turns kept from each prompt")
     parser.add_argument("--workdir", default=None, help="data and adapters folder (default: a fresh temp dir)")
     parser.add_argument("--eval-only", action="store_true",
@@ -225,13 +261,14 @@ def main(argv=None) -> int:
         if services.supervisor is not None:
             services.supervisor.stop()
         harmful = harmful_requests(args.prompts, args.harmful_prompts, skip=cfg.gate.gate_harmful_prompts)
-        final = head_to_head(services, oracle, held_out, harmful, args.harm_draws)
+        final = head_to_head(services, oracle, held_out, harmful, args.harm_draws, args.eval_draws)
         newest = final["newest"]
         ppo = services.store.latest_metrics("ppo", limit=10_000)
         rewards = services.store.latest_metrics("reward", limit=10_000)
         reward = rewards[-1:]
         gates = [m.values for m in services.store.latest_metrics("gate", limit=10_000)]
-        quality = {k: final[k] for k in ("relevance_base", "relevance_final", "degenerate_rate_base",
+        quality = {k: final[k] for k in ("relevance_base", "relevance_final", "relevance_ratio",
+                                         "relevance_ratio_se", "degenerate_rate_base",
                                          "degenerate_rate_final", "harmful_compliance_base",
                                          "harmful_compliance_final", "harmful_answers", "harmful_rise_p",
                                          "mean_words_base", "mean_words_final")}
@@ -242,6 +279,8 @@ def main(argv=None) -> int:
             "versions_published": len(services.registry.versions()),
             "newest_version": newest,
             "oracle_win_rate_vs_base": final["win_rate"],
+            "oracle_win_rate_se": final["win_rate_se"],
+            "eval_draws": final["eval_draws"],
             "oracle_score_base": final["score_base"],
             "oracle_score_final": final["score_new"],
             "kl_to_base": ppo[-1].values["kl"] if ppo else 0.0,
@@ -250,6 +289,8 @@ def main(argv=None) -> int:
             "kl_trajectory": [round(m.values["kl"], 3) for m in ppo],
             "kl_coef_trajectory": [round(m.values["kl_coef"], 4) for m in ppo],
             "kl_shrink_trajectory": [round(m.values.get("kl_shrink", 1.0), 3) for m in ppo],
+            "relevance_trajectory": [None if m.values.get("relevance") is None else round(m.values["relevance"], 3)
+                                     for m in ppo],  # the on-topic term's reading of each rollout (PPO's batch)
             **quality,
             "versions_rejected": sum(1 for g in gates if not g.get("passed")),
             "rejections": [{"kl": g.get("kl"), "relevance": g.get("relevance"), "reasons": g.get("reasons")}

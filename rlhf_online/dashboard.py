@@ -146,7 +146,9 @@ def reward_markdown(reward_metrics: Sequence[Any], ppo_metrics: Sequence[Any],
         published = f", published {v['published']}" if v.get("published") else ""
         lines.append(f"**PPO:** iteration {v.get('iteration', '–')}, mean reward {_fmt(v.get('mean_score'))}, "
                      f"KL {_fmt(v.get('kl'))} (coef {_fmt(v.get('kl_coef'), 4)}), mean length "
-                     f"{_fmt(v.get('mean_length'), 1)} tokens{published}")
+                     f"{_fmt(v.get('mean_length'), 1)} tokens"
+                     + (f", on topic {_fmt(v.get('relevance'), 3)} (reference PMI per token)"
+                        if _number(v.get("relevance")) is not None else "") + published)
     else:
         lines.append("**PPO:** not started (it waits for enough votes).")
     return "\n\n".join(lines)
@@ -406,6 +408,14 @@ def phases_markdown(counts: dict, reward_metrics: Sequence[Any], ppo_metrics: Se
         policy += (f" It also learns from the votes themselves: a DPO loss (weight {_fmt(dpo_coef, 2)}) makes the "
                    "answer people picked more likely than the one they passed over"
                    + (f", now **{_fmt(ppo.get('dpo_loss'), 3)}** (0.693 = no preference learned)." if ppo else "."))
+    relevance_coef = _number(getattr(ppo_cfg, "relevance_coef", None)) or 0.0
+    if relevance_coef > 0:
+        policy += (f" The reward also pays (weight {_fmt(relevance_coef, 2)}) for staying on topic: of two answers to "
+                   "a question, the one the original model finds likelier after *this* question than after another "
+                   "gets more"
+                   + (f"; the answers now score **{_fmt(ppo.get('relevance'), 3)}** (pointwise mutual information "
+                      "per token; near 0 = could answer anything)." if ppo and _number(ppo.get("relevance")) is not None
+                      else "."))
     sections["ppo"] = (
         "### 3 · PPO (the chat model learns to please the reward model, on a leash)\n"
         "The trainer samples answers, the reward model scores them, and PPO shifts the chat model's LoRA adapter "

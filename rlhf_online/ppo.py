@@ -27,7 +27,7 @@ from trl.trainer.utils import entropy_from_logits, selective_log_softmax
 from rlhf_online.config import KL_SHRINK_FORGETS, PPOConfig, SamplingConfig
 from rlhf_online.models import (POLICY_ADAPTER, answer_ids, chat_ids, end_of_turn_ids, lora_parameters,
                                 padded_position_ids)
-from rlhf_online.release_gate import is_held_out
+from rlhf_online.release_gate import is_held_out, sequence_logprobs
 from rlhf_online.rl_math import (RunningMoments, center_per_prompt, clipped_policy_loss, clipped_value_loss,
                                  dpo_loss as direct_preference_loss, explained_variance, gae_advantages,
                                  length_penalty, make_kl_controller, masked_mean, masked_whiten, kl_shrink_factor,
@@ -84,6 +84,8 @@ class Scored:
     is_weights: torch.Tensor | None = None  # (B, R) truncated importance weights p_trainer / p_sampler
     sampler_kl: float | None = None  # per-token KL(sampler || trainer) on these samples
     is_truncated: float = 0.0  # share of tokens whose weight hit the cap
+    relevance: torch.Tensor | None = None  # (B,) reference PMI per answer token (None: --relevance-coef 0)
+    elsewhere: torch.Tensor | None = None  # (B,) log P_ref(answer | another prompt of the batch), for `relevance`
 
     @classmethod
     def unfilled(cls, scores: torch.Tensor, terminal: torch.Tensor, response_mask: torch.Tensor,
@@ -121,6 +123,7 @@ class IterationStats:
     sampler_kl: float | None = None  # per-token KL between the engine that sampled and PyTorch (None: PyTorch did)
     is_truncated: float = 0.0  # share of tokens whose importance weight hit --rollout-is-cap
     dpo_loss: float = 0.0  # the DPO term on voted pairs (0: --dpo-coef 0 or no votes yet)
+    relevance: float | None = None  # mean reference PMI per answer token, the on-topic term (None: it is off)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -345,7 +348,8 @@ class PPOTrainer:
 
     @torch.no_grad()
     def score(self, rollout: Rollout) -> Scored:
-        """Reward-model scores, and when PyTorch sampled, the targets of the update.
+        """Reward-model scores (and the on-topic term's other prompts, `_elsewhere_logprobs`), and when PyTorch
+        sampled, the targets of the update.
 
         When another engine sampled, the old log-probs and values come from each minibatch's first forward in
         the update (`update`), which saves the no-grad pass over the batch that PyTorch-sampled rollouts get
@@ -357,15 +361,16 @@ class PPOTrainer:
         if self.cfg.length_penalty:
             scores = scores + length_penalty(lengths, self.cfg.length_penalty_target, self.cfg.length_penalty)
         # Several answers per prompt: the reward model's score only means something relative to the others.
-        terminal = scores  # (B,)
-        if self.cfg.samples_per_prompt > 1:
-            row_prompt, _ = same_prompt_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_length)
-            terminal = center_per_prompt(scores, row_prompt.cpu())  # (B,)
+        terminal = self._centred(scores, rollout)  # (B,)
         if self.cfg.reward_scaling:
             terminal = self.reward_moments.scale(terminal)  # (B,) in units of the running std
         sampled_elsewhere = rollout.sampler_logprobs is not None
         scored = Scored.unfilled(scores, terminal.to(self._device()), rollout.response_mask,
                                  with_is_weights=sampled_elsewhere and self.cfg.rollout_is_cap > 0)
+        if self.cfg.relevance_coef:
+            scored.elsewhere = self._elsewhere_logprobs(rollout)
+            if scored.elsewhere is not None:
+                scored.relevance = torch.full_like(scored.terminal, float("nan"))
         if not sampled_elsewhere:  # PyTorch sampled: the old policy is exactly the one before the update
             self.yield_fn()
             self._activate_policy()
@@ -373,6 +378,63 @@ class PPOTrainer:
             self._fix_targets(rollout, scored, torch.arange(len(scores), device=self._device()), old_logprobs,
                               old_values, self._reference_logprobs(rollout))
         return scored
+
+    def _centred(self, values: torch.Tensor, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
+        """(b,) `rows`' values less their prompt's mean, as the reward model's scores are (unchanged with one
+        answer a prompt). `rows` hold whole prompts: minibatches keep a prompt's answers together."""
+        if self.cfg.samples_per_prompt <= 1:
+            return values
+        row_prompt, _ = same_prompt_rows(rollout.input_ids[rows], rollout.attention_mask[rows], rollout.prompt_length)
+        return center_per_prompt(values, row_prompt.to(values.device))
+
+    @torch.no_grad()
+    def _elsewhere_logprobs(self, rollout: Rollout) -> torch.Tensor | None:
+        """(B,) log P_ref(answer | the batch's next other prompt), summed over the answer's tokens: the half of
+        the on-topic term (`_add_relevance`) that PPO's own reference pass does not give. None when the batch
+        holds one prompt (nothing to compare with)."""
+        row_prompt, groups = same_prompt_rows(rollout.input_ids, rollout.attention_mask, rollout.prompt_length)
+        if groups < 2:
+            return None
+        P = rollout.prompt_length
+        prompt_ids = [ids[keep.bool()].tolist() for ids, keep in
+                      zip(rollout.input_ids[:, :P].cpu(), rollout.attention_mask[:, :P].cpu())]
+        answers = [ids[keep.bool()].tolist() for ids, keep in
+                   zip(rollout.input_ids[:, P:].cpu(), rollout.response_mask.cpu())]
+        first_row = {}  # each prompt's first row
+        for row, group in enumerate(row_prompt.tolist()):
+            first_row.setdefault(group, row)
+        others = [prompt_ids[first_row[(group + 1) % groups]] for group in row_prompt.tolist()]
+        self.yield_fn()
+        model = self.policy.peft_model
+        with model.disable_adapter():
+            elsewhere, _ = sequence_logprobs(model, others, answers, self.tokenizer.pad_token_id)  # (B,)
+        self._activate_policy()
+        return elsewhere.to(self._device())
+
+    def _add_relevance(self, rollout: Rollout, scored: Scored, rows: torch.Tensor,
+                       ref_logprobs: torch.Tensor) -> torch.Tensor:
+        """`rows`' terminal rewards plus the on-topic term: --relevance-coef x each answer's reference pointwise
+        mutual information per token, log P_ref(a | its prompt) - log P_ref(a | another prompt), the release
+        gate's measure, centred per prompt. Also records it in `scored.relevance`.
+
+        Why it is part of the reward: the votes of a few hundred people teach a reward model blind spots, and
+        PPO drifts off topic through them (simulated users who like being addressed as "you", 20 minutes: the
+        final version kept 82% +- 3% of the base's relevance on 40 prompts x 4 answers, while the gate's six
+        prompts read 64-98% and passed every candidate). A gate tests a version on a few answers; the reward sees
+        every rollout. The same run with this term: 84% +- 3% at weight 1, 88.5% +- 4% at 4, the taste's win
+        rate unchanged (0.63-0.67; one run each, README); but a concise taste at 4 won 0.63 after 10 minutes
+        against 0.80-0.81 without, hence off by default. Centred, it only prefers the more on-topic of a
+        prompt's answers, so a prompt's level of PMI does not matter. The first half, log P_ref(a | its prompt),
+        is PPO's reference pass, which runs anyway; the second is one more reference forward of the batch
+        (`_elsewhere_logprobs`)."""
+        terminal = scored.terminal[rows]  # (b,)
+        if scored.elsewhere is None:
+            return terminal
+        mask = rollout.response_mask[rows]  # (b, R)
+        own = (ref_logprobs * mask).sum(1)  # (b,) log P_ref(answer | its prompt)
+        relevance = (own - scored.elsewhere[rows]) / mask.sum(1).clamp_min(1)  # (b,)
+        scored.relevance[rows] = relevance
+        return terminal + self.cfg.relevance_coef * self._centred(relevance, rollout, rows)
 
     @torch.no_grad()
     def _reference_logprobs(self, rollout: Rollout, rows=slice(None)) -> torch.Tensor:
@@ -386,11 +448,12 @@ class PPOTrainer:
     @torch.no_grad()
     def _fix_targets(self, rollout: Rollout, scored: Scored, rows: torch.Tensor, old_logprobs: torch.Tensor,
                      old_values: torch.Tensor, ref_logprobs: torch.Tensor) -> None:
-        """Fill in `rows`' old and reference log-probs and values, the KL-shaped rewards, GAE advantages and
-        returns, and the importance weights against the engine that sampled (all per row: rows fill apart)."""
+        """Fill in `rows`' old and reference log-probs and values, the on-topic term, the KL-shaped rewards, GAE
+        advantages and returns, and the importance weights against the engine that sampled (all per row: rows
+        fill apart)."""
         mask = rollout.response_mask[rows]  # (b, R)
-        rewards, kl = per_token_rewards(scored.terminal[rows], old_logprobs, ref_logprobs, mask,
-                                        self.kl_ctl.kl_coef)  # (b, R)
+        scored.terminal[rows] = terminal = self._add_relevance(rollout, scored, rows, ref_logprobs)  # (b,)
+        rewards, kl = per_token_rewards(terminal, old_logprobs, ref_logprobs, mask, self.kl_ctl.kl_coef)  # (b, R)
         advantages, returns = gae_advantages(rewards, old_values, mask, self.cfg.gamma, self.cfg.lam)  # (b, R)
         scored.old_logprobs[rows], scored.old_values[rows] = old_logprobs, old_values
         scored.ref_logprobs[rows] = ref_logprobs
@@ -588,7 +651,8 @@ class PPOTrainer:
             explained_variance=explained_variance(scored.old_values, scored.returns, mask),
             seconds=time.perf_counter() - started, epochs=update_stats["epochs"], kl_shrink=shrink,
             rollout_seconds=rollout_seconds, score_seconds=updating - scoring, update_seconds=updated - updating,
-            sampler_kl=scored.sampler_kl, is_truncated=scored.is_truncated)
+            sampler_kl=scored.sampler_kl, is_truncated=scored.is_truncated,
+            relevance=float(scored.relevance.mean()) if scored.relevance is not None else None)
 
     def forget_momentum(self) -> None:
         """After a step back: Adam's momentum still points the way the policy ran off, so drop it (and with

@@ -175,6 +175,18 @@ def test_phases_explain_the_dpo_term_with_its_live_loss_when_it_is_on():
     assert "DPO loss (weight 0.50)" in text and "now **0.410**" in text
 
 
+def test_phases_and_status_show_the_on_topic_term_with_its_live_value_when_it_is_on():
+    ppo_cfg = SimpleNamespace(sft_coef=0.1, target_kl=6.0, min_preferences=4, relevance_coef=1.0)
+    metrics = [ppo(2, 0.3, relevance=0.412)]
+    text = dashboard.phases_markdown({"votes": {"a": 5}, "demonstrations": 0}, [], metrics, [], {}, "human",
+                                     ppo_cfg, None)["ppo"]
+    assert "staying on topic" in text and "(weight 1.00)" in text and "**0.412**" in text
+    assert "on topic 0.412" in dashboard.reward_markdown([], metrics)
+    off = dashboard.phases_markdown({"votes": {"a": 5}, "demonstrations": 0}, [], [ppo(2, 0.3)], [], {}, "human",
+                                    SimpleNamespace(**{**vars(ppo_cfg), "relevance_coef": 0.0}), None)["ppo"]
+    assert "on topic" not in off and "on topic" not in dashboard.reward_markdown([], [ppo(2, 0.3)])
+
+
 # ---- issue 11: the KL leash and the release gate in the panel ----------------------------------------------------
 
 def test_kl_budget_markdown_shows_kl_against_its_target():

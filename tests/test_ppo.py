@@ -12,6 +12,7 @@ import torch
 from rlhf_online import models
 from rlhf_online.config import ModelConfig, PPOConfig, RewardConfig, SamplingConfig
 from rlhf_online.ppo import PolicyWithValue, PPOTrainer, _mask_through_first_eos, length_buckets, same_prompt_rows
+from rlhf_online.release_gate import relevance_pmi
 from rlhf_online.reward import REWARD_ADAPTER, attach_reward_adapter
 from tiny_model import build_gemma_like_tokenizer, build_model
 
@@ -106,6 +107,7 @@ def test_two_iterations_train_the_policy_adapter_and_value_head_only(tiny_model_
     for s in stats:
         values = s.as_dict()
         assert values.pop("sampler_kl") is None  # the policy sampled its own answers: no mismatch to measure
+        assert values.pop("relevance") is None  # the on-topic term is off by default
         bad = {k: v for k, v in values.items() if not math.isfinite(v)}
         assert not bad, f"non-finite iteration stats: {bad}"
         assert 1 <= s.mean_length <= PPO_CFG.ppo_max_new_tokens
@@ -457,7 +459,7 @@ def test_a_reward_of_zero_leaves_a_fresh_policy_exactly_where_it_was(tiny_model_
     reward of bench/ppo_iteration.py move the policy to KL 0.1-0.9 in 7 iterations; the tiny model rounds alike
     in both batchings, so this test does not see that case (the reference runs on the minibatch in `update`)."""
     trainer = build(tiny_model_dir, tokenizer, score_fn=lambda messages, texts: [0.0] * len(texts),
-                    cfg=GROUPED_CFG, quantization="bf16")
+                    cfg=replace(GROUPED_CFG, relevance_coef=0.0), quantization="bf16")  # no on-topic term either
     lora = models.lora_parameters(trainer.policy.peft_model, models.POLICY_ADAPTER)
     before = snapshot(lora)
     torch.manual_seed(0)
@@ -468,6 +470,43 @@ def test_a_reward_of_zero_leaves_a_fresh_policy_exactly_where_it_was(tiny_model_
     trainer.update(rollout, scored)
     assert (scored.kl == 0).all(), scored.kl
     assert all(torch.equal(p.detach(), before[n]) for n, p in lora.items())
+
+
+@pytest.mark.parametrize("elsewhere", [False, True], ids=["pytorch-sampled", "llamacpp-like"])
+def test_the_more_on_topic_of_a_prompts_answers_gets_the_more_reward(tiny_model_dir, tokenizer, elsewhere):
+    """The on-topic term: each answer's reference PMI against another question of the batch (never its own
+    prompt's twin row, which would read 0), centred per prompt, times --relevance-coef; the reward model's
+    score is 0 here, so the term is all the reward. Measured under the reference, not the (perturbed) policy."""
+    cfg = replace(GROUPED_CFG, relevance_coef=2.0, reward_scaling=False)
+    trainer = build(tiny_model_dir, tokenizer, score_fn=lambda messages, texts: [0.0] * len(texts), cfg=cfg)
+    perturb_policy(trainer, std=0.2)
+    torch.manual_seed(0)
+    rollout = trainer.rollout(trainer.sample_prompts(GROUPED_POOL))  # rows: A, A, B, B
+    if elsewhere:
+        rollout = as_if_sampled_elsewhere(trainer, rollout)
+    scored = trainer.score(rollout)
+    if elsewhere:
+        assert scored.relevance.isnan().all()  # filled in by the update's reference pass, minibatch by minibatch
+        trainer.update(rollout, scored)
+
+    model, P = trainer.policy.peft_model, rollout.prompt_length
+    prompts = [ids[keep.bool()].tolist() for ids, keep in zip(rollout.input_ids[:, :P], rollout.attention_mask[:, :P])]
+    answers = [ids[keep.bool()].tolist() for ids, keep in zip(rollout.input_ids[:, P:], rollout.response_mask)]
+    order = [0, 2, 1, 3]  # A, B, A, B: the gate's PMI compares each answer with the next row's prompt
+    with torch.no_grad(), model.disable_adapter():
+        pmi = relevance_pmi(model, [prompts[i] for i in order], [answers[i] for i in order],
+                            tokenizer.pad_token_id, others=1)
+    expected = torch.zeros(4)
+    expected[order] = torch.tensor(pmi)
+    assert expected.abs().min() > 1e-3  # every answer was compared with the other question
+    assert torch.allclose(scored.relevance, expected, atol=1e-4)
+    centred = expected - expected.view(2, 2).mean(1).repeat_interleave(2)
+    assert torch.allclose(scored.terminal.cpu(), 2.0 * centred, atol=1e-4)
+    assert (scored.terminal[0] > scored.terminal[1]) == bool(expected[0] > expected[1])  # the likelier-here answer
+
+    trainer.cfg = replace(cfg, relevance_coef=0.0)  # off: no term, no reference pass for it
+    off = trainer.score(rollout)
+    assert off.relevance is None and off.elsewhere is None and torch.equal(off.terminal.cpu(), torch.zeros(4))
 
 
 # ---- issue 11: the KL leash --------------------------------------------------------------------------------------
