@@ -32,10 +32,11 @@ from rlhf_online.services import build_services
 from rlhf_online.versions import BASE_VERSION
 
 
-def trainer_time_split(ppo, rewards, started: float) -> dict:
+def trainer_time_split(ppo, rewards, started: float | None) -> dict:
     """Where the trainer's wall time went, from its first PPO iteration to its last (reward learning counted
     from then too): what is not PPO, the gate, publishing (the timeline's probes included) or reward learning is
-    stepping aside for the chat, scoring voted pairs, AI labels and the store's writes."""
+    stepping aside for the chat, scoring voted pairs, AI labels and the store's writes. `started`: when voting
+    began; None (`--eval-only`, which does not know) leaves out the shares measured from it."""
     if not ppo:
         return {}
     first_ppo_start = ppo[0].created_at - ppo[0].values["seconds"]
@@ -47,6 +48,9 @@ def trainer_time_split(ppo, rewards, started: float) -> dict:
                                     if first_ppo_start < m.created_at <= ppo[-1].created_at),
              "until_first_ppo": first_ppo_start - started,
              "wall": ppo[-1].created_at - started}
+    if started is None:
+        del split["until_first_ppo"], split["wall"]
+        return {k: round(v, 1) for k, v in split.items()}
     accounted = sum(v for k, v in split.items() if k not in ("wall", "ppo_rollouts"))
     split["other"] = split["wall"] - accounted
     return {k: round(v, 1) for k, v in split.items()}
@@ -303,7 +307,7 @@ def main(argv=None) -> int:
                                                                  "length_correction", "length_corr_raw",
                                                                  "length_corr_adjusted")} if reward else None,
             "ppo_iterations": len(ppo),
-            "trainer_seconds": trainer_time_split(ppo, rewards, started),
+            "trainer_seconds": trainer_time_split(ppo, rewards, None if args.eval_only else started),
             "seconds_per_ppo_iteration": sum(m.values["seconds"] for m in ppo) / len(ppo) if ppo else None,
             "mean_reward_first_last": [ppo[0].values["mean_score"], ppo[-1].values["mean_score"]] if ppo else None,
             "mean_length_first_last": [ppo[0].values["mean_length"], ppo[-1].values["mean_length"]] if ppo else None,

@@ -273,8 +273,9 @@ class GateConfig:
                                       "it)",
                                       choices=GATE_SAMPLERS)
     gate_max_new_tokens: int = _opt(48, "longest gate answer in tokens (0 = as long as PPO's rollouts); the KL "
-                                        "budget is scaled by the ratio of the two limits, KL being summed over an "
-                                        "answer's tokens. Why shorter: sampling dominates the gate, whose 96-token "
+                                        "budget is scaled by the share of a whole answer's tokens the gate sees "
+                                        "(the two limits' ratio when every answer is cut, 1 when none is), KL "
+                                        "being summed over an answer's tokens. Why shorter: sampling dominates the gate, whose 96-token "
                                         "answers took 80 s a version under chat load, and the same seeded draws "
                                         "of two nearly equal versions drift apart the longer they run: a candidate "
                                         "at KL 0.49 was rejected as off topic on 96-token answers")

@@ -8,7 +8,9 @@ prompts (and its parent version for length):
 
 * **KL budget** - mean KL to the reference within ``gate_kl_budget`` x target: per answer, the log-ratio
   log pi/pi_ref summed over its tokens as PPO's KL penalty counts it, each token's term averaged over the
-  distribution it was sampled from (`sampled_kl`) rather than taken at the one token drawn;
+  distribution it was sampled from (`sampled_kl`) rather than taken at the one token drawn. The gate's answers
+  may be cut shorter than PPO's rollouts; the target is then scaled by the share of a whole answer's tokens
+  they cover (`kl_share`);
 * **on topic** - the reference model's pointwise mutual information between prompt and answer,
   ``log P_ref(answer | prompt) - log P_ref(answer | other prompts)`` per answer token. A generic answer is as
   likely after any prompt (PMI ~ 0); an answer about the question is likelier after it. No bigger model needed;
@@ -256,6 +258,7 @@ class GateReport:
     samples: list[dict] = field(default_factory=list)  # a few {"prompt", "answer"} to show
     relevance_per_prompt: list[float] = field(default_factory=list)  # the held-out prompts' PMI, in prompt order
     harm_checked: bool = True  # False: skipped, the base leaves no rise to detect (`harm_check_can_reject`)
+    cut_share: float = 1.0  # share of the held-out answers cut at the gate's token cap (the rest ended)
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -270,6 +273,7 @@ class GateDecision:
     passed: bool
     reasons: list[str]  # why it was rejected (empty when it passed)
     report: GateReport
+    kl_budget: float = 0.0  # the largest KL it was allowed, in the gate's units (0: no KL check)
 
 
 def decide(candidate: GateReport, base: GateReport, parent: GateReport, cfg: GateConfig,
@@ -298,7 +302,20 @@ def decide(candidate: GateReport, base: GateReport, parent: GateReport, cfg: Gat
         reasons.append(f"complies with harmful requests in {candidate.harmful_compliant}/{candidate.harmful_total} "
                        f"answers (base: {base.harmful_compliant}/{base.harmful_total}; as many by chance: "
                        f"p = {harm_p_value(candidate, base):.3f})")
-    return GateDecision(passed=not reasons, reasons=reasons, report=candidate)
+    return GateDecision(passed=not reasons, reasons=reasons, report=candidate, kl_budget=budget)
+
+
+def kl_share(report: GateReport, gate_tokens: int, rollout_tokens: int) -> float:
+    """The share of a whole answer's tokens (as PPO's rollouts, up to `rollout_tokens`) that the gate's answers
+    cover, KL being summed over them: an answer that ended before the gate's cap is whole; one cut at the cap
+    is taken to run on to the rollouts' cap, the most it could, so the share errs towards a smaller budget. All
+    cut: the caps' ratio; all ended: 1. Measured: a concise run's last two candidates, answers of 30-33 tokens
+    (nearly all whole), read 4.9 and 3.9 nats against a budget of 3.6 (the caps' 48/96 x 1.2 x 6) and were
+    rejected, while PPO's own KL on its whole answers was 4.2-5.0 of its target 6."""
+    if gate_tokens >= rollout_tokens:
+        return 1.0
+    whole = report.mean_length + report.cut_share * (rollout_tokens - gate_tokens)  # mean whole-answer tokens
+    return min(1.0, report.mean_length / whole) if whole > 0 else 1.0
 
 
 def harm_growth_p_value(compliant: int, total: int, base_compliant: int, base_total: int) -> float:
@@ -447,6 +464,7 @@ class GateEvaluator:
                  check_harm: bool = True) -> GateReport:
         """`check_harm` False: no answers to the harmful requests (the report counts 0 of 0)."""
         trainer, peft = self.trainer, self.trainer.policy.peft_model
+        cap = self.max_new_tokens or trainer.max_new_tokens
         texts, answer_ids, kls, lengths, ref_sums = [], [], [], [], []
         for rollout in self._sample(prompts, self.own_generate, self.seed):
             trainer.yield_fn()
@@ -476,4 +494,5 @@ class GateEvaluator:
             mean_length=sum(lengths) / max(n, 1), degenerate_rate=sum(degenerate) / max(len(degenerate), 1),
             harmful_compliant=sum(map(complies, harmful_texts)), harmful_total=len(harmful_texts),
             samples=[{"prompt": m[-1]["content"], "answer": t} for m, t in zip(prompts[:3], texts[:3])],
-            relevance_per_prompt=[float(r) for r in relevance] if n > 1 else [], harm_checked=check_harm)
+            relevance_per_prompt=[float(r) for r in relevance] if n > 1 else [], harm_checked=check_harm,
+            cut_share=sum(length >= cap for length in lengths) / max(n, 1))

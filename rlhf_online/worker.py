@@ -31,7 +31,7 @@ from rlhf_online.models import (POLICY_ADAPTER, attach_lora, load_base_model, lo
                                 resolve_model_source)
 from rlhf_online.ppo import COLD_START_PROMPTS, IterationStats, PolicyWithValue, PPOTrainer
 from rlhf_online.release_gate import (GateDecision, GateEvaluator, GateReport, decide, gate_own_generate,
-                                      gate_prompt_set, harm_check_can_reject, harmful_requests)
+                                      gate_prompt_set, harm_check_can_reject, harmful_requests, kl_share)
 from rlhf_online.reward import OnlineRewardLearner, RewardModel, attach_reward_adapter
 from rlhf_online.rollout_sampler import build_rollout_sampler
 from rlhf_online.store import AI_PLACEMENT, Pair, PreferenceStore, store_path
@@ -308,11 +308,13 @@ class TrainerWorker:
     def gate_tokens(self) -> int:
         return min(self.cfg.gate.gate_max_new_tokens or self.ppo.max_new_tokens, self.ppo.max_new_tokens)
 
-    @property
-    def gate_target_kl(self) -> float:
-        """The KL target in the gate's units: KL is summed over tokens, and the gate's answers may be cut shorter
-        than the rollouts the target is set for (a first-order scaling: per-token KL taken as even)."""
-        return self.cfg.ppo.target_kl * self.gate_tokens / self.ppo.max_new_tokens
+    def gate_target_kl(self, report: GateReport | None = None) -> float:
+        """The KL target in the gate's units: KL is summed over an answer's tokens, and the gate's answers may be
+        cut shorter than the rollouts the target is set for (`release_gate.kl_share`; per-token KL taken as
+        even). Without a report: the caps' ratio, as if every answer ran to both caps."""
+        if report is None:
+            return self.cfg.ppo.target_kl * min(1.0, self.gate_tokens / self.ppo.max_new_tokens)
+        return self.cfg.ppo.target_kl * kl_share(report, self.gate_tokens, self.ppo.max_new_tokens)
 
     def _pick_gate_prompts(self) -> list[list[dict]]:
         if not self.gate_prompts or self.gate_runs % GATE_REPICK_EVERY == 0:
@@ -345,13 +347,14 @@ class TrainerWorker:
             parent = base
         check_harm = harm_check_can_reject(base, len(harmful) * self.gate_evaluator.harm_draws, self.cfg.gate)
         candidate = self.gate_evaluator.evaluate("candidate", prompts, harmful, check_harm=check_harm)
-        return decide(candidate, base, parent, self.cfg.gate, self.gate_target_kl)
+        return decide(candidate, base, parent, self.cfg.gate,
+                      self.gate_target_kl(candidate))
 
     def _record_gate(self, iteration: int, decision: GateDecision, version: str | None) -> None:
         base = self.gate_reports.get((BASE_VERSION, decision.report.prompt_set))
         self.store.record_metric("gate", iteration, {
             "passed": decision.passed, "reasons": decision.reasons, "version": version, "parent": self.parent,
-            "kl_budget": self.cfg.gate.gate_kl_budget * self.gate_target_kl, "target_kl": self.cfg.ppo.target_kl,
+            "kl_budget": decision.kl_budget, "target_kl": self.cfg.ppo.target_kl,
             "gate_tokens": self.gate_tokens,
             **{k: v for k, v in decision.report.as_dict().items() if k != "version"},
             "base": base.as_dict() if base else None})

@@ -9,7 +9,7 @@ import torch
 from rlhf_online import models
 from rlhf_online.config import GateConfig
 from rlhf_online.release_gate import (BUILTIN_HARMFUL_REQUESTS, GateReport, complies, decide, degenerate_reasons,
-                                      gate_prompt_set, harm_growth_p_value, harmful_requests, is_held_out,
+                                      gate_prompt_set, harm_growth_p_value, harmful_requests, is_held_out, kl_share,
                                       relevance_pmi, relevance_shortfall, sampled_kl, sequence_logprobs,
                                       student_t_critical)
 
@@ -248,3 +248,15 @@ def test_pmi_is_own_prompt_minus_other_prompts_per_token_and_zero_when_prompts_d
     assert same == pytest.approx([0.0, 0.0, 0.0], abs=1e-5)  # a prompt that tells nothing: no relevance
     with pytest.raises(ValueError):
         relevance_pmi(model, prompt_ids[:1], answer_ids[:1], tokenizer.pad_token_id)
+
+
+@pytest.mark.parametrize("mean_length, cut_share, share", [
+    (48.0, 1.0, 0.5),  # every answer cut at the gate's 48 of the rollouts' 96: the caps' ratio
+    (30.0, 0.0, 1.0),  # every answer ended before the cap: whole in the gate as in PPO, the same KL
+    (34.0, 0.5, 34.0 / 58.0),  # half cut at 48 (taken to run to 96), half ended at 20: 34 of 58 tokens an answer
+])
+def test_the_kl_budget_share_is_the_share_of_whole_answers_the_gate_sees(mean_length, cut_share, share):
+    report = GateReport(version="candidate", prompt_set="s", kl=0.0, relevance=0.0, mean_length=mean_length,
+                        degenerate_rate=0.0, harmful_compliant=0, harmful_total=0, cut_share=cut_share)
+    assert kl_share(report, gate_tokens=48, rollout_tokens=96) == pytest.approx(share)
+    assert kl_share(report, gate_tokens=96, rollout_tokens=96) == 1.0  # the gate sees whole rollouts

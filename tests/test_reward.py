@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from rlhf_online import models
+from rlhf_online import reward as reward_module
 from rlhf_online.config import ModelConfig, RewardConfig
 from rlhf_online.reward import (REWARD_ADAPTER, SUM_POOL_SCALE, LengthAudit, OnlineRewardLearner, RewardModel,
                                 attach_reward_adapter, bootstrap_weights)
@@ -176,10 +177,35 @@ def test_batch_scores_equal_one_at_a_time(trained):
                               + (" banana" if i % 3 == 0 else "")))
     lengths = {len(r.ids) for r in rm.token_rows(conversations)}
     assert len(lengths) > 3
+    rm.recent_features.clear()
     batched = rm.score(conversations, batch_size=8)
-    single = [rm.score([c])[0] for c in conversations]
+    single = []
+    for c in conversations:
+        rm.recent_features.clear()  # each computed alone, not remembered from the batch
+        single.append(rm.score([c])[0])
     assert len(set(round(s, 4) for s in single)) > 1  # a trained head: scores are not all zero
     torch.testing.assert_close(torch.tensor(batched), torch.tensor(single), rtol=0, atol=1e-4)
+
+
+def test_an_answer_scored_again_reuses_its_features_and_scores_the_same(trained, monkeypatch):
+    """A vote's answers are featurized to learn from, then scored for the screen: the second costs no forward."""
+    rm = trained["rm"]
+    forwards = []
+    hook = rm.trunk.embed_tokens.register_forward_hook(lambda *_: forwards.append(1))
+    monkeypatch.setattr(reward_module, "RECENT_FEATURES", 3)
+    try:
+        conversations = [([{"role": "user", "content": f"question {i}?"}], f"answer {i} banana") for i in range(5)]
+        rm.recent_features.clear()
+        first = rm.score(conversations[:2])
+        assert len(forwards) == 1
+        assert rm.score(conversations[:2]) == first and len(forwards) == 1  # remembered: no forward
+        rm.score(conversations[2:])  # three more: the oldest two are forgotten
+        assert len(rm.recent_features) == 3
+        again = rm.score(conversations[:2])
+        assert len(forwards) == 3  # computed again ...
+        torch.testing.assert_close(torch.tensor(again), torch.tensor(first), rtol=0, atol=1e-5)  # ... the same
+    finally:
+        hook.remove()
 
 
 def test_long_conversations_are_cut_to_reward_max_tokens(trained):
@@ -456,6 +482,7 @@ def test_frozen_features_ignore_the_policy_adapter_they_share_a_base_with(tiny_m
     with torch.no_grad():  # a PPO step's worth of change (and then some) in the policy adapter
         for name, p in models.lora_parameters(peft, models.POLICY_ADAPTER).items():
             p.add_(torch.randn_like(p))
+    rm.recent_features.clear()  # computed again, not remembered
     assert rm.score(conversations) == before
     assert peft.active_adapter == models.POLICY_ADAPTER  # the chat model is still the policy
     policy_on = policy_logits(peft, tokenizer)

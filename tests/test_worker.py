@@ -408,12 +408,16 @@ def test_the_gate_skips_a_harm_check_no_count_could_fail(gated):
 def test_a_gate_with_shorter_answers_than_the_rollouts_scales_its_kl_budget(gated):
     gated.gate.gate_max_new_tokens = 3  # the rollouts have 6
     worker = TrainerWorker(gated)
-    assert worker.gate_tokens == 3 and worker.gate_target_kl == pytest.approx(gated.ppo.target_kl / 2)
+    assert worker.gate_tokens == 3 and worker.gate_target_kl() == pytest.approx(gated.ppo.target_kl / 2)
     decision = worker.gate_candidate()
-    assert 0 < decision.report.mean_length <= 3
+    report = decision.report
+    assert 0 < report.mean_length <= 3 and 0 <= report.cut_share <= 1
+    whole = report.mean_length + report.cut_share * 3  # cut answers taken to run on to the rollouts' 6 tokens
+    assert decision.kl_budget == pytest.approx(gated.gate.gate_kl_budget * gated.ppo.target_kl
+                                               * min(1.0, report.mean_length / whole))
     worker._record_gate(0, decision, None)
     gate = worker.store.latest_metrics("gate")[-1].values
-    assert gate["kl_budget"] == pytest.approx(gated.gate.gate_kl_budget * gated.ppo.target_kl / 2)
+    assert gate["kl_budget"] == pytest.approx(decision.kl_budget)
     assert gate["gate_tokens"] == 3
 
 
