@@ -226,7 +226,8 @@ class PPOConfig:
                                       "token (the release gate's on-topic measure), centred per prompt like the "
                                       "reward model's score, in units of its running std (0 = off). Measured, one "
                                       "run each: at 4, a mentions_you taste kept 88.5%% of the base's relevance "
-                                      "(82.5%% off) and concise won 0.63 in 10 minutes (0.69 off, same seed; README)")
+                                      "(82.5%% off) and concise won 0.63 in 10 minutes (0.69 off, same seed); at 8, "
+                                      "mentions_you kept 104.5%% and won 0.58 (0.63 off; README)")
     length_penalty: float = _opt(0.0, "reward penalty per token beyond length_penalty_target (anti reward hacking)")
     length_penalty_target: int = _opt(64, "answer length, in tokens, beyond which the length penalty applies")
     sft_coef: float = _opt(0.1, "weight of the supervised loss on human-written demonstrations")
