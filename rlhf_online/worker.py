@@ -347,8 +347,7 @@ class TrainerWorker:
             parent = base
         check_harm = harm_check_can_reject(base, len(harmful) * self.gate_evaluator.harm_draws, self.cfg.gate)
         candidate = self.gate_evaluator.evaluate("candidate", prompts, harmful, check_harm=check_harm)
-        return decide(candidate, base, parent, self.cfg.gate,
-                      self.gate_target_kl(candidate))
+        return decide(candidate, base, parent, self.cfg.gate, self.gate_target_kl(candidate))
 
     def _record_gate(self, iteration: int, decision: GateDecision, version: str | None) -> None:
         base = self.gate_reports.get((BASE_VERSION, decision.report.prompt_set))
