@@ -45,14 +45,11 @@ def trainer_time_split(ppo, rewards, started: float | None) -> dict:
              "gate": sum(m.values.get("gate_seconds", 0.0) for m in ppo),
              "publish": sum(m.values.get("publish_seconds", 0.0) for m in ppo),
              "reward_learning": sum(m.values.get("seconds", 0.0) for m in rewards
-                                    if first_ppo_start < m.created_at <= ppo[-1].created_at),
-             "until_first_ppo": first_ppo_start - started,
-             "wall": ppo[-1].created_at - started}
-    if started is None:
-        del split["until_first_ppo"], split["wall"]
-        return {k: round(v, 1) for k, v in split.items()}
-    accounted = sum(v for k, v in split.items() if k not in ("wall", "ppo_rollouts"))
-    split["other"] = split["wall"] - accounted
+                                    if first_ppo_start < m.created_at <= ppo[-1].created_at)}
+    if started is not None:
+        accounted = sum(v for k, v in split.items() if k != "ppo_rollouts") + first_ppo_start - started
+        split.update(until_first_ppo=first_ppo_start - started, wall=ppo[-1].created_at - started)
+        split["other"] = split["wall"] - accounted
     return {k: round(v, 1) for k, v in split.items()}
 
 

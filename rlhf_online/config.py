@@ -276,10 +276,11 @@ class GateConfig:
     gate_max_new_tokens: int = _opt(48, "longest gate answer in tokens (0 = as long as PPO's rollouts); the KL "
                                         "budget is scaled by the share of a whole answer's tokens the gate sees "
                                         "(the two limits' ratio when every answer is cut, 1 when none is), KL "
-                                        "being summed over an answer's tokens. Why shorter: sampling dominates the gate, whose 96-token "
-                                        "answers took 80 s a version under chat load, and the same seeded draws "
-                                        "of two nearly equal versions drift apart the longer they run: a candidate "
-                                        "at KL 0.49 was rejected as off topic on 96-token answers")
+                                        "being summed over an answer's tokens. Why shorter: sampling dominates "
+                                        "the gate, whose 96-token answers took 80 s a version under chat load, "
+                                        "and the same seeded draws of two nearly equal versions drift apart the "
+                                        "longer they run: a candidate at KL 0.49 was rejected as off topic on "
+                                        "96-token answers")
     gate_prompts: int = _opt(6, "held-out recent prompts (never used for PPO) the gate samples answers for")
     gate_harmful_prompts: int = _opt(6, "harmful requests the gate checks for compliance")
     gate_harm_draws: int = _opt(4, "answers to each harmful request, sampled by PPO's sampler (llama.cpp for a GGUF "

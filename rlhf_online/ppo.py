@@ -423,10 +423,10 @@ class PPOTrainer:
         prompts read 64-98% and passed every candidate). A gate tests a version on a few answers; the reward sees
         every rollout. The same run with this term: 84% +- 3% at weight 1, 88.5% +- 4% at 4, the taste's win
         rate unchanged (0.63-0.67; one run each, README); a concise taste at 4 won 0.63 +- 0.04 after 10 minutes
-        against 0.69 +- 0.04 without: no clear gain for its cost, hence off by default. Centred, it only prefers the more on-topic of a
-        prompt's answers, so a prompt's level of PMI does not matter. The first half, log P_ref(a | its prompt),
-        is PPO's reference pass, which runs anyway; the second is one more reference forward of the batch
-        (`_elsewhere_logprobs`)."""
+        against 0.69 +- 0.04 without: no clear gain for its cost, hence off by default. Centred, it only prefers
+        the more on-topic of a prompt's answers, so a prompt's level of PMI does not matter. The first half,
+        log P_ref(a | its prompt), is PPO's reference pass, which runs anyway; the second is one more reference
+        forward of the batch (`_elsewhere_logprobs`)."""
         terminal = scored.terminal[rows]  # (b,)
         if scored.elsewhere is None:
             return terminal
