@@ -267,7 +267,8 @@ def main(argv=None) -> int:
         ppo = services.store.latest_metrics("ppo", limit=10_000)
         rewards = services.store.latest_metrics("reward", limit=10_000)
         reward = rewards[-1:]
-        gates = [m.values for m in services.store.latest_metrics("gate", limit=10_000)]
+        gate_metrics = services.store.latest_metrics("gate", limit=10_000)
+        gates = [m.values for m in gate_metrics]
         quality = {k: final[k] for k in ("relevance_base", "relevance_final", "relevance_ratio",
                                          "relevance_ratio_se", "degenerate_rate_base",
                                          "degenerate_rate_final", "harmful_compliance_base",
@@ -290,6 +291,10 @@ def main(argv=None) -> int:
             "kl_trajectory": [round(m.values["kl"], 3) for m in ppo],
             "kl_coef_trajectory": [round(m.values["kl_coef"], 4) for m in ppo],
             "kl_shrink_trajectory": [round(m.values.get("kl_shrink", 1.0), 3) for m in ppo],
+            "length_trajectory": [round(m.values["mean_length"], 1) for m in ppo],  # rollout tokens per iteration
+            "gate_trajectory": [{"iteration": m.step, "passed": m.values.get("passed"), "kl": m.values.get("kl"),
+                                 "mean_length": m.values.get("mean_length"), "relevance": m.values.get("relevance")}
+                                for m in gate_metrics],  # each candidate: the held-out answers the gate saw
             "relevance_trajectory": [None if m.values.get("relevance") is None else round(m.values["relevance"], 3)
                                      for m in ppo],  # the on-topic term's reading of each rollout (PPO's batch)
             **quality,

@@ -106,6 +106,14 @@ class SamplingConfig:
                                           "(CTRL's penalty; 1 = off). Applied to the answer's own tokens only, "
                                           "not the prompt's, so an answer may still use the question's words; an "
                                           "engine maps it to its own repeat penalty. See bench/sampling_loops.py")
+    end_of_turn_bias: float = _opt(1.2, "llama.cpp engines only, with a repetition penalty: logit bias on the "
+                                        "end-of-turn token. llama.cpp's penalty also counts the prompt's last "
+                                        "tokens, among them the end-of-turn token that closes the question, so "
+                                        "for its first ~60 tokens an answer was held back from ending: the "
+                                        "embedded model's answers ran 11 tokens longer than under the answer-only "
+                                        "penalty this flag's help promises (base 90 against 79, a trained "
+                                        "version 54 against 43). 1.2 brought them to 79 and 43 "
+                                        "(bench/llamacpp_penalty.py, which measures it for another GGUF); 0 = off")
     stream_interval_s: float = _opt(0.05, "shortest time between two streamed updates of a pair's text (tokens "
                                           "that arrive sooner are shown with the next one, 20 a second at most): "
                                           "each update re-sends the visible conversation through Gradio, whose "

@@ -44,6 +44,7 @@ from rlhf_online.adapters import VersionInfo
 from rlhf_online.config import SamplingConfig
 from rlhf_online.generation import ChatEngine, StreamUpdate, merge_row_streams
 from rlhf_online.gguf_adapter import GGUF_ADAPTER_FILE, BaseShape, convert_peft_folder
+from rlhf_online.models import end_of_turn_id
 from rlhf_online.served_versions import EngineStates
 from rlhf_online.versions import BASE_VERSION
 
@@ -93,6 +94,22 @@ def choose_lane(rows_by_lane: Sequence[Counter], version: str, slots: int) -> in
     return min(range(len(rows_by_lane)), key=cost)
 
 
+def chat_repeat_penalty(sampling: SamplingConfig, end_of_turn: int | None) -> dict:
+    """The chat's anti-loop penalty (bench/sampling_loops.py) as llama.cpp's request fields.
+
+    llama.cpp applies it to the last `repeat_last_n` tokens *including the prompt's* (its server feeds every
+    prompt token to the sampler; no request field excludes them), so for an answer's first ~60 tokens the
+    end-of-turn token that closed the question is penalised too, and answers end later than the policy would
+    end them (bench/llamacpp_penalty.py). A logit bias on that token offsets it; llama.cpp adds the bias
+    before the penalty divides, so it cannot cancel it exactly at every logit: `--end-of-turn-bias` is
+    measured, not derived."""
+    penalty = sampling.repetition_penalty or 1.0
+    fields: dict = {"repeat_penalty": penalty, "repeat_last_n": 64}
+    if penalty != 1.0 and sampling.end_of_turn_bias and end_of_turn is not None:
+        fields["logit_bias"] = [[int(end_of_turn), float(sampling.end_of_turn_bias)]]
+    return fields
+
+
 class LlamaCppEngine(ChatEngine):
     name = "llamacpp"
 
@@ -104,6 +121,7 @@ class LlamaCppEngine(ChatEngine):
         self.model_path = Path(model_path)
         self.tokenizer = tokenizer
         self.sampling = sampling
+        self.end_of_turn_id = end_of_turn_id(tokenizer)
         self.threads = threads or os.cpu_count() or 1
         self.lanes = max(1, min(lanes, self.threads))  # each lane needs a thread of its own
         self.slots = max(1, -(-max(1, slots) // self.lanes))  # per lane: the total shared out, rounded up
@@ -195,9 +213,7 @@ class LlamaCppEngine(ChatEngine):
                 "lora": state.lora(version)}
 
     def _chat_repeat_penalty(self) -> dict:
-        """The chat's anti-loop penalty (bench/sampling_loops.py); llama.cpp applies it to the last repeat_last_n
-        tokens, so early in an answer the end of the prompt is penalised too."""
-        return {"repeat_penalty": self.sampling.repetition_penalty or 1.0, "repeat_last_n": 64}
+        return chat_repeat_penalty(self.sampling, self.end_of_turn_id)
 
     def stream(self, prompt_ids: Sequence[list[int]], versions: Sequence[str], max_new_tokens: int | None = None,
                ignore_end: bool = False) -> Iterator[StreamUpdate]:

@@ -30,6 +30,8 @@ from rlhf_online.adapters import VersionInfo
 from rlhf_online.config import SamplingConfig
 from rlhf_online.generation import ChatEngine, StreamUpdate, merge_row_streams
 from rlhf_online.gguf_adapter import GGUF_ADAPTER_FILE
+from rlhf_online.llamacpp_engine import chat_repeat_penalty
+from rlhf_online.models import end_of_turn_id
 from rlhf_online.served_versions import EngineStates
 from rlhf_online.versions import BASE_VERSION
 
@@ -140,7 +142,7 @@ class OpenAIEngine(ChatEngine):
             chosen = state.versions.get(version)
             body.update(lora=[{"id": i, "scale": 1.0 if i == chosen else 0.0} for i in state.versions.values()],
                         top_k=0, min_p=0.0, cache_prompt=False,  # see llamacpp_engine: the cache ignores adapters
-                        repeat_penalty=self.sampling.repetition_penalty or 1.0, repeat_last_n=64)
+                        **chat_repeat_penalty(self.sampling, end_of_turn_id(self.tokenizer)))
         else:  # vLLM's sampling extension (it penalises the prompt's tokens too)
             body["repetition_penalty"] = self.sampling.repetition_penalty or 1.0
             if version != BASE_VERSION:

@@ -143,6 +143,12 @@ def gate_prompt_set(recent: Sequence[list[dict]], size: int) -> list[list[dict]]
     return chosen
 
 
+def built_in_prompts(prompts: Sequence[list[dict]]) -> int:
+    """How many of a gate's prompts came from the built-in list rather than from people's conversations."""
+    built_in = set(GATE_FALLBACK_PROMPTS)
+    return sum(len(m) == 1 and m[0]["content"] in built_in for m in prompts)
+
+
 def harmful_requests(path: str | Path | None, count: int, skip: int = 0) -> list[list[dict]]:
     """A fixed list of single-turn harmful requests: the first human turns in an HH-format file that name a
     harm (`HARM_WORDS`), in file order, after skipping `skip` of them (the benchmark uses ones the gate does

@@ -30,8 +30,9 @@ from rlhf_online.lifecycle import (TRAINER_LOCKED_EXIT_CODE, TrainerLock, Traine
 from rlhf_online.models import (POLICY_ADAPTER, attach_lora, load_base_model, load_tokenizer,
                                 resolve_model_source)
 from rlhf_online.ppo import COLD_START_PROMPTS, IterationStats, PolicyWithValue, PPOTrainer
-from rlhf_online.release_gate import (GateDecision, GateEvaluator, GateReport, decide, gate_own_generate,
-                                      gate_prompt_set, harm_check_can_reject, harmful_requests, kl_share)
+from rlhf_online.release_gate import (GateDecision, GateEvaluator, GateReport, built_in_prompts, decide,
+                                      gate_own_generate, gate_prompt_set, harm_check_can_reject, harmful_requests,
+                                      kl_share)
 from rlhf_online.reward import OnlineRewardLearner, RewardModel, attach_reward_adapter
 from rlhf_online.rollout_sampler import build_rollout_sampler
 from rlhf_online.store import AI_PLACEMENT, Pair, PreferenceStore, store_path
@@ -317,8 +318,19 @@ class TrainerWorker:
         return self.cfg.ppo.target_kl * kl_share(report, self.gate_tokens, self.ppo.max_new_tokens)
 
     def _pick_gate_prompts(self) -> list[list[dict]]:
+        """Every GATE_REPICK_EVERY runs, and once people's held-out prompts can replace all the built-in ones a
+        cold start filled in. Why the second: the first gate runs a minute into a session, with a handful of
+        conversations, and its set was kept for 10 gates; measured in a 10-minute simulated run, all 8 gates
+        judged on built-in questions ("How do I boil an egg…", answers cut at 48 tokens) while people asked
+        other things and PPO's answers had shortened to 21-35 tokens. A new set costs one measurement of the
+        base and the parent on it."""
+        size = self.cfg.gate.gate_prompts
         if not self.gate_prompts or self.gate_runs % GATE_REPICK_EVERY == 0:
-            self.gate_prompts = gate_prompt_set(self.store.recent_prompts(limit=500), self.cfg.gate.gate_prompts)
+            self.gate_prompts = gate_prompt_set(self.store.recent_prompts(limit=500), size)
+        elif built_in_prompts(self.gate_prompts):
+            fresh = gate_prompt_set(self.store.recent_prompts(limit=500), size)
+            if not built_in_prompts(fresh):
+                self.gate_prompts = fresh
         return self.gate_prompts
 
     def _gate_report(self, version: str, prompts, harmful) -> GateReport:

@@ -4,6 +4,7 @@ Greedy sampling makes "each answer comes from its own version" checkable: a row 
 version's answer sampled alone. Published versions are random LoRA adapters, published as the trainer does.
 """
 
+import dataclasses
 import logging
 import threading
 import time
@@ -72,6 +73,26 @@ def test_each_answer_of_a_pair_comes_from_its_own_version(engine, served, traine
     assert engine.sample([prompt.input_ids], ["v0001"])[0] == alone_new
     with pytest.raises(KeyError, match="not loaded"):
         engine.sample([prompt.input_ids], ["v0099"])
+
+
+def test_the_penalty_sent_to_llama_cpp_carries_the_end_of_turn_bias_only_beside_a_penalty():
+    from rlhf_online.llamacpp_engine import chat_repeat_penalty
+
+    assert chat_repeat_penalty(GREEDY, 2) == {"repeat_penalty": 1.1, "repeat_last_n": 64, "logit_bias": [[2, 1.2]]}
+    no_penalty = dataclasses.replace(GREEDY, repetition_penalty=1.0)
+    assert "logit_bias" not in chat_repeat_penalty(no_penalty, 2)  # nothing to offset
+    assert "logit_bias" not in chat_repeat_penalty(dataclasses.replace(GREEDY, end_of_turn_bias=0.0), 2)
+
+
+def test_the_chat_applies_the_end_of_turn_bias_to_the_token_that_ends_an_answer(engine):
+    """What the flag does to an answer: an overwhelming bias on the end-of-turn token ends every answer at once
+    (so the bias reaches llama.cpp, on the right token), and the default leaves a real answer."""
+    prompt = engine.build_prompt(QUESTION)
+    assert engine.sample([prompt.input_ids], [BASE_VERSION])[0]  # default bias: the model still answers
+    engine.sampling = dataclasses.replace(GREEDY, end_of_turn_bias=100.0)
+    assert engine.sample([prompt.input_ids], [BASE_VERSION])[0] == ""
+    engine.sampling = dataclasses.replace(GREEDY, end_of_turn_bias=100.0, repetition_penalty=1.0)
+    assert engine.sample([prompt.input_ids], [BASE_VERSION])[0]  # no penalty, nothing to offset: no bias sent
 
 
 def test_swap_mid_request_finishes_on_the_old_version_and_new_requests_get_the_new(engine, served, trainer):

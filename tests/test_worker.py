@@ -18,6 +18,7 @@ from rlhf_online import models
 from rlhf_online.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LAST_VERSION_FILE, META_FILE, AdapterRegistry
 from rlhf_online.config import AppConfig, FeedbackConfig, GateConfig, ModelConfig, PPOConfig, RewardConfig
 from rlhf_online.judge import ai_label_weight, load_constitution, set_feedback_mode
+from rlhf_online.release_gate import built_in_prompts, is_held_out
 from rlhf_online.store import AI_PLACEMENT, PreferenceStore, store_path
 from rlhf_online.timeline import load_entries
 from rlhf_online.versions import BASE_VERSION
@@ -392,6 +393,25 @@ def test_the_gate_measures_identical_weights_identically_and_passes_them(gated):
     assert abs(decision.report.kl) < 1e-4
     assert decision.report.harmful_total == 3 * gated.gate.gate_harm_draws  # each request answered 4 times
     assert len(worker.gate_prompts) == 4
+
+
+def test_the_gate_moves_from_built_in_prompts_to_peoples_once_they_can_replace_them_all(gated):
+    """A cold start fills the gate's set with built-in questions; it must not judge a whole session on them."""
+    worker = TrainerWorker(gated)
+    assert built_in_prompts(worker._pick_gate_prompts()) == 4  # nobody has chatted yet
+    held_out = [m for m in ([{"role": "user", "content": f"question {i}"}] for i in range(200)) if is_held_out(m)]
+
+    def people_ask(messages):
+        worker.store.record_pair(conversation_id=messages[0]["content"], turn=0, messages=messages, answer_a="a",
+                                 answer_b="b", version_a="v0001", version_b=BASE_VERSION, sampling={},
+                                 session_id="s", placement="newest_left")
+
+    for messages in held_out[:3]:
+        people_ask(messages)
+    worker.gate_runs = 1
+    assert built_in_prompts(worker._pick_gate_prompts()) == 4  # three would still leave one built-in: kept
+    people_ask(held_out[3])
+    assert worker._pick_gate_prompts() == list(reversed(held_out[:4]))  # newest first, none built in
 
 
 def test_the_gate_skips_a_harm_check_no_count_could_fail(gated):
