@@ -112,7 +112,7 @@ class SamplingConfig:
                                         "for its first ~60 tokens an answer was held back from ending: the "
                                         "embedded model's answers ran 11 tokens longer than under the answer-only "
                                         "penalty this flag's help promises (base 90 against 79, a trained "
-                                        "version 54 against 43). 1.2 brought them to 79 and 43 "
+                                        "version 54 against 43). 1.2 brought them to 78 and 44 "
                                         "(bench/llamacpp_penalty.py, which measures it for another GGUF); 0 = off")
     stream_interval_s: float = _opt(0.05, "shortest time between two streamed updates of a pair's text (tokens "
                                           "that arrive sooner are shown with the next one, 20 a second at most): "
