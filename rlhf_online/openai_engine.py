@@ -56,6 +56,7 @@ class OpenAIEngine(ChatEngine):
             self.url = self.url[:-3]
         self.tokenizer = tokenizer
         self.sampling = sampling
+        self.end_of_turn_id = end_of_turn_id(tokenizer)
         self.api_key = api_key
         self.timeout_s = timeout_s
         self.server_kind, self.base_model = self._probe()
@@ -142,7 +143,7 @@ class OpenAIEngine(ChatEngine):
             chosen = state.versions.get(version)
             body.update(lora=[{"id": i, "scale": 1.0 if i == chosen else 0.0} for i in state.versions.values()],
                         top_k=0, min_p=0.0, cache_prompt=False,  # see llamacpp_engine: the cache ignores adapters
-                        **chat_repeat_penalty(self.sampling, end_of_turn_id(self.tokenizer)))
+                        **chat_repeat_penalty(self.sampling, self.end_of_turn_id))
         else:  # vLLM's sampling extension (it penalises the prompt's tokens too)
             body["repetition_penalty"] = self.sampling.repetition_penalty or 1.0
             if version != BASE_VERSION:
