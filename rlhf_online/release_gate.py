@@ -433,6 +433,9 @@ def gate_own_generate(cfg: GateConfig) -> bool:
     return cfg.gate_sampler == "torch"
 
 
+CANDIDATE = "candidate"  # the version name of weights being judged (not yet published)
+
+
 class GateEvaluator:
     """Samples a version's answers with the PPO trainer's own model and measures a `GateReport`.
 
@@ -448,6 +451,10 @@ class GateEvaluator:
         self.own_generate = own_generate  # False: PPO's rollout sampler (llama.cpp) draws the held-out answers
         self.max_new_tokens = max_new_tokens  # None: as long as PPO's rollouts
         self.harm_draws = max(1, harm_draws)  # answers to each harmful request
+        # A published version's (or the base's) answers to the harmful requests, kept across held-out prompt
+        # sets: its weights never change and the draws are seeded, so a new prompt set (`TrainerWorker`'s
+        # re-pick) would sample the same 24 answers again (13 s of trainer time, twice that under chat load).
+        self._harmful_cache: dict[tuple[str, str], list[str]] = {}
 
     def set_id(self, prompts: list[list[dict]], harmful: list[list[dict]]) -> str:
         return prompt_set_id(prompts, harmful, self.harm_draws)
@@ -459,11 +466,17 @@ class GateEvaluator:
                                      own_generate=own_generate, max_new_tokens=self.max_new_tokens)
                 for chunk, start in enumerate(range(0, len(prompts), self.batch_size))]
 
-    def _harmful_answers(self, harmful: list[list[dict]]) -> list[str]:
+    def _harmful_answers(self, version: str, harmful: list[list[dict]]) -> list[str]:
         """`harm_draws` answers to each request from PPO's sampler: text only (see the module docstring)."""
+        key = (version, prompt_set_id([], harmful, self.harm_draws))
+        if key in self._harmful_cache:
+            return self._harmful_cache[key]
         asked = [m for m in harmful for _ in range(self.harm_draws)]
-        return [text for rollout in self._sample(asked, own_generate=False, seed=self.seed + 7919)
-                for text in rollout.texts]
+        texts = [text for rollout in self._sample(asked, own_generate=False, seed=self.seed + 7919)
+                 for text in rollout.texts]
+        if version != CANDIDATE:  # a candidate's weights are only this iteration's
+            self._harmful_cache[key] = texts
+        return texts
 
     @torch.no_grad()
     def evaluate(self, version: str, prompts: list[list[dict]], harmful: list[list[dict]],
@@ -485,7 +498,7 @@ class GateEvaluator:
             response = rollout.input_ids[:, rollout.prompt_length:]
             answer_ids += [r[m.bool()].tolist() for r, m in zip(response, mask)]
         trainer.yield_fn()
-        harmful_texts = self._harmful_answers(harmful) if check_harm else []
+        harmful_texts = self._harmful_answers(version, harmful) if check_harm else []
         n = len(prompts)
         prompt_ids = [trainer._prompt_ids(m) for m in prompts]
         trainer.yield_fn()

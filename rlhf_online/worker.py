@@ -30,7 +30,7 @@ from rlhf_online.lifecycle import (TRAINER_LOCKED_EXIT_CODE, TrainerLock, Traine
 from rlhf_online.models import (POLICY_ADAPTER, attach_lora, load_base_model, load_tokenizer,
                                 resolve_model_source)
 from rlhf_online.ppo import COLD_START_PROMPTS, IterationStats, PolicyWithValue, PPOTrainer
-from rlhf_online.release_gate import (GateDecision, GateEvaluator, GateReport, built_in_prompts, decide,
+from rlhf_online.release_gate import (CANDIDATE, GateDecision, GateEvaluator, GateReport, built_in_prompts, decide,
                                       gate_own_generate, gate_prompt_set, harm_check_can_reject, harmful_requests,
                                       kl_share)
 from rlhf_online.reward import OnlineRewardLearner, RewardModel, attach_reward_adapter
@@ -333,7 +333,7 @@ class TrainerWorker:
                 self.gate_prompts = fresh
         return self.gate_prompts
 
-    def _gate_report(self, version: str, prompts, harmful) -> GateReport:
+    def _gate_report(self, version: str, prompts, harmful, check_harm: bool = True) -> GateReport:
         """The report of a published version (or the base) on this prompt set: cached, else measured by loading
         its weights into the policy adapter for the measurement and putting the candidate back after."""
         key = (version, self.gate_evaluator.set_id(prompts, harmful))
@@ -341,7 +341,7 @@ class TrainerWorker:
             candidate = self._policy_snapshot()
             try:
                 self._load_version_weights(version)
-                self.gate_reports[key] = self.gate_evaluator.evaluate(version, prompts, harmful)
+                self.gate_reports[key] = self.gate_evaluator.evaluate(version, prompts, harmful, check_harm)
             finally:
                 self._restore_policy(candidate)
         return self.gate_reports[key]
@@ -352,13 +352,13 @@ class TrainerWorker:
         harmful = harmful_requests(self.cfg.gate.harmful_prompts_file, self.cfg.gate.gate_harmful_prompts)
         self.gate_runs += 1
         base = self._gate_report(BASE_VERSION, prompts, harmful)
-        try:
-            parent = self._gate_report(self.parent, prompts, harmful)
+        try:  # the parent is only a length reference (`release_gate.decide`): no answers to harmful requests
+            parent = self._gate_report(self.parent, prompts, harmful, check_harm=False)
         except FileNotFoundError as exc:  # deleted by an admin mid-way: judge length against the base instead
             log.error("release gate: %s; comparing with the base", exc)
             parent = base
         check_harm = harm_check_can_reject(base, len(harmful) * self.gate_evaluator.harm_draws, self.cfg.gate)
-        candidate = self.gate_evaluator.evaluate("candidate", prompts, harmful, check_harm=check_harm)
+        candidate = self.gate_evaluator.evaluate(CANDIDATE, prompts, harmful, check_harm=check_harm)
         return decide(candidate, base, parent, self.cfg.gate, self.gate_target_kl(candidate))
 
     def _record_gate(self, iteration: int, decision: GateDecision, version: str | None) -> None:

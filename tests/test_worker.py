@@ -18,7 +18,7 @@ from rlhf_online import models
 from rlhf_online.adapters import ADAPTER_CONFIG, ADAPTER_WEIGHTS, LAST_VERSION_FILE, META_FILE, AdapterRegistry
 from rlhf_online.config import AppConfig, FeedbackConfig, GateConfig, ModelConfig, PPOConfig, RewardConfig
 from rlhf_online.judge import ai_label_weight, load_constitution, set_feedback_mode
-from rlhf_online.release_gate import built_in_prompts, is_held_out
+from rlhf_online.release_gate import built_in_prompts, harmful_requests, is_held_out
 from rlhf_online.store import AI_PLACEMENT, PreferenceStore, store_path
 from rlhf_online.timeline import load_entries
 from rlhf_online.versions import BASE_VERSION
@@ -412,6 +412,37 @@ def test_the_gate_moves_from_built_in_prompts_to_peoples_once_they_can_replace_t
     assert built_in_prompts(worker._pick_gate_prompts()) == 4  # three would still leave one built-in: kept
     people_ask(held_out[3])
     assert worker._pick_gate_prompts() == list(reversed(held_out[:4]))  # newest first, none built in
+
+
+def test_a_new_gate_prompt_set_does_not_answer_the_harmful_requests_again_for_known_versions(gated):
+    """Re-picking the held-out prompts re-measures the base and the parent on them; their answers to the (same)
+    harmful requests are known already (the base's) or not needed (the parent is only a length reference)."""
+    worker = TrainerWorker(gated)
+    harmful = harmful_requests(gated.gate.harmful_prompts_file, gated.gate.gate_harmful_prompts)
+    asked = []
+    sample = worker.gate_evaluator._sample
+    worker.gate_evaluator._sample = lambda prompts, *args, **kw: asked.append(prompts) or sample(prompts, *args, **kw)
+    first = worker.gate_candidate()
+    stats = worker.ppo.iteration(worker.ppo.sample_prompts([[{"role": "user", "content": "Say something."}]] * 4))
+    worker.publish(stats, first.report)
+    worker.gate_reports[(worker.parent, first.report.prompt_set)] = first.report
+    for i in range(200):  # people's held-out prompts replace the built-in ones at the next gate
+        messages = [{"role": "user", "content": f"question {i}"}]
+        if is_held_out(messages):
+            worker.store.record_pair(conversation_id=str(i), turn=0, messages=messages, answer_a="a", answer_b="b",
+                                     version_a="v0001", version_b=BASE_VERSION, sampling={}, session_id="s",
+                                     placement="newest_left")
+    asked.clear()
+    second = worker.gate_candidate()
+    assert second.report.prompt_set != first.report.prompt_set
+    harmful_asked = [prompts for prompts in asked if prompts[0] in harmful]
+    assert len(harmful_asked) == (1 if second.report.harm_checked else 0)  # the candidate's own, if any
+    base_before = worker.gate_reports[(BASE_VERSION, first.report.prompt_set)]
+    base_after = worker.gate_reports[(BASE_VERSION, second.report.prompt_set)]
+    assert (base_after.harmful_compliant, base_after.harmful_total) == \
+        (base_before.harmful_compliant, base_before.harmful_total) and base_after.harmful_total > 0
+    parent = worker.gate_reports[(worker.parent, second.report.prompt_set)]
+    assert not parent.harm_checked and parent.mean_length > 0
 
 
 def test_the_gate_skips_a_harm_check_no_count_could_fail(gated):
