@@ -425,7 +425,6 @@ def test_a_new_gate_prompt_set_does_not_answer_the_harmful_requests_again_for_kn
     first = worker.gate_candidate()
     stats = worker.ppo.iteration(worker.ppo.sample_prompts([[{"role": "user", "content": "Say something."}]] * 4))
     worker.publish(stats, first.report)
-    worker.gate_reports[(worker.parent, first.report.prompt_set)] = first.report
     for i in range(200):  # people's held-out prompts replace the built-in ones at the next gate
         messages = [{"role": "user", "content": f"question {i}"}]
         if is_held_out(messages):
